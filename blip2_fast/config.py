@@ -71,6 +71,9 @@ class QFormerConfig:
     # FFN rows processed per chunk (0 = all at once); bounds the 4x-wide activation
     chunk_size_feed_forward: int = 0
     tie_word_embeddings: bool = True  # LM head decoder shares the word embeddings, as in BERT
+    # False drops everything text-only (word/position embeddings, text FFNs, ITC/ITM/LM heads,
+    # temperature): the Q-Former of stage 2, which only turns images into query outputs.
+    text_input: bool = True
     backend: str = "reference"
 
     def __post_init__(self) -> None:

@@ -114,8 +114,10 @@ class Embeddings(nn.Module):
 
     def __init__(self, config: QFormerConfig):
         super().__init__()
-        self.word = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.word = self.position = None
+        if config.text_input:
+            self.word = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+            self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -180,7 +182,7 @@ class Layer(nn.Module):
         self.self_attn = Attention(config, config.hidden_size)
         self.cross_attn = Attention(config, config.encoder_width) if config.has_cross_attention(index) else None
         self.ffn_query = FeedForward(config.hidden_size, config.intermediate_size, eps, p, chunk)
-        self.ffn_text = FeedForward(config.hidden_size, config.intermediate_size, eps, p, chunk)
+        self.ffn_text = FeedForward(config.hidden_size, config.intermediate_size, eps, p, chunk) if config.text_input else None
 
     def forward(
         self,
@@ -241,11 +243,12 @@ class QFormer(nn.Module):
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, h))
         self.embeddings = Embeddings(config)
         self.layers = nn.ModuleList(Layer(config, i) for i in range(config.num_hidden_layers))
-        self.vision_proj = nn.Linear(h, config.embed_dim)
-        self.text_proj = nn.Linear(h, config.embed_dim)
-        self.itm_head = nn.Linear(h, 2)
-        self.lm_head = LMHead(config)
-        self.temp = nn.Parameter(torch.tensor(0.07))
+        if config.text_input:
+            self.vision_proj = nn.Linear(h, config.embed_dim)
+            self.text_proj = nn.Linear(h, config.embed_dim)
+            self.itm_head = nn.Linear(h, 2)
+            self.lm_head = LMHead(config)
+            self.temp = nn.Parameter(torch.tensor(0.07))
         self.reset_parameters()
 
     # ---------------------------------------------------------------- set-up
@@ -262,12 +265,13 @@ class QFormer(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
         nn.init.normal_(self.query_tokens, std=std)
-        with torch.no_grad():
-            self.temp.fill_(0.07)
-        self.tie_weights()
+        if self.config.text_input:
+            with torch.no_grad():
+                self.temp.fill_(0.07)
+            self.tie_weights()
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        if self.config.text_input and self.config.tie_word_embeddings:
             self.lm_head.decoder.weight = self.embeddings.word.weight
 
     def set_backend(self, backend: str) -> QFormer:
@@ -282,6 +286,8 @@ class QFormer(nn.Module):
             raise ValueError(f"image_embeds must have shape (B, N, {width}) (encoder_width), got {tuple(image_embeds.shape)}")
 
     def _check_text(self, input_ids: torch.Tensor, mask: torch.Tensor | None, position_offset: int = 0):
+        if not self.config.text_input:
+            raise ValueError("this Q-Former was built with text_input=False (stage 2): it takes no text")
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be an int64 tensor of shape (B, T), got {input_ids.dtype} {tuple(input_ids.shape)}")
         limit = self.config.max_position_embeddings
