@@ -97,15 +97,16 @@ def dense_mask(
     return allowed
 
 
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_query: int) -> None:
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_query: int, mask_kind: MaskKind) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be (B, H, L, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on B, H and D")
-    if q.shape[2] > k.shape[2]:
-        raise ValueError(f"q has more rows ({q.shape[2]}) than there are keys ({k.shape[2]})")
+    if q.shape[2] > k.shape[2] and mask_kind != MaskKind.BIDIRECTIONAL:
+        # rows are aligned to the end of the keys; only BIDIRECTIONAL (cross-attention) ignores positions
+        raise ValueError(f"{mask_kind.name} needs Lq <= Lk: q has {q.shape[2]} rows, k has {k.shape[2]} keys")
     if not 0 <= n_query <= k.shape[2]:
         raise ValueError(f"n_query must lie in [0, Lk={k.shape[2]}], got {n_query}")
 
@@ -130,7 +131,7 @@ def attention_ref(
     (B, H, Lq, Lk) bool keep-mask, used instead of drawing one (for kernel
     parity). Returns (B, H, Lq, D) in q's dtype; softmax in fp32.
     """
-    _check_qkv(q, k, v, n_query)
+    _check_qkv(q, k, v, n_query, mask_kind)
     B, _, Lq, D = q.shape
     Lk = k.shape[2]
     valid = key_valid_mask(B, Lk, key_padding, key_lengths, q.device)
@@ -159,7 +160,7 @@ def attention_sdpa(
     scale: float | None = None,
 ) -> torch.Tensor:
     """PyTorch SDPA given a dense boolean mask (SDPA has no way to take a mask kind)."""
-    _check_qkv(q, k, v, n_query)
+    _check_qkv(q, k, v, n_query, mask_kind)
     B, _, Lq, _ = q.shape
     Lk = k.shape[2]
     valid = key_valid_mask(B, Lk, key_padding, key_lengths, q.device)
