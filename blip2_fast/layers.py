@@ -89,8 +89,18 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor, backend: str = "reference") -> torch.Tensor:
         p = self.dropout if self.training else 0.0
-        args = (x, self.up.weight, self.up.bias, self.down.weight, self.down.bias, self.norm.weight, self.norm.bias,
-                self.norm.eps, p, self.chunk_size)
+        args = (
+            x,
+            self.up.weight,
+            self.up.bias,
+            self.down.weight,
+            self.down.bias,
+            self.norm.weight,
+            self.norm.bias,
+            self.norm.eps,
+            p,
+            self.chunk_size,
+        )
         if backend == "triton":
             from blip2_fast.kernels.ffn import ffn
 

@@ -80,7 +80,7 @@ class ImageContext:
     def cat(contexts: list[ImageContext]) -> ImageContext:
         kv = [
             None if parts[0] is None else (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
-            for parts in zip(*(c.kv for c in contexts))
+            for parts in zip(*(c.kv for c in contexts), strict=True)
         ]
         if all(c.valid is None for c in contexts):
             return ImageContext(kv, None)
@@ -168,8 +168,14 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         q = self.heads(self.query(hidden))
         ctx = attention(
-            q, k, v, mask_kind=mask_kind, n_query=n_query, key_padding=key_padding,
-            dropout_p=self.dropout if self.training else 0.0, backend=backend,
+            q,
+            k,
+            v,
+            mask_kind=mask_kind,
+            n_query=n_query,
+            key_padding=key_padding,
+            dropout_p=self.dropout if self.training else 0.0,
+            backend=backend,
         )  # (B, nh, Lq, hd)
         ctx = ctx.transpose(1, 2).reshape(hidden.shape)
         return self.output(ctx, hidden, backend)
@@ -182,7 +188,9 @@ class Layer(nn.Module):
         self.self_attn = Attention(config, config.hidden_size)
         self.cross_attn = Attention(config, config.encoder_width) if config.has_cross_attention(index) else None
         self.ffn_query = FeedForward(config.hidden_size, config.intermediate_size, eps, p, chunk)
-        self.ffn_text = FeedForward(config.hidden_size, config.intermediate_size, eps, p, chunk) if config.text_input else None
+        self.ffn_text = (
+            FeedForward(config.hidden_size, config.intermediate_size, eps, p, chunk) if config.text_input else None
+        )
 
     def forward(
         self,
@@ -201,16 +209,23 @@ class Layer(nn.Module):
         k, v = self.self_attn.project_kv(hidden)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        x = self.self_attn(hidden, k, v, mask_kind=mask_kind, n_query=n_query_keys, key_padding=key_padding,
-                           backend=backend)
+        x = self.self_attn(
+            hidden, k, v, mask_kind=mask_kind, n_query=n_query_keys, key_padding=key_padding, backend=backend
+        )
         queries, text = x[:, :n_query_rows], x[:, n_query_rows:]
         outputs = []
         if n_query_rows:
             if self.cross_attn is not None:
                 if image_kv is None:
                     raise ValueError("query rows reach a cross-attention layer but no image was given")
-                queries = self.cross_attn(queries, *image_kv, mask_kind=MaskKind.BIDIRECTIONAL, n_query=0,
-                                          key_padding=image_valid, backend=backend)
+                queries = self.cross_attn(
+                    queries,
+                    *image_kv,
+                    mask_kind=MaskKind.BIDIRECTIONAL,
+                    n_query=0,
+                    key_padding=image_valid,
+                    backend=backend,
+                )
             outputs.append(self.ffn_query(queries, backend))
         if text.shape[1]:
             outputs.append(self.ffn_text(text, backend))
@@ -283,13 +298,17 @@ class QFormer(nn.Module):
     def _check_image(self, image_embeds: torch.Tensor) -> None:
         width = self.config.encoder_width
         if image_embeds.dim() != 3 or image_embeds.shape[-1] != width:
-            raise ValueError(f"image_embeds must have shape (B, N, {width}) (encoder_width), got {tuple(image_embeds.shape)}")
+            raise ValueError(
+                f"image_embeds must have shape (B, N, {width}) (encoder_width), got {tuple(image_embeds.shape)}"
+            )
 
     def _check_text(self, input_ids: torch.Tensor, mask: torch.Tensor | None, position_offset: int = 0):
         if not self.config.text_input:
             raise ValueError("this Q-Former was built with text_input=False (stage 2): it takes no text")
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be an int64 tensor of shape (B, T), got {input_ids.dtype} {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"input_ids must be an int64 tensor of shape (B, T), got {input_ids.dtype} {tuple(input_ids.shape)}"
+            )
         limit = self.config.max_position_embeddings
         if position_offset + input_ids.shape[1] > limit:
             raise ValueError(
@@ -360,15 +379,17 @@ class QFormer(nn.Module):
         """Queries attend to each other and, by cross-attention, to the image. Returns (B, Q, H) + cache."""
         ctx = self._as_context(image)
         embeds = self.embeddings(query_embeds=self._queries(ctx.batch_size))
-        hidden, cache = self._encode(embeds, n_query_rows=self.config.num_query_tokens, mask_kind=MaskKind.UNIMODAL,
-                                     row_valid=None, image=ctx)
+        hidden, cache = self._encode(
+            embeds, n_query_rows=self.config.num_query_tokens, mask_kind=MaskKind.UNIMODAL, row_valid=None, image=ctx
+        )
         return QueryOutput(hidden, cache)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Text alone (no queries). input_ids: (B, T). Returns (B, T, H)."""
         valid = self._check_text(input_ids, attention_mask)
-        hidden, _ = self._encode(self.embeddings(input_ids), n_query_rows=0, mask_kind=MaskKind.UNIMODAL,
-                                 row_valid=valid)
+        hidden, _ = self._encode(
+            self.embeddings(input_ids), n_query_rows=0, mask_kind=MaskKind.UNIMODAL, row_valid=valid
+        )
         return hidden
 
     def match(
@@ -385,8 +406,13 @@ class QFormer(nn.Module):
         row_valid = None
         if valid is not None:
             row_valid = torch.cat([valid.new_ones(valid.shape[0], self.config.num_query_tokens), valid], dim=1)
-        hidden, _ = self._encode(embeds, n_query_rows=self.config.num_query_tokens,
-                                 mask_kind=MaskKind.BIDIRECTIONAL, row_valid=row_valid, image=ctx)
+        hidden, _ = self._encode(
+            embeds,
+            n_query_rows=self.config.num_query_tokens,
+            mask_kind=MaskKind.BIDIRECTIONAL,
+            row_valid=row_valid,
+            image=ctx,
+        )
         return hidden
 
     def decode(
@@ -403,8 +429,9 @@ class QFormer(nn.Module):
         valid = self._check_text(input_ids, attention_mask, position_offset=offset)
         self._check_batch(cache=cache.batch_size, input_ids=input_ids.shape[0])
         embeds = self.embeddings(input_ids, position_offset=offset)
-        hidden, cache = self._encode(embeds, n_query_rows=0, mask_kind=MaskKind.MULTIMODAL_CAUSAL,
-                                     row_valid=valid, past=cache)
+        hidden, cache = self._encode(
+            embeds, n_query_rows=0, mask_kind=MaskKind.MULTIMODAL_CAUSAL, row_valid=valid, past=cache
+        )
         return self.lm_head(hidden), cache
 
     # ---------------------------------------------------------------- heads
