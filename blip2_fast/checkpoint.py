@@ -1,0 +1,753 @@
+"""Checkpoint interop: transformers BLIP-2 folders, LAVIS ``.pth`` files, our own safetensors.
+
+Three sources, one strict rule: every tensor a checkpoint holds lands somewhere
+known, and every parameter of ours that no tensor fills is named.
+
+- :func:`load_transformers` reads a folder written by transformers'
+  ``save_pretrained`` (``config.json`` + ``model.safetensors``, sharded with an
+  index or not; ``pytorch_model.bin`` too) in the layouts of
+  ``Blip2ForImageTextRetrieval``, ``Blip2Model``, ``Blip2ForConditionalGeneration``,
+  ``Blip2QFormerModel``, ``Blip2TextModelWithProjection`` and
+  ``Blip2VisionModelWithProjection``. The configs are derived from ``config.json``.
+- :func:`load_lavis` reads a LAVIS ``.pth`` (``{"model": state_dict}`` with
+  ``Qformer.bert.*`` keys) and infers the config from the tensor shapes; the
+  EVA ``visual_encoder`` is mapped onto the ``Blip2VisionModel`` layout on request.
+- :func:`save_qformer` / :func:`load_qformer`: one safetensors file with the
+  ``QFormerConfig`` as JSON in its metadata; a tied LM-head decoder is stored once
+  and re-tied on load.
+
+Name correspondence (ours <- transformers <- LAVIS):
+
+================================  ==========================================  =====================================
+ours                              transformers                                LAVIS
+================================  ==========================================  =====================================
+``ln_vision``                     ``vision_model.post_layernorm``             ``ln_vision``
+``query_tokens``                  ``query_tokens``                            ``query_tokens``
+``embeddings.word/position``      ``embeddings.{word,position}_embeddings``   ``Qformer.bert.embeddings.*``
+``embeddings.norm``               ``qformer.layernorm``                       ``Qformer.bert.embeddings.LayerNorm``
+``layers.i.self_attn.{q,k,v}``    ``qformer.encoder.layer.i.attention.``      ``...layer.i.attention.self.*``
+                                  ``attention.*``
+``layers.i.cross_attn``           ``...crossattention.attention.*``           ``...crossattention.self.*``
+``layers.i.ffn_query.up/down``    ``...intermediate_query/output_query``      same as transformers
+``layers.i.ffn_text.up/down``     ``...intermediate/output``                  same as transformers
+``vision_proj`` / ``text_proj``   ``vision_projection`` / ``text_projection`` ``vision_proj`` / ``text_proj``
+``lm_head``                       (none)                                      ``Qformer.cls.predictions.*``
+================================  ==========================================  =====================================
+
+Parts a layout lacks (the LM head and ``temp`` of a retrieval checkpoint, the
+text parts of ``Blip2Model``'s Q-Former) keep their fresh init and are listed in
+:attr:`LoadReport.fresh` (and logged); tensors that are not part of the
+Q-Former (the language model, its projection) are listed in
+:attr:`LoadReport.ignored`. Anything else that does not fit is a ``ValueError``
+naming the missing keys, the unexpected keys and the shape mismatches.
+
+transformers' vision ``post_layernorm`` uses the vision config's
+``layer_norm_eps`` (1e-6) where LAVIS' ``ln_vision`` uses 1e-5; loading a
+transformers folder sets ``ln_vision.eps`` to the folder's value so the numbers
+match, and :func:`save_qformer` keeps it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from blip2_fast.config import QFormerConfig, VisionConfig
+from blip2_fast.qformer import QFormer
+from blip2_fast.vision import ImageEncoder
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "blip2_fast.qformer"
+_LNV_DEFAULT_EPS = 1e-5  # nn.LayerNorm's default, which LAVIS' ln_vision uses
+
+
+# ------------------------------------------------------------------ report
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """What a load did. Names in ``loaded``/``fresh`` are ours (vision ones start with ``vision.``)."""
+
+    source: str
+    layout: str
+    loaded: list[str]
+    fresh: list[str]  # ours, not in the checkpoint: they keep their fresh init
+    ignored: list[str]  # the checkpoint's, not part of the model built (language model, dropped parts)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"{self.source} ({self.layout}): {len(self.loaded)} tensors loaded"]
+        if self.fresh:
+            lines.append(f"fresh init (not in the checkpoint): {', '.join(group_names(self.fresh))}")
+        if self.ignored:
+            lines.append(f"ignored checkpoint keys: {', '.join(group_names(self.ignored))}")
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class Loaded:
+    qformer: QFormer
+    vision: ImageEncoder | None
+    report: LoadReport
+
+
+def group_names(names: Iterable[str]) -> list[str]:
+    """Collapse per-layer names for messages: ``layers.3.ffn_text.up.weight`` -> ``layers.*.ffn_text.up``."""
+    grouped = {re.sub(r"\.(weight|bias)$", "", re.sub(r"\.\d+\.", ".*.", n)) for n in names}
+    return sorted(grouped)
+
+
+def _listing(keys: Iterable[str], limit: int = 40) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+# ------------------------------------------------------------------ tensor sources
+
+
+class _Tensors:
+    """Checkpoint keys -> lazily read tensors, so a multi-GB language model is never read."""
+
+    def __init__(self, getters: dict[str, Callable[[], torch.Tensor]], shapes: dict[str, tuple[int, ...]]):
+        self.getters = getters
+        self.shapes = shapes
+
+    @classmethod
+    def from_dict(cls, state: dict[str, torch.Tensor]) -> _Tensors:
+        return cls({k: (lambda v=v: v) for k, v in state.items()}, {k: tuple(v.shape) for k, v in state.items()})
+
+    def keys(self) -> set[str]:
+        return set(self.getters)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.getters[key]()
+
+    def rename(self, old: str, new: str) -> None:
+        self.getters[new] = self.getters.pop(old)
+        self.shapes[new] = self.shapes.pop(old)
+
+    def fuse_qkv_bias(self) -> None:
+        """``X.q_bias`` + ``X.v_bias`` -> ``X.qkv.bias`` = [q ; 0 ; v] (EVA and transformers < 5 keep them apart)."""
+        for key in sorted(k for k in self.getters if k.endswith(".q_bias")):
+            prefix = key[: -len("q_bias")]
+            if prefix + "v_bias" not in self.getters:
+                continue
+            q, v = self.getters.pop(key), self.getters.pop(prefix + "v_bias")
+            (n,) = self.shapes.pop(key)
+            self.shapes.pop(prefix + "v_bias")
+
+            def fused(q=q, v=v):
+                qb, vb = q(), v()
+                return torch.cat([qb, torch.zeros_like(qb), vb])
+
+            self.getters[prefix + "qkv.bias"] = fused
+            self.shapes[prefix + "qkv.bias"] = (3 * n,)
+
+
+def _read_folder(folder: Path) -> _Tensors:
+    from safetensors import safe_open
+
+    def safetensors_files(files: list[Path]) -> _Tensors:
+        getters, shapes = {}, {}
+        for file in files:
+            with safe_open(str(file), "pt") as f:
+                for key in f.keys():
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+
+                    def get(key=key, file=file):
+                        with safe_open(str(file), "pt") as g:
+                            return g.get_tensor(key)
+
+                    getters[key] = get
+        return _Tensors(getters, shapes)
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return safetensors_files(sorted({folder / name for name in weight_map.values()}))
+    if (folder / "model.safetensors").is_file():
+        return safetensors_files([folder / "model.safetensors"])
+    if (folder / "pytorch_model.bin").is_file():
+        return _Tensors.from_dict(torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True))
+    raise FileNotFoundError(
+        f"{folder}: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin beside config.json"
+    )
+
+
+# ------------------------------------------------------------------ name maps (ours -> theirs)
+
+
+def _bert_encoder_names(config: QFormerConfig, *, style: str, text_ffn: bool) -> dict[str, str]:
+    """Our encoder parameters -> BERT-style names under the Q-Former root (``qformer.`` / ``Qformer.bert.``).
+
+    ``style`` is ``"hf"`` (``attention.attention``, ``layernorm``) or ``"lavis"``
+    (``attention.self``, ``embeddings.LayerNorm``).
+    """
+    inner = "attention" if style == "hf" else "self"
+    norm = "layernorm" if style == "hf" else "embeddings.LayerNorm"
+    names = {f"embeddings.norm.{p}": f"{norm}.{p}" for p in ("weight", "bias")}
+    for i in range(config.num_hidden_layers):
+        ours, theirs = f"layers.{i}.", f"encoder.layer.{i}."
+        blocks = {"self_attn": "attention"}
+        if config.has_cross_attention(i):
+            blocks["cross_attn"] = "crossattention"
+        ffns = {"ffn_query": ("intermediate_query", "output_query")}
+        if text_ffn:
+            ffns["ffn_text"] = ("intermediate", "output")
+        for p in ("weight", "bias"):
+            for mine, block in blocks.items():
+                for proj in ("query", "key", "value"):
+                    names[f"{ours}{mine}.{proj}.{p}"] = f"{theirs}{block}.{inner}.{proj}.{p}"
+                names[f"{ours}{mine}.output.dense.{p}"] = f"{theirs}{block}.output.dense.{p}"
+                names[f"{ours}{mine}.output.norm.{p}"] = f"{theirs}{block}.output.LayerNorm.{p}"
+            for mine, (up, down) in ffns.items():
+                names[f"{ours}{mine}.up.{p}"] = f"{theirs}{up}.dense.{p}"
+                names[f"{ours}{mine}.down.{p}"] = f"{theirs}{down}.dense.{p}"
+                names[f"{ours}{mine}.norm.{p}"] = f"{theirs}{down}.LayerNorm.{p}"
+    return names
+
+
+def _linear(ours: str, theirs: str) -> dict[str, str]:
+    return {f"{ours}.{p}": f"{theirs}.{p}" for p in ("weight", "bias")}
+
+
+def _vision_names(vision: ImageEncoder, prefix: str) -> dict[str, str]:
+    """Our ImageEncoder wraps a Blip2VisionModel as ``vit``: names match one to one under ``prefix``."""
+    return {f"vision.{k}": prefix + k.removeprefix("vit.") for k, _ in vision.named_parameters()}
+
+
+# ------------------------------------------------------------------ the mapping engine
+
+
+def _targets(qformer: QFormer, vision: ImageEncoder | None) -> dict[str, torch.Tensor]:
+    # named_parameters() lists a tied parameter once, under its first name (embeddings.word.weight)
+    targets = dict(qformer.named_parameters())
+    if vision is not None:
+        targets.update({f"vision.{k}": p for k, p in vision.named_parameters()})
+    return targets
+
+
+def _apply(
+    names: dict[str, str],
+    tensors: _Tensors,
+    qformer: QFormer,
+    vision: ImageEncoder | None,
+    *,
+    source: str,
+    layout: str,
+    droppable: set[str],
+    ignorable: Callable[[str], bool],
+) -> LoadReport:
+    """Copy ``tensors[names[ours]]`` into each of our parameters, strictly.
+
+    ``names``: ours -> checkpoint key, for everything the layout holds. Entries whose
+    parameter does not exist in the model built (``text_input=False``, no vision
+    encoder) are dropped and their keys reported as ignored, as are checkpoint keys
+    in ``droppable`` or matching ``ignorable``. Any other checkpoint key is
+    unexpected; a mapped key absent from the checkpoint is missing.
+    """
+    targets = _targets(qformer, vision)
+    present = {ours: key for ours, key in names.items() if ours in targets}
+    dropped = {key for ours, key in names.items() if ours not in targets}
+    available = tensors.keys()
+    missing = sorted(key for key in present.values() if key not in available)
+    expected = set(present.values())
+    ignored = sorted(k for k in available if k not in expected and (k in dropped or k in droppable or ignorable(k)))
+    unexpected = sorted(available - expected - set(ignored))
+    mismatched = [
+        f"{key} (checkpoint {tensors.shapes[key]}, model {tuple(targets[ours].shape)} for {ours})"
+        for ours, key in sorted(present.items())
+        if key in available and tensors.shapes[key] != tuple(targets[ours].shape)
+    ]
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"missing keys: {_listing(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys: {_listing(unexpected)}")
+        if mismatched:
+            problems.append(f"shape mismatches: {_listing(mismatched)}")
+        raise ValueError(f"{source}: cannot load the {layout} layout into QFormer; " + "; ".join(problems))
+    with torch.no_grad():
+        for ours, key in present.items():
+            targets[ours].copy_(tensors[key])
+    fresh = sorted(set(targets) - set(present))
+    report = LoadReport(source, layout, sorted(present), fresh, ignored)
+    if fresh:
+        logger.warning("%s: kept the fresh init of %s", source, ", ".join(group_names(fresh)))
+    if ignored:
+        logger.info("%s: ignored %s", source, ", ".join(group_names(ignored)))
+    return report
+
+
+# ------------------------------------------------------------------ transformers
+
+
+# Which parts each architecture holds besides the Q-Former encoder.
+_HF_PARTS: dict[str, frozenset[str]] = {
+    "Blip2ForImageTextRetrieval": frozenset(
+        {"vision", "queries", "text_embeddings", "vision_proj", "text_proj", "itm"}
+    ),
+    "Blip2Model": frozenset({"vision", "queries"}),
+    "Blip2ForConditionalGeneration": frozenset({"vision", "queries"}),
+    "Blip2TextModelWithProjection": frozenset({"queries", "text_embeddings", "text_proj"}),
+    "Blip2VisionModelWithProjection": frozenset({"vision", "queries", "vision_proj"}),
+    "Blip2QFormerModel": frozenset(),
+}
+# The language model and its input projection are not part of the Q-Former.
+_HF_FOREIGN = ("language_model.", "language_projection.")
+
+
+def _is_buffer_key(key: str) -> bool:
+    return key.endswith("position_ids")  # a non-trainable arange some versions save
+
+
+def _hf_architecture(raw: dict[str, Any], architecture: str | None, folder: Path) -> str:
+    if architecture is None:
+        names = [a for a in raw.get("architectures") or [] if a in _HF_PARTS]
+        if names:
+            architecture = names[0]
+        elif raw.get("model_type") == "blip_2_qformer":
+            architecture = "Blip2QFormerModel"
+        else:
+            raise ValueError(
+                f"{folder}/config.json names no supported architecture ({raw.get('architectures')!r}); "
+                f"pass architecture= one of {', '.join(_HF_PARTS)}"
+            )
+    if architecture not in _HF_PARTS:
+        raise ValueError(f"unsupported architecture {architecture!r}; expected one of {', '.join(_HF_PARTS)}")
+    return architecture
+
+
+def qformer_config_from_transformers(raw: dict[str, Any], **overrides: Any) -> QFormerConfig:
+    """QFormerConfig from a transformers ``config.json`` (a ``blip-2`` config or a bare ``blip_2_qformer`` one).
+
+    A bare Q-Former config has no query count or ITC width: they keep our defaults
+    unless given in ``overrides`` (any QFormerConfig key).
+    """
+    from transformers import Blip2Config, Blip2QFormerConfig
+
+    if raw.get("model_type") == "blip_2_qformer" or "qformer_config" not in raw:
+        q = Blip2QFormerConfig.from_dict(raw)
+        top: dict[str, Any] = {}
+    else:
+        full = Blip2Config.from_dict(raw)
+        q = full.qformer_config
+        top = dict(num_query_tokens=full.num_query_tokens, embed_dim=full.image_text_hidden_size)
+    if q.hidden_act != "gelu":
+        raise ValueError(f"qformer_config.hidden_act: the Q-Former uses 'gelu' (erf), got {q.hidden_act!r}")
+    if getattr(q, "position_embedding_type", "absolute") != "absolute":
+        raise ValueError(
+            f"qformer_config.position_embedding_type must be 'absolute', got {q.position_embedding_type!r}"
+        )
+    fields = dict(
+        hidden_size=q.hidden_size,
+        num_hidden_layers=q.num_hidden_layers,
+        num_attention_heads=q.num_attention_heads,
+        intermediate_size=q.intermediate_size,
+        hidden_dropout_prob=float(q.hidden_dropout_prob),
+        attention_probs_dropout_prob=float(q.attention_probs_dropout_prob),
+        layer_norm_eps=q.layer_norm_eps,
+        initializer_range=q.initializer_range,
+        vocab_size=q.vocab_size,
+        max_position_embeddings=q.max_position_embeddings,
+        pad_token_id=q.pad_token_id if q.pad_token_id is not None else 0,
+        cross_attention_freq=q.cross_attention_frequency,
+        encoder_width=q.encoder_hidden_size,
+        chunk_size_feed_forward=getattr(q, "chunk_size_feed_forward", 0) or 0,
+        **top,
+    )
+    return QFormerConfig(**{**fields, **overrides})
+
+
+def vision_config_from_transformers(raw: dict[str, Any]) -> VisionConfig:
+    """VisionConfig from a transformers ``blip-2`` ``config.json`` (its ``vision_config``)."""
+    from transformers import Blip2Config
+
+    v = Blip2Config.from_dict(raw).vision_config
+    if v.hidden_act != "gelu":
+        raise ValueError(f"vision_config.hidden_act: the image encoder uses 'gelu' (erf), got {v.hidden_act!r}")
+    return VisionConfig(
+        hidden_size=v.hidden_size,
+        intermediate_size=v.intermediate_size,
+        num_hidden_layers=v.num_hidden_layers,
+        num_attention_heads=v.num_attention_heads,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        layer_norm_eps=v.layer_norm_eps,
+        qkv_bias=v.qkv_bias,
+    )
+
+
+def load_transformers(
+    path: str | Path,
+    *,
+    architecture: str | None = None,
+    vision: bool = True,
+    **overrides: Any,
+) -> Loaded:
+    """Load a transformers BLIP-2 folder into our QFormer (+ ImageEncoder when it holds a vision model).
+
+    ``architecture`` defaults to the folder's ``config.json``; ``vision=False``
+    skips the image encoder (its tensors are reported as ignored, ``ln_vision``
+    still loads). ``overrides`` set QFormerConfig keys (``backend``,
+    ``text_input=False`` for a stage-2 Q-Former without text parts, ...).
+    """
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: not a transformers folder (no config.json)")
+    raw = json.loads((folder / "config.json").read_text())
+    layout = _hf_architecture(raw, architecture, folder)
+    parts = _HF_PARTS[layout]
+    config = qformer_config_from_transformers(raw, **overrides)
+    model = QFormer(config)
+    encoder: ImageEncoder | None = None
+    notes = []
+    if "vision" in parts:
+        vision_config = vision_config_from_transformers(raw)
+        # post_layernorm (= ln_vision) carries the vision config's eps, not LayerNorm's default
+        model.ln_vision.eps = vision_config.layer_norm_eps
+        notes.append(f"ln_vision.eps = {vision_config.layer_norm_eps} (vision_config.layer_norm_eps)")
+        if vision:
+            encoder = ImageEncoder(vision_config)
+
+    root = "" if layout == "Blip2QFormerModel" else "qformer."
+    q_raw = raw if root == "" else raw.get("qformer_config", {})
+    text_ffn = bool(q_raw.get("use_qformer_text_input", False))
+    names = {ours: root + key for ours, key in _bert_encoder_names(config, style="hf", text_ffn=text_ffn).items()}
+    if "queries" in parts:
+        names["query_tokens"] = "query_tokens"
+    if "text_embeddings" in parts:
+        names["embeddings.word.weight"] = "embeddings.word_embeddings.weight"
+        names["embeddings.position.weight"] = "embeddings.position_embeddings.weight"
+    if "vision_proj" in parts:
+        names.update(_linear("vision_proj", "vision_projection"))
+    if "text_proj" in parts:
+        names.update(_linear("text_proj", "text_projection"))
+    if "itm" in parts:
+        names.update(_linear("itm_head", "itm_head"))
+    tensors = _read_folder(folder)
+    droppable: set[str] = set()
+    if "vision" in parts:
+        names.update(_linear("ln_vision", "vision_model.post_layernorm"))
+        tensors.fuse_qkv_bias()
+        vision_keys = {k for k in tensors.keys() if k.startswith("vision_model.") and "post_layernorm" not in k}
+        if encoder is not None:
+            names.update(_vision_names(encoder, "vision_model."))
+        else:
+            droppable |= vision_keys
+
+    def ignorable(key: str) -> bool:
+        return key.startswith(_HF_FOREIGN) or _is_buffer_key(key)
+
+    report = _apply(
+        names, tensors, model, encoder, source=str(folder), layout=layout, droppable=droppable, ignorable=ignorable
+    )
+    report.notes.extend(notes)
+    return Loaded(model, encoder, report)
+
+
+# ------------------------------------------------------------------ LAVIS
+
+_LAVIS_ROOT = "Qformer.bert."
+# Stage-2 LAVIS models carry their LLM (or at least its projection) in the same state dict.
+_LAVIS_FOREIGN = ("opt_model.", "t5_model.", "llm_model.", "opt_proj.", "t5_proj.", "llm_proj.")
+
+
+def _read_lavis(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"LAVIS checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except Exception as err:  # pickle errors come in many types
+        raise ValueError(
+            f"{path}: could not read it as a weights-only checkpoint ({err}); "
+            "if you trust the file, pass trust_pickle=True"
+        ) from err
+    state = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not any(k.startswith(_LAVIS_ROOT) for k in state):
+        raise ValueError(f"{path}: expected {{'model': state_dict}} with {_LAVIS_ROOT}* keys (a LAVIS BLIP-2 .pth)")
+    return dict(state)
+
+
+def _layer_indices(keys: Iterable[str], pattern: str) -> list[int]:
+    found = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+    return sorted(found)
+
+
+def lavis_config(state: dict[str, torch.Tensor], *, num_attention_heads: int = 12, **overrides: Any) -> QFormerConfig:
+    """QFormerConfig inferred from a LAVIS state dict's shapes.
+
+    Shapes give hidden size, layers, FFN width, image-feature width, number of
+    queries, vocabulary, positions, ITC width and which layers cross-attend; the
+    head count cannot be read from shapes (``num_attention_heads``, BERT-base's 12
+    by default). ``overrides`` set any QFormerConfig key.
+    """
+
+    def shape(key: str) -> tuple[int, ...] | None:
+        return tuple(state[key].shape) if key in state else None
+
+    enc = _LAVIS_ROOT + "encoder.layer."
+    layers = _layer_indices(state, re.escape(enc) + r"(\d+)\.")
+    if not layers or layers != list(range(len(layers))):
+        raise ValueError(f"LAVIS state dict: expected {enc}0 ... {enc}N-1 keys, found layers {layers}")
+    cross = _layer_indices(state, re.escape(enc) + r"(\d+)\.crossattention\.")
+    if not cross or cross[0] != 0:
+        raise ValueError(f"LAVIS state dict: expected cross-attention in layer 0, found it in layers {cross}")
+    freq = cross[1] - cross[0] if len(cross) > 1 else len(layers)
+    if cross != list(range(0, len(layers), freq)):
+        raise ValueError(f"LAVIS state dict: cross-attention in layers {cross} is not every k-th layer from 0")
+    query = shape("query_tokens")
+    if query is None or len(query) != 3:
+        raise ValueError("LAVIS state dict: expected query_tokens of shape (1, Q, H)")
+    fields: dict[str, Any] = dict(
+        hidden_size=query[2],
+        num_query_tokens=query[1],
+        num_hidden_layers=len(layers),
+        num_attention_heads=num_attention_heads,
+        intermediate_size=shape(f"{enc}0.intermediate_query.dense.weight")[0],
+        cross_attention_freq=freq,
+        encoder_width=shape(f"{enc}0.crossattention.self.key.weight")[1],
+    )
+    word = shape(_LAVIS_ROOT + "embeddings.word_embeddings.weight")
+    position = shape(_LAVIS_ROOT + "embeddings.position_embeddings.weight")
+    if word is not None:
+        fields["vocab_size"] = word[0]
+    if position is not None:
+        fields["max_position_embeddings"] = position[0]
+    proj = shape("vision_proj.weight") or shape("text_proj.weight")
+    if proj is not None:
+        fields["embed_dim"] = proj[0]
+    decoder = state.get("Qformer.cls.predictions.decoder.weight")
+    if decoder is not None and word is not None:
+        fields["tie_word_embeddings"] = bool(
+            torch.equal(decoder, state[_LAVIS_ROOT + "embeddings.word_embeddings.weight"])
+        )
+    return QFormerConfig(**{**fields, **overrides})
+
+
+def _eva_to_blip2_vision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """EVA ViT keys (``visual_encoder.*``) -> transformers' Blip2VisionModel keys (``vision_model.*``).
+
+    The correspondence is the one transformers' BLIP-2 conversion script applies.
+    Keys it does not know keep their name and so surface as unexpected.
+    """
+    fixed = {
+        "cls_token": "embeddings.class_embedding",
+        "pos_embed": "embeddings.position_embedding",
+        "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
+        "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
+    }
+    block = {
+        "norm1": "layer_norm1",
+        "norm2": "layer_norm2",
+        "attn.qkv": "self_attn.qkv",
+        "attn.q_bias": "self_attn.q_bias",
+        "attn.v_bias": "self_attn.v_bias",
+        "attn.proj": "self_attn.projection",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+    }
+    out = {}
+    for key, value in state.items():
+        name = key.removeprefix("visual_encoder.")
+        new = None
+        if name in fixed:
+            new = fixed[name]
+        elif m := re.match(r"blocks\.(\d+)\.(.+?)(\.weight|\.bias)?$", name):
+            index, part, suffix = m.group(1), m.group(2), m.group(3) or ""
+            if part in block:
+                new = f"encoder.layers.{index}.{block[part]}{suffix}"
+        out["vision_model." + new if new else key] = value
+    return out
+
+
+def eva_vision_config(state: dict[str, torch.Tensor], *, num_attention_heads: int = 16) -> VisionConfig:
+    """VisionConfig of an EVA ``visual_encoder.*`` state dict (EVA ViT-g: 1408 wide, 16 heads of 88)."""
+    v = "visual_encoder."
+    if v + "cls_token" not in state or v + "patch_embed.proj.weight" not in state:
+        raise ValueError("LAVIS state dict: no EVA visual_encoder (cls_token, patch_embed.proj.weight)")
+    hidden = state[v + "cls_token"].shape[-1]
+    patch = state[v + "patch_embed.proj.weight"].shape[-1]
+    side = math.isqrt(state[v + "pos_embed"].shape[1] - 1)
+    blocks = _layer_indices(state, re.escape(v) + r"blocks\.(\d+)\.")
+    return VisionConfig(
+        hidden_size=hidden,
+        intermediate_size=state[v + "blocks.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=len(blocks),
+        num_attention_heads=num_attention_heads,
+        image_size=side * patch,
+        patch_size=patch,
+        layer_norm_eps=1e-6,  # EVA's partial(nn.LayerNorm, eps=1e-6)
+        qkv_bias=v + "blocks.0.attn.q_bias" in state,
+    )
+
+
+def load_lavis(
+    path: str | Path | dict[str, torch.Tensor],
+    *,
+    num_attention_heads: int = 12,
+    vision: bool = False,
+    vision_heads: int = 16,
+    trust_pickle: bool = False,
+    **overrides: Any,
+) -> Loaded:
+    """Load a LAVIS BLIP-2 checkpoint (``.pth`` path or its state dict) into our QFormer.
+
+    The config comes from :func:`lavis_config`. ``vision=True`` also maps the EVA
+    ``visual_encoder`` onto an :class:`ImageEncoder` (Blip2VisionModel layout);
+    otherwise its tensors are reported as ignored. Stage-2 checkpoints (no text
+    parts, an LLM beside) load with the text parts fresh, or pass ``text_input=False``.
+    """
+    if isinstance(path, dict):
+        source, state = "LAVIS state dict", dict(path)
+        state = dict(state.get("model", state)) if "model" in state else state
+    else:
+        source, state = str(path), _read_lavis(Path(path), trust_pickle)
+    config = lavis_config(state, num_attention_heads=num_attention_heads, **overrides)
+    model = QFormer(config)
+    encoder = ImageEncoder(eva_vision_config(state, num_attention_heads=vision_heads)) if vision else None
+
+    root = _LAVIS_ROOT
+    text_ffn = f"{root}encoder.layer.0.intermediate.dense.weight" in state
+    names = {ours: root + key for ours, key in _bert_encoder_names(config, style="lavis", text_ffn=text_ffn).items()}
+    names["query_tokens"] = "query_tokens"
+    names.update(_linear("ln_vision", "ln_vision"))
+    optional = {
+        "embeddings.word.weight": root + "embeddings.word_embeddings.weight",
+        "embeddings.position.weight": root + "embeddings.position_embeddings.weight",
+        **_linear("vision_proj", "vision_proj"),
+        **_linear("text_proj", "text_proj"),
+        **_linear("itm_head", "itm_head"),
+        **_linear("lm_head.dense", "Qformer.cls.predictions.transform.dense"),
+        **_linear("lm_head.norm", "Qformer.cls.predictions.transform.LayerNorm"),
+        "lm_head.decoder.bias": "Qformer.cls.predictions.decoder.bias",
+        "temp": "temp",
+    }
+    if not config.tie_word_embeddings:
+        optional["lm_head.decoder.weight"] = "Qformer.cls.predictions.decoder.weight"
+    names.update({ours: key for ours, key in optional.items() if key in state})
+
+    # BERT's MLM head stores its bias twice (predictions.bias is decoder.bias) and,
+    # when tied, the decoder weight is the word embedding: equal copies, one home.
+    duplicates = {"Qformer.cls.predictions.bias": "Qformer.cls.predictions.decoder.bias"}
+    if config.tie_word_embeddings:
+        duplicates["Qformer.cls.predictions.decoder.weight"] = root + "embeddings.word_embeddings.weight"
+    for copy, original in duplicates.items():
+        if copy in state and original in state and not torch.equal(state[copy], state[original]):
+            raise ValueError(f"{source}: {copy} differs from {original}; they must be the same tensor")
+    droppable = {k for k in duplicates if k in state and duplicates[k] in state}
+
+    if encoder is not None:
+        state = _eva_to_blip2_vision(state)
+        names.update(_vision_names(encoder, "vision_model."))
+    tensors = _Tensors.from_dict(state)
+    tensors.fuse_qkv_bias()
+
+    def ignorable(key: str) -> bool:
+        return key.startswith(_LAVIS_FOREIGN) or _is_buffer_key(key) or (not vision and key.startswith("visual_"))
+
+    report = _apply(
+        names, tensors, model, encoder, source=source, layout="LAVIS", droppable=droppable, ignorable=ignorable
+    )
+    if not vision and any(k.startswith("visual_encoder.") for k in state):
+        report.notes.append("visual_encoder (EVA ViT) skipped: pass vision=True to map it onto the ImageEncoder")
+    return Loaded(model, encoder, report)
+
+
+# ------------------------------------------------------------------ our own format
+
+
+def _tied(model: QFormer) -> bool:
+    return model.config.text_input and model.lm_head.decoder.weight is model.embeddings.word.weight
+
+
+def save_qformer(model: QFormer, path: str | Path) -> Path:
+    """Write ``model`` to one safetensors file, its QFormerConfig as JSON in the metadata.
+
+    safetensors refuses tensors that share memory, so a tied LM-head decoder is
+    stored once (as ``embeddings.word.weight``) and re-tied by :func:`load_qformer`.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"save_qformer writes a .safetensors file, got {path}")
+    state = model.state_dict()
+    if _tied(model):
+        del state["lm_head.decoder.weight"]
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    metadata = {
+        "format": FORMAT,
+        "qformer_config": json.dumps(model.config.to_dict(), sort_keys=True),
+        "ln_vision_eps": repr(float(model.ln_vision.eps)),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def load_qformer(path: str | Path, **overrides: Any) -> QFormer:
+    """Read a file written by :func:`save_qformer`; bitwise the same weights, ties restored.
+
+    ``overrides`` set QFormerConfig keys that do not change shapes (``backend``, dropouts).
+    The model takes the file's dtype when all its floating tensors share one.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") != FORMAT or "qformer_config" not in metadata:
+        raise ValueError(
+            f"{path}: expected a {FORMAT} safetensors file (metadata 'format' and 'qformer_config'), "
+            f"got metadata keys {sorted(metadata)}"
+        )
+    config = QFormerConfig.from_dict({**json.loads(metadata["qformer_config"]), **overrides})
+    model = QFormer(config)
+    model.ln_vision.eps = float(metadata.get("ln_vision_eps", _LNV_DEFAULT_EPS))
+    state = load_file(str(path))
+    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    if len(dtypes) == 1:
+        model.to(dtypes.pop())
+    names = {k: k for k in model.state_dict() if not (k == "lm_head.decoder.weight" and _tied(model))}
+    _apply(
+        names,
+        _Tensors.from_dict(state),
+        model,
+        None,
+        source=str(path),
+        layout=FORMAT,
+        droppable=set(),
+        ignorable=lambda key: False,
+    )
+    model.tie_weights()
+    return model
+
+
+def load_checkpoint(path: str | Path, **kwargs: Any) -> Loaded:
+    """Load any supported checkpoint: a transformers folder, a LAVIS ``.pth``, or our ``.safetensors``."""
+    path = Path(path)
+    if path.is_dir():
+        return load_transformers(path, **kwargs)
+    if path.suffix in (".pth", ".pt", ".bin"):
+        return load_lavis(path, **kwargs)
+    if path.suffix == ".safetensors":
+        model = load_qformer(path, **kwargs)
+        names = sorted(dict(model.named_parameters()))
+        return Loaded(model, None, LoadReport(str(path), FORMAT, names, [], []))
+    raise ValueError(f"{path}: expected a transformers folder, a LAVIS .pth or a {FORMAT} .safetensors file")

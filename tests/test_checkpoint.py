@@ -1,0 +1,308 @@
+"""Checkpoint interop: LAVIS .pth files, our safetensors round trip, mapping errors that name keys.
+
+The LAVIS checkpoint is written here from a random transformers model whose
+weights are renamed into LAVIS names (the correspondence transformers' BLIP-2
+conversion script applies, run backwards); loading it must give the
+transformers model's numbers.
+"""
+
+import logging
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Blip2Config, Blip2ForImageTextRetrieval, Blip2QFormerConfig, Blip2VisionConfig
+
+from blip2_fast.checkpoint import (
+    FORMAT,
+    lavis_config,
+    load_checkpoint,
+    load_lavis,
+    load_qformer,
+    load_transformers,
+    save_qformer,
+)
+from blip2_fast.config import QFormerConfig
+from blip2_fast.qformer import QFormer
+
+TOL = 1e-5
+HEADS = 4
+
+
+def randomize(model: torch.nn.Module) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name.lower() and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            elif "embedding" in name or "query_tokens" in name:
+                p.copy_(0.5 * noise)
+            else:
+                p.copy_(0.05 * noise)
+            if name.endswith("self_attn.qkv.bias"):
+                p[p.shape[0] // 3 : 2 * p.shape[0] // 3] = 0  # EVA has no key bias
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    config = Blip2Config(
+        vision_config=Blip2VisionConfig(
+            hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=HEADS, image_size=56,
+            patch_size=14,
+        ).to_dict(),
+        qformer_config=Blip2QFormerConfig(
+            hidden_size=48, num_hidden_layers=3, num_attention_heads=HEADS, intermediate_size=80, vocab_size=57,
+            max_position_embeddings=24, cross_attention_frequency=2, use_qformer_text_input=True,
+        ).to_dict(),
+        num_query_tokens=6,
+        image_text_hidden_size=20,
+    )  # fmt: skip
+    model = randomize(Blip2ForImageTextRetrieval(config)).eval()
+    # LAVIS' ln_vision is a LayerNorm with the default eps, the EVA blocks use 1e-6
+    model.vision_model.post_layernorm.eps = 1e-5
+    return model
+
+
+def to_lavis(hf: Blip2ForImageTextRetrieval, lm_head: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers retrieval weights -> LAVIS blip2 (stage 1) state dict."""
+    out = {}
+    for key, value in hf.state_dict().items():
+        if key.startswith("vision_model.post_layernorm."):
+            out[key.replace("vision_model.post_layernorm", "ln_vision")] = value
+        elif key.startswith("vision_model."):
+            name = key.removeprefix("vision_model.")
+            name = {
+                "embeddings.class_embedding": "cls_token",
+                "embeddings.position_embedding": "pos_embed",
+                "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
+                "embeddings.patch_embedding.bias": "patch_embed.proj.bias",
+            }.get(name, name)
+            name = (
+                name.replace("encoder.layers.", "blocks.")
+                .replace("layer_norm1", "norm1")
+                .replace("layer_norm2", "norm2")
+            )
+            name = name.replace("self_attn.projection", "attn.proj").replace("self_attn.qkv", "attn.qkv")
+            if name.endswith("attn.qkv.bias"):
+                q, _, v = value.chunk(3)
+                out["visual_encoder." + name.replace("qkv.bias", "q_bias")] = q
+                out["visual_encoder." + name.replace("qkv.bias", "v_bias")] = v
+            else:
+                out["visual_encoder." + name] = value
+        elif key == "qformer.layernorm.weight" or key == "qformer.layernorm.bias":
+            out[key.replace("qformer.layernorm", "Qformer.bert.embeddings.LayerNorm")] = value
+        elif key.startswith("qformer."):
+            name = key.replace("qformer.", "Qformer.bert.", 1)
+            out[name.replace("attention.attention.", "attention.self.")] = value
+        elif key.startswith("embeddings."):
+            out["Qformer.bert." + key] = value
+        else:
+            out[key.replace("vision_projection", "vision_proj").replace("text_projection", "text_proj")] = value
+    out["Qformer.bert.embeddings.position_ids"] = torch.arange(24)[None]
+    word = out["Qformer.bert.embeddings.word_embeddings.weight"]
+    cls = "Qformer.cls.predictions."
+    out[cls + "transform.dense.weight"] = lm_head["dense.weight"]
+    out[cls + "transform.dense.bias"] = lm_head["dense.bias"]
+    out[cls + "transform.LayerNorm.weight"] = lm_head["norm.weight"]
+    out[cls + "transform.LayerNorm.bias"] = lm_head["norm.bias"]
+    out[cls + "decoder.weight"] = word  # tied, as in BERT
+    out[cls + "decoder.bias"] = out[cls + "bias"] = lm_head["bias"]
+    out["temp"] = torch.tensor(0.05)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lm_head():
+    g = torch.Generator().manual_seed(3)
+    return {
+        "dense.weight": torch.randn(48, 48, generator=g),
+        "dense.bias": torch.randn(48, generator=g),
+        "norm.weight": torch.randn(48, generator=g),
+        "norm.bias": torch.randn(48, generator=g),
+        "bias": torch.randn(57, generator=g),
+    }
+
+
+@pytest.fixture(scope="module")
+def lavis_path(hf_model, lm_head, tmp_path_factory):
+    path = tmp_path_factory.mktemp("lavis") / "blip2_pretrained.pth"
+    torch.save({"model": to_lavis(hf_model, lm_head)}, path)
+    return path
+
+
+def test_lavis_config_is_inferred_from_shapes(lavis_path):
+    state = torch.load(lavis_path, weights_only=True)["model"]
+    config = lavis_config(state, num_attention_heads=HEADS)
+    expected = dict(
+        hidden_size=48, num_hidden_layers=3, intermediate_size=80, cross_attention_freq=2, encoder_width=32,
+        num_query_tokens=6, vocab_size=57, max_position_embeddings=24, embed_dim=20, tie_word_embeddings=True,
+    )  # fmt: skip
+    assert {k: getattr(config, k) for k in expected} == expected
+
+
+def test_lavis_checkpoint_gives_the_transformers_numbers(hf_model, lavis_path, lm_head):
+    loaded = load_lavis(lavis_path, num_attention_heads=HEADS, vision=True, vision_heads=HEADS)
+    assert loaded.report.fresh == [] and loaded.report.ignored  # position_ids and the duplicate MLM bias
+    q = loaded.qformer.eval()
+    pixels = torch.randn(2, 3, 56, 56)
+    ids = torch.randint(1, 57, (2, 11))
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        feats = loaded.vision(pixels)
+        itm = q.itm_logits(q.match(feats, ids, mask.bool()))
+        image = q.image_features(q.encode_image(feats).hidden)
+        itc = torch.einsum("iqd,td->iqt", image, q.text_features(q.encode_text(ids, mask.bool()))).amax(dim=1)
+        expected_itm = hf_model(pixels, ids, mask, use_image_text_matching_head=True).logits_per_image
+        expected_itc = hf_model(pixels, ids, mask, use_image_text_matching_head=False).logits_per_image
+    assert (itm - expected_itm).abs().max() <= TOL
+    assert (itc - expected_itc).abs().max() <= TOL
+    # the parts transformers' retrieval model lacks come from the LAVIS file
+    assert torch.equal(q.lm_head.dense.weight, lm_head["dense.weight"])
+    assert torch.equal(q.lm_head.decoder.bias, lm_head["bias"])
+    assert q.lm_head.decoder.weight is q.embeddings.word.weight
+    assert q.temp.item() == pytest.approx(0.05)
+
+
+def test_lavis_without_vision_skips_the_eva_encoder_with_a_note(lavis_path):
+    loaded = load_lavis(lavis_path, num_attention_heads=HEADS)
+    assert loaded.vision is None
+    assert any(k.startswith("visual_encoder.blocks.") for k in loaded.report.ignored)
+    assert "visual_encoder" in loaded.report.summary()
+
+
+def test_lavis_stage2_checkpoint_keeps_text_parts_fresh(lavis_path):
+    state = torch.load(lavis_path, weights_only=True)["model"]
+    # what LAVIS' stage-2 models delete: the MLM head, word/position embeddings, the text FFNs, ITC/ITM heads
+    text_only = r"Qformer\.cls\.|embeddings\.(word|position)_|layer\.\d+\.(intermediate|output)\.|_proj\.|itm_|temp"
+    stage2 = {k: v for k, v in state.items() if not re.search(text_only, k)}
+    stage2["opt_proj.weight"] = torch.randn(16, 48)
+    loaded = load_lavis({"model": stage2}, num_attention_heads=HEADS)
+    assert "opt_proj.weight" in loaded.report.ignored
+    assert {"embeddings.word.weight", "layers.0.ffn_text.up.weight", "lm_head.dense.weight", "temp"} <= set(
+        loaded.report.fresh
+    )
+    small = load_lavis({"model": stage2}, num_attention_heads=HEADS, text_input=False)
+    assert small.report.fresh == [] and not small.qformer.config.text_input
+
+
+def test_lavis_errors_name_the_keys(lavis_path):
+    state = torch.load(lavis_path, weights_only=True)["model"]
+    broken = dict(state)
+    del broken["Qformer.bert.encoder.layer.1.output_query.dense.bias"]
+    broken["Qformer.bert.encoder.layer.1.adapter.weight"] = torch.zeros(3)
+    with pytest.raises(ValueError) as err:
+        load_lavis(broken, num_attention_heads=HEADS)
+    message = str(err.value)
+    assert "missing keys: Qformer.bert.encoder.layer.1.output_query.dense.bias" in message
+    assert "unexpected keys: Qformer.bert.encoder.layer.1.adapter.weight" in message
+
+    bias = dict(state)
+    bias["Qformer.cls.predictions.bias"] = bias["Qformer.cls.predictions.bias"] + 1
+    with pytest.raises(ValueError, match=r"Qformer\.cls\.predictions\.bias differs from"):
+        load_lavis(bias, num_attention_heads=HEADS)
+
+    odd = {k: v for k, v in state.items() if "layer.2.crossattention" not in k}
+    odd.update({k.replace("layer.0.cross", "layer.1.cross"): v for k, v in state.items() if "layer.0.cross" in k})
+    with pytest.raises(ValueError, match=r"cross-attention in layers \[0, 1\] is not every k-th layer"):
+        load_lavis(odd, num_attention_heads=HEADS)
+
+    with pytest.raises(ValueError, match="multiple of num_attention_heads"):
+        load_lavis(state, num_attention_heads=5)
+
+
+# ------------------------------------------------------------------ our format
+
+
+@pytest.mark.parametrize(
+    "overrides, dtype",
+    [
+        ({}, torch.float32),
+        ({"tie_word_embeddings": False}, torch.float32),
+        ({"text_input": False}, torch.float32),
+        ({}, torch.bfloat16),
+    ],
+)
+def test_safetensors_round_trip_is_bitwise(tmp_path, overrides, dtype):
+    model = QFormer(QFormerConfig.preset("tiny", **overrides)).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))  # nothing left at its init value
+    model.ln_vision.eps = 1e-6
+    path = save_qformer(model, tmp_path / "q.safetensors")
+    back = load_qformer(path)
+    assert back.config == model.config
+    assert back.ln_vision.eps == 1e-6
+    ours, theirs = model.state_dict(), back.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert ours[key].dtype == theirs[key].dtype == dtype
+        assert torch.equal(ours[key], theirs[key]), key
+    if model.config.text_input:
+        tied = model.config.tie_word_embeddings
+        assert (back.lm_head.decoder.weight is back.embeddings.word.weight) == tied
+        assert ("lm_head.decoder.weight" in load_file(path)) == (not tied)  # a tied tensor is stored once
+    assert load_checkpoint(path).qformer.config == model.config
+
+
+def test_own_format_errors_name_the_keys(tmp_path):
+    model = QFormer(QFormerConfig.preset("tiny"))
+    path = save_qformer(model, tmp_path / "q.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    state = load_file(path)
+    del state["layers.1.ffn_query.up.bias"]
+    state["layers.1.extra.weight"] = torch.zeros(2)
+    state["itm_head.weight"] = torch.zeros(3, 64)
+    save_file(state, str(tmp_path / "bad.safetensors"), metadata=metadata)
+    with pytest.raises(ValueError) as err:
+        load_qformer(tmp_path / "bad.safetensors")
+    message = str(err.value)
+    assert "missing keys: layers.1.ffn_query.up.bias" in message
+    assert "unexpected keys: layers.1.extra.weight" in message
+    assert "itm_head.weight (checkpoint (3, 64), model (2, 64)" in message
+
+    save_file(load_file(path), str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match=f"expected a {FORMAT} safetensors file"):
+        load_qformer(tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match=r"writes a \.safetensors file"):
+        save_qformer(model, tmp_path / "q.pt")
+
+
+# ------------------------------------------------------------------ transformers folders: errors, report
+
+
+def test_transformers_folder_errors_name_the_keys(hf_model, tmp_path):
+    hf_model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["qformer.encoder.layer.2.crossattention.output.dense.weight"]
+    state["qformer.encoder.layer.0.adapter.bias"] = torch.zeros(4)
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError) as err:
+        load_transformers(tmp_path)
+    message = str(err.value)
+    assert "missing keys: qformer.encoder.layer.2.crossattention.output.dense.weight" in message
+    assert "unexpected keys: qformer.encoder.layer.0.adapter.bias" in message
+
+
+def test_transformers_shape_mismatch_names_both_shapes(hf_model, tmp_path):
+    hf_model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"query_tokens \(checkpoint \(1, 6, 48\), model \(1, 7, 48\)"):
+        load_transformers(tmp_path, num_query_tokens=7)
+    with pytest.raises(ValueError, match="pass architecture= one of"):
+        (tmp_path / "config.json").write_text('{"model_type": "blip-2", "architectures": ["Blip2Other"]}')
+        load_transformers(tmp_path)
+
+
+def test_fresh_parts_are_logged(hf_model, tmp_path, caplog):
+    hf_model.save_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="blip2_fast.checkpoint"):
+        loaded = load_transformers(tmp_path, vision=False)
+    assert "kept the fresh init of lm_head.decoder, lm_head.dense, lm_head.norm, temp" in caplog.text
+    assert loaded.vision is None
+    assert any(k.startswith("vision_model.embeddings.") for k in loaded.report.ignored)
