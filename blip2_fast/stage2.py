@@ -1,0 +1,617 @@
+"""BLIP-2 stage 2: the Q-Former's query outputs as a soft prompt of a frozen LLM.
+
+Pipeline: frozen image encoder -> ``ln_vision`` + Q-Former (no text parts,
+``QFormerConfig(text_input=False)``) -> ``llm_proj`` (H -> LLM width) -> a
+frozen transformers LLM. Two LLM families, with LAVIS's semantics
+(``blip2_opt.py`` / ``blip2_t5.py``):
+
+- **decoder-only** (OPT, any ``AutoModelForCausalLM``): the LLM reads
+  ``[queries ; prompt ; text]``; the LM loss covers the text tokens only
+  (queries, prompt and pads are ignored, label -100).
+- **encoder-decoder** (FlanT5, any ``AutoModelForSeq2SeqLM``): the encoder reads
+  ``[queries ; prompt]``, the decoder is trained on the text.
+
+A training loop needs two things: :class:`Stage2Collator` (samples -> batch of
+tensors) and :meth:`Blip2Stage2.loss` (batch -> scalar). Only ``qformer`` and
+``llm_proj`` train (:meth:`Blip2Stage2.trainable_state_dict`); the image
+encoder and the LLM stay frozen: eval mode, no parameter gradients, half
+precision on GPU (:meth:`Blip2Stage2.to_device`). Gradients still flow *through*
+the LLM into the soft prompt.
+
+Generation goes through the LLM's own ``generate`` (greedy, beam search,
+nucleus sampling, several sequences per image). Decoder-only prompts of
+different lengths are packed with LEFT padding, ``[pads ; queries ; prompt]``,
+so every row ends where generation starts and positions (derived from the
+attention mask) match an unpadded run.
+
+Shapes: B batch, Q queries, P prompt tokens, T text tokens, D LLM width, V LLM vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from blip2_fast.config import QFormerConfig, VisionConfig
+from blip2_fast.qformer import QFormer, as_bool_mask
+from blip2_fast.vision import ImageEncoder
+
+IGNORE_INDEX = -100  # label of tokens that carry no loss (transformers' and LAVIS's convention)
+VQA_PROMPT = "Question: {} Short answer:"  # BLIP-2's zero-shot VQA template
+
+
+@dataclasses.dataclass
+class Stage2Output:
+    loss: torch.Tensor | None  # scalar: mean cross-entropy over the text tokens
+    logits: torch.Tensor  # decoder-only (B, Q + L, V); encoder-decoder (B, T, V)
+    labels: torch.Tensor | None  # aligned with ``logits`` (decoder-only: -100 over the queries)
+
+
+def _freeze(module: nn.Module) -> None:
+    module.requires_grad_(False)
+    module.eval()
+
+
+def pack_rows(mask: torch.Tensor, *, left: bool) -> torch.Tensor:
+    """(B, L) index that moves each row's real positions to the right (``left`` padding) or left end.
+
+    The sort is stable, so real tokens keep their order; works whatever padding the input had.
+    """
+    key = mask.long() if left else (~mask).long()
+    return torch.sort(key, dim=1, stable=True).indices
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 2:
+        return x.gather(1, index)
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+class Blip2Stage2(nn.Module):
+    """Frozen image encoder + stage-2 Q-Former + ``llm_proj`` + frozen LLM.
+
+    ``qformer``: a :class:`QFormer` built with ``text_input=False`` (or its config);
+    ``llm``: a transformers causal LM or seq2seq LM; ``image_encoder``: an
+    :class:`ImageEncoder`, its config, or None when the caller feeds ViT
+    features (``image_embeds``) instead of pixels. ``image_token_index`` is the
+    LLM token id the transformers layout uses as the placeholder of each query
+    (kept for export only; our forward never reads it).
+    """
+
+    def __init__(
+        self,
+        qformer: QFormer | QFormerConfig,
+        llm: PreTrainedModel,
+        image_encoder: ImageEncoder | VisionConfig | None = None,
+        *,
+        image_token_index: int | None = None,
+    ):
+        super().__init__()
+        if isinstance(qformer, QFormerConfig):
+            qformer = QFormer(qformer)
+        if qformer.config.text_input:
+            raise ValueError(
+                "the stage-2 Q-Former must be built with QFormerConfig(text_input=False); "
+                "to start from a stage-1 Q-Former, build the stage-2 model and call load_stage1()"
+            )
+        if isinstance(image_encoder, VisionConfig):
+            image_encoder = ImageEncoder(image_encoder)
+        if image_encoder is not None and image_encoder.config.hidden_size != qformer.config.encoder_width:
+            raise ValueError(
+                f"QFormerConfig.encoder_width ({qformer.config.encoder_width}) must equal the image encoder's "
+                f"VisionConfig.hidden_size ({image_encoder.config.hidden_size})"
+            )
+        if not isinstance(llm, PreTrainedModel) or llm.get_input_embeddings() is None:
+            raise ValueError(f"llm must be a transformers PreTrainedModel with input embeddings, got {type(llm)}")
+        self.image_encoder = image_encoder
+        self.qformer = qformer
+        self.llm = llm
+        # The LLM's *input embedding* width (OPT's word_embed_proj_dim), which is what inputs_embeds needs.
+        self.llm_proj = nn.Linear(qformer.config.hidden_size, llm.get_input_embeddings().embedding_dim)
+        nn.init.normal_(self.llm_proj.weight, std=qformer.config.initializer_range)
+        nn.init.zeros_(self.llm_proj.bias)
+        self.image_token_index = image_token_index
+        _freeze(self.llm)
+        if self.image_encoder is not None:
+            self.image_encoder.freeze()
+
+    # ---------------------------------------------------------------- set-up
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return bool(getattr(self.llm.config, "is_encoder_decoder", False))
+
+    @property
+    def num_query_tokens(self) -> int:
+        return self.qformer.config.num_query_tokens
+
+    def train(self, mode: bool = True) -> Blip2Stage2:
+        super().train(mode)
+        self.llm.eval()  # frozen parts never switch dropout on
+        if self.image_encoder is not None:
+            self.image_encoder.eval()
+        return self
+
+    def set_backend(self, backend: str) -> Blip2Stage2:
+        self.qformer.set_backend(backend)
+        return self
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a stage-2 checkpoint holds: ``qformer.*`` (with ``ln_vision``) and ``llm_proj.*``."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith(("qformer.", "llm_proj."))}
+
+    def to_device(self, device: torch.device | str) -> Blip2Stage2:
+        """Move to ``device``. On GPU the frozen LLM and image encoder go to bf16 (fp16 without bf16 support);
+        the Q-Former and ``llm_proj`` stay fp32 (their optimiser / autocast decides the compute dtype)."""
+        device = torch.device(device)
+        self.qformer.to(device)
+        self.llm_proj.to(device)
+        dtype = torch.float32
+        if device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.llm.to(device=device, dtype=dtype)
+        if self.image_encoder is not None:
+            self.image_encoder.to_device(device)
+        return self
+
+    # ---------------------------------------------------------------- image side
+
+    def image_features(
+        self, pixels: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Frozen ViT features (B, N, E), from pixels (B, 3, S, S) or given directly."""
+        if (pixels is None) == (image_embeds is None):
+            raise ValueError("give exactly one of pixels (B, 3, S, S) or image_embeds (B, N, encoder_width)")
+        if image_embeds is not None:
+            return image_embeds
+        if self.image_encoder is None:
+            raise ValueError("this model has no image encoder: pass image_embeds (B, N, encoder_width)")
+        return self.image_encoder(pixels)
+
+    def query_embeds(self, pixels: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None):
+        """The soft prompt: Q-Former query outputs through ``llm_proj``, (B, Q, D) in the LLM's dtype."""
+        features = self.image_features(pixels, image_embeds)
+        hidden = self.qformer.encode_image(features).hidden  # (B, Q, H)
+        hidden = hidden.to(self.llm_proj.weight.dtype)
+        return self.llm_proj(hidden).to(self.llm.get_input_embeddings().weight.dtype)
+
+    # ---------------------------------------------------------------- checks
+
+    def _check_tokens(self, ids: torch.Tensor | None, mask: torch.Tensor | None, name: str, batch: int):
+        """(ids (B, L) int64, mask (B, L) bool); None ids -> an empty (B, 0) sequence."""
+        if ids is None:
+            if mask is not None:
+                raise ValueError(f"{name}_attention_mask given without {name}")
+            device = self.llm_proj.weight.device
+            return torch.zeros(batch, 0, dtype=torch.long, device=device), torch.ones(
+                batch, 0, dtype=torch.bool, device=device
+            )
+        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"{name} must be an int64 tensor of shape (B, L), got {ids.dtype} {tuple(ids.shape)}")
+        if ids.shape[0] != batch:
+            raise ValueError(f"{name} has batch size {ids.shape[0]}, the images have {batch}")
+        vocab = self.llm.get_input_embeddings().num_embeddings
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise ValueError(f"{name} must hold token ids in [0, {vocab}) (the LLM's vocabulary)")
+        mask_name = "attention_mask" if name == "input_ids" else f"{name}_attention_mask"
+        valid = as_bool_mask(mask, tuple(ids.shape), mask_name)
+        if valid is None:
+            valid = torch.ones_like(ids, dtype=torch.bool)
+        return ids.long(), valid
+
+    # ---------------------------------------------------------------- training
+
+    def forward(
+        self,
+        *,
+        pixels: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+    ) -> Stage2Output:
+        """LM logits (and loss when ``labels`` are given).
+
+        Decoder-only: ``input_ids`` (B, L) = prompt + text, ``labels`` (B, L) = the
+        same ids with prompt and pads set to -100; the queries are prepended and
+        the loss is the next-token cross-entropy over the labelled tokens.
+        Encoder-decoder: ``input_ids`` (B, P) = prompt (may be None), ``labels``
+        (B, T) = text (pads -100), ``decoder_attention_mask`` (B, T).
+        """
+        queries = self.query_embeds(pixels, image_embeds)  # (B, Q, D)
+        B, Q = queries.shape[:2]
+        ids, valid = self._check_tokens(input_ids, attention_mask, "input_ids", B)
+        embeds = torch.cat([queries, self.llm.get_input_embeddings()(ids)], dim=1)  # (B, Q + L, D)
+        mask = torch.cat([valid.new_ones(B, Q), valid], dim=1)
+        if labels is not None and (labels.dim() != 2 or labels.dtype != torch.int64 or labels.shape[0] != B):
+            raise ValueError(
+                f"labels must be an int64 tensor of shape (B, T) with B={B}, got {labels.dtype} {tuple(labels.shape)}"
+            )
+        if self.is_encoder_decoder:
+            return self._forward_seq2seq(embeds, mask, labels, decoder_attention_mask)
+        if labels is not None and labels.shape != ids.shape:
+            raise ValueError(f"labels must have the shape of input_ids {tuple(ids.shape)}, got {tuple(labels.shape)}")
+        logits = self.llm(inputs_embeds=embeds, attention_mask=mask.long()).logits  # (B, Q + L, V)
+        if labels is None:
+            return Stage2Output(None, logits, None)
+        labels = torch.cat([labels.new_full((B, Q), IGNORE_INDEX), labels], dim=1)
+        # token t predicts token t + 1
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+        return Stage2Output(loss, logits, labels)
+
+    def _forward_seq2seq(self, embeds, mask, labels, decoder_attention_mask) -> Stage2Output:
+        if labels is None:
+            raise ValueError("an encoder-decoder LLM needs labels (B, T): the text the decoder is trained on")
+        dec_mask = as_bool_mask(decoder_attention_mask, tuple(labels.shape), "decoder_attention_mask")
+        if dec_mask is None:
+            dec_mask = labels != IGNORE_INDEX
+        # the LLM shifts labels right behind its decoder_start_token_id to build the decoder inputs
+        out = self.llm(
+            inputs_embeds=embeds,
+            attention_mask=mask.long(),
+            labels=labels,
+            decoder_attention_mask=dec_mask.long(),
+        )
+        logits = out.logits  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+        return Stage2Output(loss, logits, labels)
+
+    def loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The training step's scalar, from a :class:`Stage2Collator` batch."""
+        allowed = {"pixels", "image_embeds", "input_ids", "attention_mask", "labels", "decoder_attention_mask"}
+        unknown = sorted(set(batch) - allowed)
+        if unknown:
+            raise ValueError(f"unknown stage-2 batch key(s) {unknown}; expected some of {sorted(allowed)}")
+        if batch.get("labels") is None:
+            raise ValueError("a stage-2 training batch needs labels")
+        return self(**batch).loss
+
+    # ---------------------------------------------------------------- generation
+
+    def prepare_generation_inputs(
+        self,
+        pixels: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """``inputs_embeds`` (B, Q + P, D) and ``attention_mask`` for the LLM's ``generate``.
+
+        Decoder-only rows are left-padded ``[pads ; queries ; prompt]`` whatever padding
+        the prompt came with; with no prompt the LLM's BOS token follows the queries
+        (LAVIS's empty prompt). Encoder-decoder rows are ``[queries ; prompt ; pads]``.
+        """
+        queries = self.query_embeds(pixels, image_embeds)
+        B, Q = queries.shape[:2]
+        if input_ids is None and not self.is_encoder_decoder:
+            bos = self.llm.config.bos_token_id
+            if bos is not None:
+                input_ids = torch.full((B, 1), bos, dtype=torch.long, device=queries.device)
+        ids, valid = self._check_tokens(input_ids, attention_mask, "input_ids", B)
+        embeds = torch.cat([queries, self.llm.get_input_embeddings()(ids)], dim=1)
+        mask = torch.cat([valid.new_ones(B, Q), valid], dim=1)
+        order = pack_rows(mask, left=not self.is_encoder_decoder)
+        return {"inputs_embeds": _gather_rows(embeds, order), "attention_mask": _gather_rows(mask, order).long()}
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixels: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor:
+        """Generated token ids (B * num_return_sequences, T_new): the continuation only, no prompt and no
+        decoder start token. ``generate_kwargs`` go to the LLM's ``generate`` (num_beams, do_sample, top_p,
+        max_new_tokens, num_return_sequences, eos_token_id, ...)."""
+        inputs = self.prepare_generation_inputs(pixels, image_embeds, input_ids, attention_mask)
+        out = self.llm.generate(**inputs, **generate_kwargs)
+        if self.is_encoder_decoder:
+            return out[:, 1:]  # drop decoder_start_token_id
+        return out  # with inputs_embeds only, decoder-only generate returns the new tokens alone
+
+
+# -------------------------------------------------------------------- text side
+
+
+def _token_id(tokenizer: PreTrainedTokenizerBase, given: int | None, attr: str) -> int | None:
+    return given if given is not None else getattr(tokenizer, attr)
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    bos_token_id: int | None = None,
+    max_length: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts -> (input_ids (B, P), attention_mask (B, P)), LEFT-padded, BOS first when given."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if max_length is not None:
+            ids = ids[:max_length]
+        rows.append(([bos_token_id] if bos_token_id is not None else []) + ids)
+    width = max(len(r) for r in rows)
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    return input_ids, mask
+
+
+class Stage2Collator:
+    """Samples -> a batch for :meth:`Blip2Stage2.loss`.
+
+    A sample is a mapping with ``pixels`` (3, S, S) or ``image_embeds`` (N, E), ``text``
+    (the target caption / answer) and optionally ``prompt`` (else the collator's
+    ``prompt``). Token layout (LAVIS):
+
+    - decoder-only: ``[BOS] prompt text [EOS]`` packed per row, right-padded; labels
+      keep the text and EOS, everything else is -100. LAVIS's OPT uses "\\n" as EOS:
+      pass its id as ``eos_token_id``.
+    - encoder-decoder: ``input_ids`` = prompt (right-padded), ``labels`` = text + EOS
+      (pads -100), ``decoder_attention_mask``.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        encoder_decoder: bool,
+        prompt: str = "",
+        max_length: int = 32,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+    ):
+        if max_length <= 0:
+            raise ValueError(f"max_length must be a positive int, got {max_length}")
+        self.tokenizer = tokenizer
+        self.encoder_decoder = encoder_decoder
+        self.prompt = prompt
+        self.max_length = max_length
+        self.bos_token_id = None if encoder_decoder else _token_id(tokenizer, bos_token_id, "bos_token_id")
+        self.eos_token_id = _token_id(tokenizer, eos_token_id, "eos_token_id")
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _right_pad(self, rows: list[list[int]], value: int) -> torch.Tensor:
+        width = max(1, max(len(r) for r in rows))
+        return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not samples:
+            raise ValueError("cannot collate an empty list of samples")
+        batch: dict[str, torch.Tensor] = {}
+        for key in ("pixels", "image_embeds"):
+            if key in samples[0]:
+                batch[key] = torch.stack([s[key] for s in samples])
+        if not batch:
+            raise ValueError("each stage-2 sample needs 'pixels' (3, S, S) or 'image_embeds' (N, E)")
+        prompts, texts = [], []
+        for s in samples:
+            if not isinstance(s.get("text"), str):
+                raise ValueError("each stage-2 sample needs 'text': the target string")
+            bos = [self.bos_token_id] if self.bos_token_id is not None else []
+            prompts.append((bos + self._ids(s.get("prompt", self.prompt)))[: self.max_length])
+            eos = [self.eos_token_id] if self.eos_token_id is not None else []
+            texts.append(self._ids(s["text"])[: self.max_length - len(eos)] + eos)
+        if self.encoder_decoder:
+            batch["input_ids"] = self._right_pad(prompts, self.pad_token_id)
+            batch["attention_mask"] = self._right_pad([[1] * len(p) for p in prompts], 0)
+            batch["labels"] = self._right_pad(texts, IGNORE_INDEX)
+            batch["decoder_attention_mask"] = self._right_pad([[1] * len(t) for t in texts], 0)
+            return batch
+        rows = [(p + t)[: self.max_length + len(p)] for p, t in zip(prompts, texts, strict=True)]
+        batch["input_ids"] = self._right_pad(rows, self.pad_token_id)
+        batch["attention_mask"] = self._right_pad([[1] * len(r) for r in rows], 0)
+        batch["labels"] = self._right_pad(
+            [[IGNORE_INDEX] * len(p) + t for p, t in zip(prompts, texts, strict=True)], IGNORE_INDEX
+        )
+        return batch
+
+
+def generation_kwargs(
+    method: str = "beam",
+    *,
+    num_beams: int = 5,
+    top_p: float = 0.9,
+    temperature: float = 1.0,
+    num_captions: int = 1,
+    max_new_tokens: int = 30,
+    min_new_tokens: int = 1,
+    repetition_penalty: float = 1.0,
+    length_penalty: float = 1.0,
+) -> dict[str, Any]:
+    """``generate`` keywords for ``method`` in {"greedy", "beam", "nucleus"} (LAVIS's defaults)."""
+    if method not in ("greedy", "beam", "nucleus"):
+        raise ValueError(f"unknown generation method {method!r}; expected greedy, beam or nucleus")
+    if num_captions < 1:
+        raise ValueError(f"num_captions must be >= 1, got {num_captions}")
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        repetition_penalty=repetition_penalty,
+        num_return_sequences=num_captions,
+    )
+    if method == "nucleus":
+        kwargs.update(do_sample=True, top_p=top_p, temperature=temperature, num_beams=1)
+    elif method == "beam":
+        if num_beams < num_captions:
+            raise ValueError(f"beam search returns at most num_beams={num_beams} captions, asked {num_captions}")
+        kwargs.update(do_sample=False, num_beams=num_beams, length_penalty=length_penalty)
+    else:
+        if num_captions != 1:
+            raise ValueError("greedy decoding gives one caption per image; use beam or nucleus for more")
+        kwargs.update(do_sample=False, num_beams=1)
+    return kwargs
+
+
+@torch.no_grad()
+def caption(
+    model: Blip2Stage2,
+    tokenizer: PreTrainedTokenizerBase,
+    pixels: torch.Tensor | None = None,
+    image_embeds: torch.Tensor | None = None,
+    prompt: str | Sequence[str] = "",
+    *,
+    method: str = "beam",
+    eos_token_id: int | None = None,
+    **options: Any,
+) -> list[str]:
+    """Captions (or prompted answers) as strings, ``num_captions`` per image, image-major.
+
+    ``prompt``: one string for every image or one per image. ``options`` go to
+    :func:`generation_kwargs` (num_beams, top_p, num_captions, max_new_tokens, ...).
+    """
+    features = model.image_features(pixels, image_embeds)
+    B = features.shape[0]
+    prompts = [prompt] * B if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != B:
+        raise ValueError(f"got {len(prompts)} prompts for {B} images")
+    bos = None if model.is_encoder_decoder else model.llm.config.bos_token_id
+    ids, mask = encode_prompts(tokenizer, prompts, bos_token_id=bos)
+    device = model.llm_proj.weight.device
+    kwargs = generation_kwargs(method, **options)
+    eos = _token_id(tokenizer, eos_token_id, "eos_token_id")
+    if eos is not None:
+        kwargs["eos_token_id"] = eos
+    if tokenizer.pad_token_id is not None:
+        kwargs["pad_token_id"] = tokenizer.pad_token_id
+    out = model.generate(image_embeds=features, input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+    return [text.strip() for text in tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+def answer(
+    model: Blip2Stage2,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: Sequence[str],
+    pixels: torch.Tensor | None = None,
+    image_embeds: torch.Tensor | None = None,
+    *,
+    template: str = VQA_PROMPT,
+    method: str = "beam",
+    **options: Any,
+) -> list[str]:
+    """Zero-shot VQA: one question per image, asked through ``template`` (BLIP-2's short-answer prompt)."""
+    prompts = [template.format(q) for q in questions]
+    return caption(model, tokenizer, pixels, image_embeds, prompts, method=method, **options)
+
+
+# -------------------------------------------------------------------- stage-1 init
+
+# stage-1 Q-Former keys with no stage-2 counterpart: the text side and the stage-1 heads
+_TEXT_ONLY = ("embeddings.word.", "embeddings.position.", "vision_proj.", "text_proj.", "itm_head.", "lm_head.", "temp")
+
+
+def _read_state_dict(source: str | Path | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if isinstance(source, Mapping):
+        sd = dict(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"stage-1 checkpoint not found: {path}")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    # wrappers used by our trainer, DeepSpeed and LAVIS
+    for key in ("module", "model", "state_dict"):
+        if key in sd and isinstance(sd[key], Mapping):
+            sd = dict(sd[key])
+    return sd
+
+
+def load_stage1(model: Blip2Stage2, source: str | Path | Mapping[str, torch.Tensor]) -> list[str]:
+    """Load a stage-1 Q-Former (state dict, or a ``.pt`` / ``.safetensors`` file) into ``model.qformer``.
+
+    Keys may carry a ``qformer.`` or ``module.`` prefix. Every stage-2 Q-Former
+    tensor (queries, ``ln_vision``, self/cross-attention, query FFNs, embedding
+    LayerNorm) must be present; the text-only stage-1 keys are skipped and
+    returned, sorted. Any other key is an error.
+    """
+    sd = {}
+    for key, value in _read_state_dict(source).items():
+        for prefix in ("module.", "qformer."):
+            key = key.removeprefix(prefix)
+        sd[key] = value
+    own = model.qformer.state_dict()
+    ignored = sorted(k for k in sd if k not in own and (k.startswith(_TEXT_ONLY) or ".ffn_text." in k))
+    unknown = sorted(k for k in sd if k not in own and k not in ignored)
+    if unknown:
+        raise ValueError(f"stage-1 checkpoint has keys the Q-Former does not know: {unknown[:8]}")
+    missing = sorted(k for k in own if k not in sd)
+    if missing:
+        raise ValueError(f"stage-1 checkpoint lacks stage-2 Q-Former keys: {missing[:8]}")
+    for key, value in own.items():
+        if value.shape != sd[key].shape:
+            raise ValueError(
+                f"stage-1 {key} has shape {tuple(sd[key].shape)}, the stage-2 Q-Former expects {tuple(value.shape)}"
+            )
+    model.qformer.load_state_dict({k: sd[k] for k in own}, strict=True)
+    return ignored
+
+
+# -------------------------------------------------------------------- the embedded default
+
+
+def default_stage2_model(
+    qformer_config: QFormerConfig | None = None,
+    vision_config: VisionConfig | None = None,
+    *,
+    llm_layers: int = 2,
+    llm_hidden: int = 128,
+    llm_heads: int = 4,
+    max_length: int = 64,
+) -> tuple[Blip2Stage2, PreTrainedTokenizerBase]:
+    """A small, randomly initialised stage-2 model that needs no download, and its tokenizer.
+
+    The LLM is an OPT decoder built from an ``OPTConfig``; its vocabulary is the
+    shipped bert-base-uncased WordPiece (:func:`blip2_fast.text.load_tokenizer`,
+    30522 tokens + ``[DEC]``): ``[DEC]`` is BOS, ``[SEP]`` EOS, ``[PAD]`` pad, and
+    ``[unused0]`` the query placeholder of the transformers layout. Defaults:
+    the ``tiny`` Q-Former (stage-2 variant) over the ``tiny`` ViT; pass the
+    stage-1 configs to continue from a stage-1 checkpoint.
+    """
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from blip2_fast.text import load_tokenizer
+
+    tokenizer = load_tokenizer(max_length=max_length)
+    vision_config = vision_config or VisionConfig.preset("tiny")
+    if qformer_config is None:
+        qformer_config = QFormerConfig.preset("tiny", encoder_width=vision_config.hidden_size)
+    qformer_config = dataclasses.replace(qformer_config, text_input=False)
+    llm_config = OPTConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=llm_hidden,
+        word_embed_proj_dim=llm_hidden,
+        num_hidden_layers=llm_layers,
+        num_attention_heads=llm_heads,
+        ffn_dim=4 * llm_hidden,
+        max_position_embeddings=qformer_config.num_query_tokens + 2 * max_length + 2,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        dropout=0.0,
+    )
+    llm = OPTForCausalLM(llm_config)
+    llm.generation_config.pad_token_id = tokenizer.pad_token_id
+    llm.generation_config.bos_token_id = tokenizer.bos_token_id
+    llm.generation_config.eos_token_id = tokenizer.sep_token_id
+    tokenizer.eos_token = tokenizer.sep_token
+    placeholder = tokenizer.convert_tokens_to_ids("[unused0]")
+    model = Blip2Stage2(qformer_config, llm, vision_config, image_token_index=placeholder)
+    return model, tokenizer
