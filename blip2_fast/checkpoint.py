@@ -161,15 +161,10 @@ def _read_folder(folder: Path) -> _Tensors:
     def safetensors_files(files: list[Path]) -> _Tensors:
         getters, shapes = {}, {}
         for file in files:
-            with safe_open(str(file), "pt") as f:
-                for key in f.keys():
-                    shapes[key] = tuple(f.get_slice(key).get_shape())
-
-                    def get(key=key, file=file):
-                        with safe_open(str(file), "pt") as g:
-                            return g.get_tensor(key)
-
-                    getters[key] = get
+            handle = safe_open(str(file), "pt")  # memory-mapped: reading one tensor reads only its bytes
+            for key in handle.keys():
+                shapes[key] = tuple(handle.get_slice(key).get_shape())
+                getters[key] = lambda key=key, handle=handle: handle.get_tensor(key)
         return _Tensors(getters, shapes)
 
     index = folder / "model.safetensors.index.json"
@@ -498,6 +493,11 @@ def lavis_config(state: dict[str, torch.Tensor], *, num_attention_heads: int = 1
     def shape(key: str) -> tuple[int, ...] | None:
         return tuple(state[key].shape) if key in state else None
 
+    def need(key: str) -> tuple[int, ...]:
+        if key not in state:
+            raise ValueError(f"LAVIS state dict: missing key {key} (needed to infer the config)")
+        return tuple(state[key].shape)
+
     enc = _LAVIS_ROOT + "encoder.layer."
     layers = _layer_indices(state, re.escape(enc) + r"(\d+)\.")
     if not layers or layers != list(range(len(layers))):
@@ -516,9 +516,9 @@ def lavis_config(state: dict[str, torch.Tensor], *, num_attention_heads: int = 1
         num_query_tokens=query[1],
         num_hidden_layers=len(layers),
         num_attention_heads=num_attention_heads,
-        intermediate_size=shape(f"{enc}0.intermediate_query.dense.weight")[0],
+        intermediate_size=need(f"{enc}0.intermediate_query.dense.weight")[0],
         cross_attention_freq=freq,
-        encoder_width=shape(f"{enc}0.crossattention.self.key.weight")[1],
+        encoder_width=need(f"{enc}0.crossattention.self.key.weight")[1],
     )
     word = shape(_LAVIS_ROOT + "embeddings.word_embeddings.weight")
     position = shape(_LAVIS_ROOT + "embeddings.position_embeddings.weight")
@@ -744,7 +744,7 @@ def load_checkpoint(path: str | Path, **kwargs: Any) -> Loaded:
     path = Path(path)
     if path.is_dir():
         return load_transformers(path, **kwargs)
-    if path.suffix in (".pth", ".pt", ".bin"):
+    if path.suffix in (".pth", ".pt"):
         return load_lavis(path, **kwargs)
     if path.suffix == ".safetensors":
         model = load_qformer(path, **kwargs)

@@ -306,3 +306,24 @@ def test_fresh_parts_are_logged(hf_model, tmp_path, caplog):
     assert "kept the fresh init of lm_head.decoder, lm_head.dense, lm_head.norm, temp" in caplog.text
     assert loaded.vision is None
     assert any(k.startswith("vision_model.embeddings.") for k in loaded.report.ignored)
+
+
+def test_split_qkv_bias_of_older_transformers_folders(hf_model, tmp_path):
+    """transformers < 5 (and EVA) keep q_bias and v_bias apart; the key bias is zero."""
+    hf_model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    for key in [k for k in state if k.endswith("self_attn.qkv.bias")]:
+        q, _, v = state.pop(key).chunk(3)
+        state[key.replace("qkv.bias", "q_bias")] = q.contiguous()
+        state[key.replace("qkv.bias", "v_bias")] = v.contiguous()
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    loaded = load_transformers(tmp_path)
+    for ours, theirs in zip(loaded.vision.vit.encoder.layers, hf_model.vision_model.encoder.layers, strict=True):
+        assert torch.equal(ours.self_attn.qkv.bias, theirs.self_attn.qkv.bias)
+
+
+def test_lavis_config_needs_the_keys_it_reads(lavis_path):
+    state = torch.load(lavis_path, weights_only=True)["model"]
+    del state["Qformer.bert.encoder.layer.0.intermediate_query.dense.weight"]
+    with pytest.raises(ValueError, match=r"missing key Qformer\.bert\.encoder\.layer\.0\.intermediate_query"):
+        lavis_config(state)
