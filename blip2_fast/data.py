@@ -1,0 +1,886 @@
+"""Stage-1 data: sources, BLIP-2 transforms, caption cleaning, collation, a feature cache.
+
+Sources yield raw records ``{"image", "caption", "image_id"}``; ``ImageTextDataset``
+turns them into training samples (decoded, transformed image + cleaned caption)
+and ``collate_batch`` into batches. Three sources:
+
+- ``SyntheticShapes``: two coloured shapes in a spatial relation, drawn on the fly
+  (the embedded default; needs no files).
+- ``CaptionJSON``: a COCO/LAVIS caption JSON and an image folder.
+- ``WebDatasetShards``: webdataset-style tar shards (``key.jpg`` + ``key.txt``), read
+  with ``tarfile``, split across ranks and dataloader workers.
+
+Randomness is a function of ``(seed, epoch, sample)``, never of the worker that
+happens to load a sample, so a run gives the same pixels with any ``num_workers``
+and a resumed run repeats the data of an uninterrupted one.
+
+A corrupt or missing image never stops an epoch: the sample becomes ``None``, the
+collate drops it and reports how many it dropped in ``batch["skipped"]``.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import tarfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+log = logging.getLogger(__name__)
+
+# CLIP's normalisation, which BLIP-2 uses for EVA ViT-g (LAVIS BlipImageBaseProcessor).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+# What PIL raises for a file that is not a readable image: truncated or garbage
+# bytes (OSError, UnidentifiedImageError), broken headers (SyntaxError from some
+# plugins, ValueError), absurd sizes (DecompressionBombError).
+_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+# --------------------------------------------------------------------------- captions
+
+_PUNCTUATION = re.compile(r"[.!\"()*#:;~]")
+_SPACE_RUNS = re.compile(r"\s{2,}")
+
+
+def clean_caption(text: str, max_words: int = 50) -> str:
+    """BLIP-2's caption cleaning (LAVIS ``BlipCaptionProcessor.pre_caption``).
+
+    Lowercase; ``. ! " ( ) * # : ; ~`` become spaces (commas, apostrophes, hyphens
+    and question marks stay, as in LAVIS); runs of whitespace collapse to one
+    space; the ends are trimmed; at most ``max_words`` space-separated words remain.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"clean_caption expects a str caption, got {type(text).__name__}")
+    if max_words < 1:
+        raise ValueError(f"max_words must be >= 1, got {max_words}")
+    text = _PUNCTUATION.sub(" ", text.lower())
+    text = _SPACE_RUNS.sub(" ", text)
+    text = text.rstrip("\n").strip(" ")
+    words = text.split(" ")
+    if len(words) > max_words:
+        text = " ".join(words[:max_words])
+    return text
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def sample_seed(*parts: int | str) -> int:
+    """A 63-bit seed derived from ``parts`` (ints or strings), stable across processes and Python runs."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _uniform(generator: torch.Generator | None, low: float, high: float) -> float:
+    return low + (high - low) * torch.rand((), generator=generator).item()
+
+
+def _randint(generator: torch.Generator | None, high: int) -> int:
+    """Uniform integer in [0, high)."""
+    return int(torch.randint(high, (), generator=generator).item())
+
+
+def random_resized_crop_box(
+    width: int,
+    height: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator | None,
+) -> tuple[int, int, int, int]:
+    """The crop ``(left, top, crop_width, crop_height)`` of RandomResizedCrop.
+
+    Same sampling rule as torchvision: up to ten tries of an area fraction uniform
+    in ``scale`` and a log-uniform aspect ratio in ``ratio``; if none fits, the
+    largest central crop whose aspect ratio lies in ``ratio``.
+    """
+    area = width * height
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * _uniform(generator, scale[0], scale[1])
+        aspect = math.exp(_uniform(generator, log_low, log_high))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = _randint(generator, height - h + 1)
+            left = _randint(generator, width - w + 1)
+            return left, top, w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+class ImageTransform:
+    """PIL image -> normalised (3, S, S) float tensor; the BLIP-2 train or eval transform.
+
+    Call it as ``transform(image)`` or ``transform(image, generator=g)``: the crop
+    and flip draw from ``g`` when given, else from the transform's own generator
+    (seeded by ``seed``), else from torch's global RNG. ``ImageTextDataset`` passes
+    a generator seeded per sample, which keeps runs reproducible under any number
+    of dataloader workers.
+    """
+
+    accepts_generator = True
+
+    def __init__(
+        self,
+        image_size: int,
+        train: bool,
+        *,
+        scale: tuple[float, float] = (0.5, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+        seed: int | None = None,
+    ):
+        if not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
+        if not 0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < min <= max, got {ratio}")
+        if not 0 <= hflip <= 1:
+            raise ValueError(f"hflip is a probability in [0, 1], got {hflip}")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean and std need 3 channels with std > 0, got mean={mean}, std={std}")
+        self.image_size = image_size
+        self.train = train
+        self.scale = tuple(scale)
+        self.ratio = tuple(ratio)
+        self.hflip = hflip
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    def __repr__(self) -> str:
+        mode = f"train, scale={self.scale}, hflip={self.hflip}" if self.train else "eval"
+        return f"ImageTransform({self.image_size}, {mode})"
+
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"the image transform expects a PIL.Image.Image, got {type(image).__name__}")
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        size = (self.image_size, self.image_size)
+        if self.train:
+            generator = generator if generator is not None else self.generator
+            left, top, w, h = random_resized_crop_box(image.width, image.height, self.scale, self.ratio, generator)
+            image = image.resize(size, Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+            # Flipping after the resize touches fewer pixels and gives the same image.
+            if self.hflip > 0 and torch.rand((), generator=generator).item() < self.hflip:
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        else:
+            image = image.resize(size, Image.Resampling.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return (pixels.float().div_(255.0) - self.mean) / self.std
+
+
+def build_transform(image_size: int, train: bool, **kwargs: Any) -> ImageTransform:
+    """BLIP-2's image transform (LAVIS ``blip2_image_train`` / ``blip_image_eval``).
+
+    train: RandomResizedCrop(image_size, scale=(0.5, 1.0), bicubic), horizontal flip
+    with p=0.5, to tensor, CLIP mean/std. eval: bicubic resize to (image_size,
+    image_size), to tensor, CLIP mean/std. ``kwargs`` go to ``ImageTransform``
+    (``scale``, ``ratio``, ``hflip``, ``mean``, ``std``, ``seed``).
+    """
+    return ImageTransform(image_size, train, **kwargs)
+
+
+# --------------------------------------------------------------------------- synthetic shapes
+
+SHAPES = ("circle", "square", "triangle", "cross")
+COLOURS = {
+    "red": (230, 30, 30),
+    "green": (30, 190, 40),
+    "blue": (40, 70, 235),
+    "yellow": (245, 225, 30),
+    "purple": (150, 50, 210),
+    "orange": (255, 140, 0),
+}
+# Scenes are stored in one canonical direction; each may be told either way round.
+_RELATIONS = {"above": "below", "left of": "right of"}
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    shape: str
+    colour: str
+    cx: float
+    cy: float
+    radius: float  # half the side of the shape's bounding box
+
+
+def _noun(spec: ShapeSpec) -> str:
+    article = "an" if spec.colour[0] in "aeiou" else "a"
+    return f"{article} {spec.colour} {spec.shape}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What one ``SyntheticShapes`` sample shows and says."""
+
+    first: ShapeSpec  # the object named first in the caption
+    second: ShapeSpec
+    relation: str  # one of above, below, left of, right of: first <relation> second
+    combination: int  # the image_id
+    background: tuple[int, int, int]
+    caption: str
+
+
+class SyntheticShapes(Dataset):
+    """Two coloured shapes in a spatial relation, drawn on the fly; the embedded default data.
+
+    ``4 shapes x 6 colours`` give 24 objects; a scene is an ordered pair of distinct
+    objects with a canonical relation (``above`` or ``left of``): 1104 scenes.
+    Each sample draws a scene, a layout (sizes, positions, background shade) and a
+    phrasing (``"a red circle above a blue square"`` or the same scene told the
+    other way round, ``"a blue square below a red circle"``), all from
+    ``(seed, index)``: the same arguments give the same sample in any process.
+
+    ``image_id`` is the index of the scene, so samples showing the same scene share
+    it (ITC counts them as positives; retrieval treats them as the same image
+    content). Train and held-out splits are two instances with different seeds:
+    the held-out images are fresh layouts and phrasings.
+    """
+
+    shapes = SHAPES
+    colours = tuple(COLOURS)
+
+    def __init__(self, n: int, image_size: int = 64, seed: int = 0):
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"SyntheticShapes needs n >= 1 samples, got {n!r}")
+        if not isinstance(image_size, int) or image_size < 16:
+            raise ValueError(f"SyntheticShapes needs image_size >= 16 pixels, got {image_size!r}")
+        self.n = n
+        self.image_size = image_size
+        self.seed = seed
+        self.objects = [(shape, colour) for colour in COLOURS for shape in SHAPES]
+
+    @property
+    def num_combinations(self) -> int:
+        k = len(self.objects)
+        return k * (k - 1) * len(_RELATIONS)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _decode(self, combination: int) -> tuple[tuple[str, str], tuple[str, str], str]:
+        k = len(self.objects)
+        pair, relation = divmod(combination, len(_RELATIONS))
+        a, b = divmod(pair, k - 1)
+        b += b >= a  # skip the pair of an object with itself
+        return self.objects[a], self.objects[b], list(_RELATIONS)[relation]
+
+    def scene(self, index: int) -> Scene:
+        """The description of sample ``index`` (what ``__getitem__`` draws and captions)."""
+        if not 0 <= index < self.n:
+            raise IndexError(f"SyntheticShapes index {index} out of range [0, {self.n})")
+        rng = np.random.default_rng([self.seed, index])
+        combination = int(rng.integers(self.num_combinations))
+        (shape_a, colour_a), (shape_b, colour_b), relation = self._decode(combination)
+        s = self.image_size
+        radius_a, radius_b = (s * rng.uniform(0.10, 0.17) for _ in range(2))
+        # a's centre lies in the first half along the relation's axis, b's in the
+        # second, so the shapes never overlap; the other coordinate of b stays
+        # within 0.6x the main-axis gap of a's, so the relation is unambiguous.
+        main_a = rng.uniform(radius_a + 1, s / 2 - radius_a)
+        main_b = rng.uniform(s / 2 + radius_b, s - radius_b - 1)
+        cross_a = rng.uniform(radius_a + 1, s - radius_a - 1)
+        spread = 0.6 * (main_b - main_a)
+        low, high = max(radius_b + 1, cross_a - spread), min(s - radius_b - 1, cross_a + spread)
+        cross_b = rng.uniform(low, high)
+        if relation == "above":
+            a = ShapeSpec(shape_a, colour_a, cross_a, main_a, radius_a)
+            b = ShapeSpec(shape_b, colour_b, cross_b, main_b, radius_b)
+        else:
+            a = ShapeSpec(shape_a, colour_a, main_a, cross_a, radius_a)
+            b = ShapeSpec(shape_b, colour_b, main_b, cross_b, radius_b)
+        shade = int(rng.integers(20, 90))
+        background = (shade, shade, shade)
+        if rng.random() < 0.5:
+            first, second, told = a, b, relation
+        else:
+            first, second, told = b, a, _RELATIONS[relation]
+        caption = f"{_noun(first)} {told} {_noun(second)}"
+        return Scene(first, second, told, combination, background, caption)
+
+    @staticmethod
+    def _draw(draw: ImageDraw.ImageDraw, spec: ShapeSpec) -> None:
+        x, y, r = spec.cx, spec.cy, spec.radius
+        fill = COLOURS[spec.colour]
+        if spec.shape == "circle":
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+        elif spec.shape == "square":
+            draw.rectangle((x - r, y - r, x + r, y + r), fill=fill)
+        elif spec.shape == "triangle":
+            # apex up, base at the bottom of the box: the centre (cx, cy) lies inside
+            draw.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=fill)
+        elif spec.shape == "cross":
+            arm = 0.35 * r
+            draw.rectangle((x - arm, y - r, x + arm, y + r), fill=fill)
+            draw.rectangle((x - r, y - arm, x + r, y + arm), fill=fill)
+        else:
+            raise ValueError(f"unknown shape {spec.shape!r}; expected one of {SHAPES}")
+
+    def render(self, scene: Scene) -> Image.Image:
+        image = Image.new("RGB", (self.image_size, self.image_size), scene.background)
+        draw = ImageDraw.Draw(image)
+        self._draw(draw, scene.first)
+        self._draw(draw, scene.second)
+        return image
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        scene = self.scene(index)
+        return {"image": self.render(scene), "caption": scene.caption, "image_id": scene.combination}
+
+
+# --------------------------------------------------------------------------- caption JSON
+
+
+class CaptionJSON(Dataset):
+    """COCO/LAVIS caption annotations + an image folder; one sample per caption.
+
+    ``annotation_file`` holds either a list of ``{"image": path relative to
+    image_root, "caption": str or list of str, "image_id": optional}`` (LAVIS), or
+    COCO's ``{"images": [{"id", "file_name"}], "annotations": [{"image_id",
+    "caption"}]}``. Image ids (any JSON scalar) map to consecutive ints in order of
+    first appearance; an entry without one takes the id of its image path, so the
+    captions of one image share an id.
+
+    Items are ``{"image": Path, "caption": str, "image_id": int}``: images are
+    opened by ``ImageTextDataset``, which skips and counts the unreadable ones.
+    """
+
+    def __init__(self, annotation_file: str | Path, image_root: str | Path):
+        annotation_file, image_root = Path(annotation_file), Path(image_root)
+        if not annotation_file.is_file():
+            raise FileNotFoundError(f"caption annotation file not found: {annotation_file}")
+        if not image_root.is_dir():
+            raise FileNotFoundError(f"image root folder not found: {image_root}")
+        self.annotation_file = annotation_file
+        self.image_root = image_root
+        try:
+            data = json.loads(annotation_file.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{annotation_file}: not valid JSON ({err})") from err
+        entries = self._entries(data)
+        self.samples: list[tuple[str, str, int]] = []
+        ids: dict[Any, int] = {}
+        for n, entry in enumerate(entries):
+            if not isinstance(entry, Mapping) or "image" not in entry or "caption" not in entry:
+                raise ValueError(
+                    f"{annotation_file}: entry {n} must be an object with keys 'image' and 'caption'"
+                    f" (optional 'image_id'), got {entry!r:.200}"
+                )
+            image, captions = entry["image"], entry["caption"]
+            captions = [captions] if isinstance(captions, str) else captions
+            if not isinstance(image, str) or not isinstance(captions, list) or not captions:
+                raise ValueError(
+                    f"{annotation_file}: entry {n} needs 'image' a str and 'caption' a str or a non-empty list of str"
+                )
+            if not all(isinstance(c, str) for c in captions):
+                raise ValueError(f"{annotation_file}: entry {n} has a caption that is not a str")
+            raw_id = entry.get("image_id", ("path", image))
+            image_id = ids.setdefault(raw_id if not isinstance(raw_id, list) else tuple(raw_id), len(ids))
+            self.samples.extend((image, c, image_id) for c in captions)
+        self.num_images = len(ids)
+
+    def _entries(self, data: Any) -> list[Any]:
+        if isinstance(data, list):
+            return data
+        if isinstance(data, Mapping) and "images" in data and "annotations" in data:
+            files = {img["id"]: img["file_name"] for img in data["images"]}
+            out = []
+            for n, ann in enumerate(data["annotations"]):
+                if ann.get("image_id") not in files:
+                    raise ValueError(f"{self.annotation_file}: annotation {n} names an image_id missing from 'images'")
+                out.append({"image": files[ann["image_id"]], "caption": ann["caption"], "image_id": ann["image_id"]})
+            return out
+        raise ValueError(
+            f"{self.annotation_file}: expected a JSON list of {{'image', 'caption'}} entries"
+            " or a COCO object with 'images' and 'annotations'"
+        )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, caption, image_id = self.samples[index]
+        return {"image": self.image_root / image, "caption": caption, "image_id": image_id}
+
+
+# --------------------------------------------------------------------------- tar shards
+
+
+def expand_urls(urls: str | Sequence[str]) -> list[str]:
+    """Shard paths from a list, a brace pattern (``shard-{000..009}.tar``, ``{a,b}``) or a glob."""
+    patterns = [urls] if isinstance(urls, (str, os.PathLike)) else list(urls)
+    out: list[str] = []
+    for pattern in patterns:
+        for path in _expand_braces(str(pattern)):
+            if any(c in path for c in "*?["):
+                matches = sorted(glob.glob(path))
+                if not matches:
+                    raise FileNotFoundError(f"no tar shard matches {path}")
+                out.extend(matches)
+            else:
+                out.append(path)
+    if not out:
+        raise ValueError(f"no shards given: {urls!r}")
+    return out
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if match is None:
+        return [pattern]
+    head, body, tail = pattern[: match.start()], match.group(1), pattern[match.end() :]
+    span = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if span:
+        lo, hi = span.group(1), span.group(2)
+        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+        items = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        items = body.split(",")
+    return [expanded for item in items for expanded in _expand_braces(head + item + tail)]
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """webdataset naming: the key is the path up to the first dot of the file name."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower() if dot else ""
+
+
+class WebDatasetShards(IterableDataset):
+    """Samples from webdataset-style tar shards, read with ``tarfile``.
+
+    A sample is the group of consecutive members sharing a key: an image
+    (``key.jpg``/``.jpeg``/``.png``/``.webp``), a caption (``key.txt``) and
+    optionally ``key.json`` with an ``image_id``. Without one, the id is a stable
+    63-bit hash of the shard name and key (one id per sample). Items are
+    ``{"image": bytes or None, "caption": str or None, "image_id": int, "key": str}``;
+    a missing image or caption is left for ``ImageTextDataset`` to skip and count.
+
+    Splitting: shards go round-robin to the ``world_size * num_workers`` readers
+    (rank-major). With fewer shards than readers, every reader opens every shard
+    and keeps every ``world_size * num_workers``-th sample instead, so no reader
+    idles and no sample is read twice. ``shuffle`` reorders shards per epoch
+    (``set_epoch``) and, with ``shuffle_buffer > 0``, samples within a buffer.
+    """
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = False,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+    ):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        self.urls = expand_urls(urls)
+        for url in self.urls:
+            if not Path(url).is_file():
+                raise FileNotFoundError(f"tar shard not found: {url}")
+        self.rank, self.world_size = rank, world_size
+        self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
+        self.epoch = 0
+        self.shard_errors = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _reader(self) -> tuple[int, int]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.rank * workers + worker, self.world_size * workers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        reader, readers = self._reader()
+        urls = list(self.urls)
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch))
+            urls = [urls[i] for i in torch.randperm(len(urls), generator=generator).tolist()]
+        if len(urls) >= readers:
+            stream = (s for url in urls[reader::readers] for s in self._read_shard(url))
+        else:
+            every = (s for url in urls for s in self._read_shard(url))
+            stream = (s for n, s in enumerate(every) if n % readers == reader)
+        if self.shuffle and self.shuffle_buffer > 0:
+            generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, reader))
+            stream = self._buffer_shuffle(stream, generator)
+        yield from stream
+
+    def _buffer_shuffle(self, stream: Iterator[dict[str, Any]], generator: torch.Generator) -> Iterator[dict[str, Any]]:
+        buffer: list[dict[str, Any]] = []
+        for sample in stream:
+            buffer.append(sample)
+            if len(buffer) >= self.shuffle_buffer:
+                i = _randint(generator, len(buffer))
+                buffer[i], buffer[-1] = buffer[-1], buffer[i]
+                yield buffer.pop()
+        while buffer:
+            i = _randint(generator, len(buffer))
+            buffer[i], buffer[-1] = buffer[-1], buffer[i]
+            yield buffer.pop()
+
+    def _read_shard(self, url: str) -> Iterator[dict[str, Any]]:
+        shard = Path(url).name
+        group: dict[str, bytes] = {}
+        key: str | None = None
+        try:
+            with tarfile.open(url, mode="r|*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    member_key, ext = _split_key(member.name)
+                    if key is not None and member_key != key:
+                        yield self._sample(shard, key, group)
+                        group = {}
+                    key = member_key
+                    handle = tar.extractfile(member)
+                    group[ext] = handle.read() if handle is not None else b""
+        except (tarfile.TarError, OSError, EOFError) as err:
+            # A damaged shard ends early; its intact samples are kept.
+            self.shard_errors += 1
+            log.warning("tar shard %s is damaged after key %r (%s); moving on", url, key, err)
+        if key is not None:
+            yield self._sample(shard, key, group)
+
+    @staticmethod
+    def _sample(shard: str, key: str, group: dict[str, bytes]) -> dict[str, Any]:
+        image = next((group[ext] for ext in IMAGE_EXTENSIONS if ext in group), None)
+        caption = None
+        for ext in ("txt", "caption", "text"):
+            if ext in group:
+                caption = group[ext].decode("utf-8", errors="replace").strip()
+                break
+        image_id = None
+        if "json" in group:
+            try:
+                image_id = json.loads(group["json"]).get("image_id")
+            except (ValueError, AttributeError):
+                image_id = None
+        if not isinstance(image_id, int):
+            image_id = sample_seed(shard, key, image_id if image_id is not None else "")
+        return {"image": image, "caption": caption, "image_id": image_id, "key": f"{shard}/{key}"}
+
+
+# --------------------------------------------------------------------------- samples and batches
+
+
+def load_image(image: Image.Image | str | os.PathLike | bytes) -> Image.Image:
+    """A fully decoded RGB PIL image from a PIL image, a path or encoded bytes (PIL errors propagate)."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB") if image.mode != "RGB" else image
+    if isinstance(image, (bytes, bytearray)):
+        opened = Image.open(io.BytesIO(image))
+    elif isinstance(image, (str, os.PathLike)):
+        opened = Image.open(image)
+    else:
+        raise ValueError(f"an image must be a PIL image, a path or bytes, got {type(image).__name__}")
+    with opened:
+        # PIL decodes lazily: load() here makes a truncated file fail now, not mid-batch.
+        opened.load()
+        return opened.convert("RGB")
+
+
+class ImageTextDataset(Dataset):
+    """Training samples from a source: decoded, transformed image and cleaned caption.
+
+    Items are ``{"pixels": (3, S, S) float, "caption": str, "image_id": int,
+    "index": int}``, or ``None`` for a sample whose image is missing or unreadable
+    (or that has no caption): such samples are counted in ``skipped`` (per process:
+    with ``num_workers > 0`` read ``batch["skipped"]``) and their names kept in
+    ``skipped_names`` (first 100). For an iterable source (``WebDatasetShards``) the
+    result is iterable too, with ``index`` -1 and the ``None`` placeholders yielded
+    in place so that the collate still counts them.
+
+    The transform draws its randomness from a generator seeded by ``(seed, epoch,
+    index)`` (the tar key for shards); call ``set_epoch`` at each epoch.
+    """
+
+    def __new__(cls, source: Any = None, *args: Any, **kwargs: Any):  # default: unpickling calls __new__(cls)
+        if cls is ImageTextDataset and isinstance(source, IterableDataset):
+            cls = IterableImageTextDataset
+        return super().__new__(cls)
+
+    def __init__(
+        self,
+        source: Dataset | IterableDataset,
+        transform: Callable[..., torch.Tensor],
+        max_words: int = 50,
+        *,
+        seed: int = 0,
+    ):
+        if not callable(transform):
+            raise ValueError(f"transform must be callable (see build_transform), got {type(transform).__name__}")
+        if max_words < 1:
+            raise ValueError(f"max_words must be >= 1, got {max_words}")
+        self.source = source
+        self.transform = transform
+        self.max_words = max_words
+        self.seed = seed
+        self.epoch = 0
+        self.skipped = 0
+        self.skipped_names: list[str] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.source, "set_epoch"):
+            self.source.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _skip(self, name: str, reason: str) -> None:
+        self.skipped += 1
+        if len(self.skipped_names) < 100:
+            self.skipped_names.append(name)
+        log.warning("skipping sample %s: %s", name, reason)
+
+    def _make(self, record: Mapping[str, Any], index: int, rng_key: int | str) -> dict[str, Any] | None:
+        image, caption = record.get("image"), record.get("caption")
+        name = str(record.get("key", image if isinstance(image, (str, os.PathLike)) else index))
+        if caption is None:
+            self._skip(name, "no caption")
+            return None
+        if image is None:
+            self._skip(name, "no image")
+            return None
+        try:
+            image = load_image(image)
+        except FileNotFoundError:
+            self._skip(name, "image file not found")
+            return None
+        except _IMAGE_ERRORS as err:
+            self._skip(name, f"unreadable image ({type(err).__name__}: {err})")
+            return None
+        if getattr(self.transform, "accepts_generator", False):
+            generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, rng_key))
+            pixels = self.transform(image, generator=generator)
+        else:
+            pixels = self.transform(image)
+        return {
+            "pixels": pixels,
+            "caption": clean_caption(caption, self.max_words),
+            "image_id": int(record.get("image_id", index)),
+            "index": index,
+        }
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        return self._make(self.source[index], index, index)
+
+
+class IterableImageTextDataset(ImageTextDataset, IterableDataset):
+    """``ImageTextDataset`` over an iterable source (what ``ImageTextDataset(shards, ...)`` builds)."""
+
+    def __len__(self) -> int:
+        raise TypeError("an ImageTextDataset over an iterable source has no length")
+
+    def __getitem__(self, index: int):
+        raise TypeError("an ImageTextDataset over an iterable source is iterated, not indexed")
+
+    def __iter__(self) -> Iterator[dict[str, Any] | None]:
+        for record in self.source:
+            yield self._make(record, -1, record.get("key", ""))
+
+
+def collate_batch(
+    samples: Sequence[dict[str, Any] | None], tokenizer: Any, max_length: int = 32
+) -> dict[str, torch.Tensor | list[str] | int]:
+    """Batch ``ImageTextDataset`` samples; ``None`` samples are dropped and counted.
+
+    Returns ``pixels`` (B, 3, S, S) float, ``input_ids`` (B, T) int64 and
+    ``attention_mask`` (B, T) bool (padding to the longest caption, truncation to
+    ``max_length``), ``image_ids`` (B,) int64, ``indices`` (B,) int64 (dataset
+    index, -1 for streamed samples), ``captions`` list[str], ``skipped`` int. If
+    every sample was dropped, B is 0 (``pixels`` is (0, 3, 0, 0)): skip that step.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2 (room for [CLS] and [SEP]), got {max_length}")
+    kept = [s for s in samples if s is not None]
+    skipped = len(samples) - len(kept)
+    if not kept:
+        return {
+            "pixels": torch.empty(0, 3, 0, 0),
+            "input_ids": torch.empty(0, 0, dtype=torch.int64),
+            "attention_mask": torch.empty(0, 0, dtype=torch.bool),
+            "image_ids": torch.empty(0, dtype=torch.int64),
+            "indices": torch.empty(0, dtype=torch.int64),
+            "captions": [],
+            "skipped": skipped,
+        }
+    shapes = {tuple(s["pixels"].shape) for s in kept}
+    if len(shapes) != 1:
+        raise ValueError(f"collate_batch needs images of one shape (3, S, S), got {sorted(shapes)}")
+    captions = [s["caption"] for s in kept]
+    tokens = tokenizer(captions, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    return {
+        "pixels": torch.stack([s["pixels"] for s in kept]),
+        "input_ids": tokens["input_ids"].to(torch.int64),
+        "attention_mask": tokens["attention_mask"].bool(),
+        "image_ids": torch.tensor([s["image_id"] for s in kept], dtype=torch.int64),
+        "indices": torch.tensor([s.get("index", -1) for s in kept], dtype=torch.int64),
+        "captions": captions,
+        "skipped": skipped,
+    }
+
+
+# --------------------------------------------------------------------------- feature cache
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 over a module's parameter and buffer names, shapes, dtypes and values."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+class FeatureCache:
+    """Frozen-encoder features, computed once per sample index, memory-mapped on disk.
+
+    Only valid when a sample's pixels never change, i.e. with the eval transform
+    (augmentation off). ``cache(indices, pixels)`` returns (B, *feature_shape)
+    fp16 features on CPU: cached rows are read from the map, missing ones come
+    from ``encoder(pixels[missing])`` (under no_grad) and are stored. Values always
+    come back through fp16, so the first epoch sees the same numbers as later ones.
+
+    Files: ``path`` (a ``.npy`` of shape (num_samples, *feature_shape), fp16) and
+    ``path + ".json"`` (shape, dtype, fingerprint). ``fingerprint`` should name
+    everything the features depend on (encoder weights, e.g. ``module_fingerprint``,
+    image size, transform, data source); a stored cache is used only if its
+    sidecar matches, otherwise it is recomputed, never silently reused. The map
+    is built in a temporary file and moved into place (``os.replace``) once every
+    index is filled, after the old sidecar is removed, so a crash never leaves a
+    sidecar describing other features. Progress short of a full pass is not kept
+    across runs. With several ranks, give each rank its own ``path`` unless all
+    ranks read the same indices.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        num_samples: int,
+        encoder: Callable[[torch.Tensor], torch.Tensor],
+        fingerprint: str | Mapping[str, Any],
+    ):
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        path = Path(path)
+        if path.suffix != ".npy":
+            raise ValueError(f"the feature cache path must end in .npy, got {path}")
+        self.path = path
+        self.sidecar = path.with_name(path.name + ".json")
+        self.num_samples = num_samples
+        self.encoder = encoder
+        meta = fingerprint if isinstance(fingerprint, str) else json.dumps(fingerprint, sort_keys=True, default=str)
+        self.fingerprint = hashlib.sha256(f"{meta}|num_samples={num_samples}".encode()).hexdigest()
+        self.encoder_calls = 0
+        self._tmp: Path | None = None
+        self._filled: np.ndarray | None = None
+        self._array: np.ndarray | None = self._open_existing()
+
+    @property
+    def complete(self) -> bool:
+        """Whether every index is stored in the final file."""
+        return self._filled is None and self._array is not None
+
+    def _open_existing(self) -> np.ndarray | None:
+        if not (self.path.is_file() and self.sidecar.is_file()):
+            return None
+        try:
+            meta = json.loads(self.sidecar.read_text())
+            array = np.load(self.path, mmap_mode="r")
+        except (OSError, ValueError) as err:
+            log.warning("feature cache %s unreadable (%s); recomputing", self.path, err)
+            return None
+        if meta.get("fingerprint") != self.fingerprint:
+            log.info("feature cache %s was made with another encoder/config; recomputing", self.path)
+            return None
+        if list(array.shape) != meta.get("shape") or array.dtype != np.float16 or array.shape[0] != self.num_samples:
+            log.warning("feature cache %s does not match its sidecar; recomputing", self.path)
+            return None
+        return array
+
+    def _start(self, feature_shape: tuple[int, ...]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(f"{self.path.stem}.tmp-{os.getpid()}.npy")
+        self._array = np.lib.format.open_memmap(
+            self._tmp, mode="w+", dtype=np.float16, shape=(self.num_samples, *feature_shape)
+        )
+        self._filled = np.zeros(self.num_samples, dtype=bool)
+
+    def _finish(self) -> None:
+        assert self._array is not None and self._tmp is not None
+        shape = list(self._array.shape)
+        self._array.flush()
+        self._array = None  # close the map before moving its file
+        self.sidecar.unlink(missing_ok=True)
+        os.replace(self._tmp, self.path)
+        tmp_sidecar = self.sidecar.with_name(f"{self.sidecar.name}.tmp-{os.getpid()}")
+        tmp_sidecar.write_text(json.dumps({"shape": shape, "dtype": "float16", "fingerprint": self.fingerprint}))
+        os.replace(tmp_sidecar, self.sidecar)
+        self._tmp, self._filled = None, None
+        self._array = np.load(self.path, mmap_mode="r")
+
+    def __call__(self, indices: torch.Tensor | Sequence[int], pixels: torch.Tensor | None) -> torch.Tensor:
+        idx = torch.as_tensor(indices, dtype=torch.int64).cpu().numpy()
+        if idx.ndim != 1:
+            raise ValueError(f"indices must be 1-D (B,), got shape {tuple(idx.shape)}")
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_samples):
+            raise ValueError(f"indices must lie in [0, {self.num_samples}) (dataset indices), got {idx.tolist()}")
+        missing = np.arange(idx.size) if self._array is None else np.zeros(0, dtype=np.int64)
+        if self._filled is not None:
+            missing = np.nonzero(~self._filled[idx])[0]
+        if missing.size:
+            if pixels is None:
+                raise ValueError("the feature cache lacks some indices: pass their pixels (B, 3, S, S)")
+            if pixels.shape[0] != idx.size:
+                raise ValueError(f"pixels must have one row per index: {pixels.shape[0]} rows for {idx.size} indices")
+            with torch.no_grad():
+                feats = self.encoder(pixels[torch.as_tensor(missing, device=pixels.device)])
+            self.encoder_calls += 1
+            feats = feats.detach().to("cpu", torch.float16).numpy()
+            if self._array is None:
+                self._start(tuple(feats.shape[1:]))
+            if tuple(feats.shape[1:]) != self._array.shape[1:] or feats.shape[0] != missing.size:
+                raise ValueError(
+                    f"the encoder returned features of shape {feats.shape}, expected ({missing.size}, "
+                    f"{', '.join(map(str, self._array.shape[1:]))})"
+                )
+            self._array[idx[missing]] = feats
+            self._filled[idx[missing]] = True
+            if self._filled.all():
+                self._finish()
+        return torch.from_numpy(np.array(self._array[idx]))
