@@ -8,13 +8,16 @@ tokens (224 px images in 14 px patches).
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import (
     Blip2Config,
     Blip2ForImageTextRetrieval,
     Blip2Model,
     Blip2QFormerConfig,
     Blip2QFormerModel,
+    Blip2TextModelWithProjection,
     Blip2VisionConfig,
+    Blip2VisionModelWithProjection,
     OPTConfig,
 )
 
@@ -188,4 +191,30 @@ def test_sharded_blip2_model_query_features(tmp_path, pixels):
     assert any(k.startswith("vision_model.encoder.") for k in stage2.report.ignored)
     with torch.no_grad():
         got = stage2.qformer.eval().encode_image(feats).hidden
+    assert max_diff(got, expected) <= TOL
+
+
+def test_text_features_match_blip2_text_model_with_projection(tmp_path):
+    hf = randomize(Blip2TextModelWithProjection(retrieval_config())).eval()
+    hf.save_pretrained(tmp_path)
+    loaded = load_transformers(tmp_path)
+    assert loaded.vision is None and "ln_vision.weight" in loaded.report.fresh
+    ids, mask = text_inputs()
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask).text_embeds  # (B, T, D), every token projected
+        q = loaded.qformer.eval()
+        got = F.normalize(q.text_proj(q.encode_text(ids, mask.bool())), dim=-1)
+    real = mask.bool()
+    assert max_diff(got[real], expected[real]) <= TOL
+
+
+def test_image_features_match_blip2_vision_model_with_projection(tmp_path, pixels):
+    hf = randomize(Blip2VisionModelWithProjection(retrieval_config())).eval()
+    hf.save_pretrained(tmp_path)
+    loaded = load_transformers(tmp_path)
+    assert "text_proj.weight" in loaded.report.fresh and "vision_proj.weight" not in loaded.report.fresh
+    with torch.no_grad():
+        expected = hf(pixel_values=pixels).image_embeds  # (B, Q, D), normalised
+        q = loaded.qformer.eval()
+        got = q.image_features(q.encode_image(loaded.vision(pixels)).hidden)
     assert max_diff(got, expected) <= TOL
