@@ -325,6 +325,31 @@ def _hf_architecture(raw: dict[str, Any], architecture: str | None, folder: Path
     return architecture
 
 
+def _transformers_names(
+    layout: str, config: QFormerConfig, *, text_ffn: bool, vision: ImageEncoder | None
+) -> dict[str, str]:
+    """Ours -> transformers keys for everything ``layout`` holds (the vision model only if ``vision`` is given)."""
+    parts = _HF_PARTS[layout]
+    root = "" if layout == "Blip2QFormerModel" else "qformer."
+    names = {ours: root + key for ours, key in _bert_encoder_names(config, style="hf", text_ffn=text_ffn).items()}
+    if "queries" in parts:
+        names["query_tokens"] = "query_tokens"
+    if "text_embeddings" in parts:
+        names["embeddings.word.weight"] = "embeddings.word_embeddings.weight"
+        names["embeddings.position.weight"] = "embeddings.position_embeddings.weight"
+    if "vision_proj" in parts:
+        names.update(_linear("vision_proj", "vision_projection"))
+    if "text_proj" in parts:
+        names.update(_linear("text_proj", "text_projection"))
+    if "itm" in parts:
+        names.update(_linear("itm_head", "itm_head"))
+    if "vision" in parts:
+        names.update(_linear("ln_vision", "vision_model.post_layernorm"))
+        if vision is not None:
+            names.update(_vision_names(vision, "vision_model."))
+    return names
+
+
 def qformer_config_from_transformers(raw: dict[str, Any], **overrides: Any) -> QFormerConfig:
     """QFormerConfig from a transformers ``config.json`` (a ``blip-2`` config or a bare ``blip_2_qformer`` one).
 
@@ -417,31 +442,15 @@ def load_transformers(
         if vision:
             encoder = ImageEncoder(vision_config)
 
-    root = "" if layout == "Blip2QFormerModel" else "qformer."
-    q_raw = raw if root == "" else raw.get("qformer_config", {})
+    q_raw = raw if layout == "Blip2QFormerModel" else raw.get("qformer_config", {})
     text_ffn = bool(q_raw.get("use_qformer_text_input", False))
-    names = {ours: root + key for ours, key in _bert_encoder_names(config, style="hf", text_ffn=text_ffn).items()}
-    if "queries" in parts:
-        names["query_tokens"] = "query_tokens"
-    if "text_embeddings" in parts:
-        names["embeddings.word.weight"] = "embeddings.word_embeddings.weight"
-        names["embeddings.position.weight"] = "embeddings.position_embeddings.weight"
-    if "vision_proj" in parts:
-        names.update(_linear("vision_proj", "vision_projection"))
-    if "text_proj" in parts:
-        names.update(_linear("text_proj", "text_projection"))
-    if "itm" in parts:
-        names.update(_linear("itm_head", "itm_head"))
+    names = _transformers_names(layout, config, text_ffn=text_ffn, vision=encoder)
     tensors = _read_folder(folder)
     droppable: set[str] = set()
     if "vision" in parts:
-        names.update(_linear("ln_vision", "vision_model.post_layernorm"))
         tensors.fuse_qkv_bias()
-        vision_keys = {k for k in tensors.keys() if k.startswith("vision_model.") and "post_layernorm" not in k}
-        if encoder is not None:
-            names.update(_vision_names(encoder, "vision_model."))
-        else:
-            droppable |= vision_keys
+        if encoder is None:
+            droppable |= {k for k in tensors.keys() if k.startswith("vision_model.") and "post_layernorm" not in k}
 
     def ignorable(key: str) -> bool:
         return key.startswith(_HF_FOREIGN) or _is_buffer_key(key)
@@ -451,6 +460,78 @@ def load_transformers(
     )
     report.notes.extend(notes)
     return Loaded(model, encoder, report)
+
+
+def transformers_config(config: QFormerConfig, vision_config: VisionConfig) -> dict[str, Any]:
+    """The ``config.json`` of a transformers ``Blip2ForImageTextRetrieval`` equal to our QFormer + ImageEncoder."""
+    from transformers import Blip2Config, Blip2QFormerConfig
+
+    from blip2_fast.vision import hf_vision_config
+
+    if vision_config.hidden_size != config.encoder_width:
+        raise ValueError(
+            f"VisionConfig.hidden_size ({vision_config.hidden_size}) must equal QFormerConfig.encoder_width "
+            f"({config.encoder_width}): transformers derives one from the other"
+        )
+    qformer = Blip2QFormerConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        intermediate_size=config.intermediate_size,
+        hidden_act="gelu",
+        hidden_dropout_prob=config.hidden_dropout_prob,
+        attention_probs_dropout_prob=config.attention_probs_dropout_prob,
+        max_position_embeddings=config.max_position_embeddings,
+        initializer_range=config.initializer_range,
+        layer_norm_eps=config.layer_norm_eps,
+        pad_token_id=config.pad_token_id,
+        cross_attention_frequency=config.cross_attention_freq,
+        encoder_hidden_size=config.encoder_width,
+        use_qformer_text_input=True,
+    )
+    full = Blip2Config(
+        vision_config=hf_vision_config(vision_config).to_dict(),
+        qformer_config=qformer.to_dict(),
+        num_query_tokens=config.num_query_tokens,
+        image_text_hidden_size=config.embed_dim,
+        initializer_range=config.initializer_range,
+    )
+    full.architectures = ["Blip2ForImageTextRetrieval"]
+    return full.to_dict()
+
+
+def save_transformers(qformer: QFormer, vision: ImageEncoder, folder: str | Path) -> list[str]:
+    """Write ``qformer`` + ``vision`` as a transformers ``Blip2ForImageTextRetrieval`` folder.
+
+    That layout has no LM head and no temperature: those parameters are left out
+    and their names returned (and logged). transformers' ``post_layernorm`` takes the
+    vision config's eps; a different ``ln_vision.eps`` is logged, since it shifts the
+    numbers slightly.
+    """
+    from safetensors.torch import save_file
+
+    if not qformer.config.text_input:
+        raise ValueError("Blip2ForImageTextRetrieval needs the text parts: this QFormer has text_input=False")
+    folder = Path(folder)
+    config = transformers_config(qformer.config, vision.config)
+    names = _transformers_names("Blip2ForImageTextRetrieval", qformer.config, text_ffn=True, vision=vision)
+    targets = _targets(qformer, vision)
+    tensors = {key: targets[ours].detach().contiguous().cpu() for ours, key in names.items()}
+    left_out = sorted(set(targets) - set(names))
+    if left_out:
+        logger.warning("%s: Blip2ForImageTextRetrieval has no place for %s", folder, ", ".join(group_names(left_out)))
+    if qformer.ln_vision.eps != vision.config.layer_norm_eps:
+        logger.warning(
+            "%s: ln_vision.eps %g is written as post_layernorm with the vision eps %g",
+            folder,
+            qformer.ln_vision.eps,
+            vision.config.layer_norm_eps,
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return left_out
 
 
 # ------------------------------------------------------------------ LAVIS

@@ -21,7 +21,7 @@ from transformers import (
     OPTConfig,
 )
 
-from blip2_fast.checkpoint import load_transformers
+from blip2_fast.checkpoint import load_transformers, save_transformers
 
 TOL = 1e-5
 VISION = dict(
@@ -218,3 +218,15 @@ def test_image_features_match_blip2_vision_model_with_projection(tmp_path, pixel
         q = loaded.qformer.eval()
         got = q.image_features(q.encode_image(loaded.vision(pixels)).hidden)
     assert max_diff(got, expected) <= TOL
+
+
+def test_export_to_transformers_round_trips_bitwise(retrieval_folder, ours, tmp_path):
+    left_out = save_transformers(ours.qformer, ours.vision, tmp_path)
+    assert set(left_out) == set(ours.report.fresh)  # what the layout lacks going in, it lacks going out
+    back, info = Blip2ForImageTextRetrieval.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    original = Blip2ForImageTextRetrieval.from_pretrained(retrieval_folder).state_dict()
+    exported = back.state_dict()
+    assert original.keys() == exported.keys()
+    for key in original:
+        assert torch.equal(original[key], exported[key]), key
