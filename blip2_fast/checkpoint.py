@@ -15,6 +15,9 @@ known, and every parameter of ours that no tensor fills is named.
 - :func:`save_qformer` / :func:`load_qformer`: one safetensors file with the
   ``QFormerConfig`` as JSON in its metadata; a tied LM-head decoder is stored once
   and re-tied on load.
+- :func:`save_transformers` writes QFormer + ImageEncoder back as a
+  ``Blip2ForImageTextRetrieval`` folder (no LM head, no ``temp``: that layout has none).
+- :func:`load_checkpoint` picks the reader from the path (folder, ``.pth``, ``.safetensors``).
 
 Name correspondence (ours <- transformers <- LAVIS):
 
