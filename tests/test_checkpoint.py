@@ -327,3 +327,11 @@ def test_lavis_config_needs_the_keys_it_reads(lavis_path):
     del state["Qformer.bert.encoder.layer.0.intermediate_query.dense.weight"]
     with pytest.raises(ValueError, match=r"missing key Qformer\.bert\.encoder\.layer\.0\.intermediate_query"):
         lavis_config(state)
+
+
+def test_load_checkpoint_picks_the_reader_from_the_path(hf_model, lavis_path, tmp_path):
+    assert load_checkpoint(lavis_path, num_attention_heads=HEADS).report.layout == "LAVIS"
+    hf_model.save_pretrained(tmp_path / "hf")
+    assert load_checkpoint(tmp_path / "hf").report.layout == "Blip2ForImageTextRetrieval"
+    with pytest.raises(ValueError, match="expected a transformers folder, a LAVIS .pth or"):
+        load_checkpoint(tmp_path / "weights.ckpt")
