@@ -1,0 +1,672 @@
+"""Fused FFN and residual LayerNorm for the Q-Former (forward and backward).
+
+Two ops, each the twin of a reference in :mod:`blip2_fast.layers` with the same
+positional signature:
+
+* :func:`ffn` = ``ffn_ref``: LayerNorm(x + dropout(GELU(x @ up.T + up_b) @ down.T + down_b)).
+* :func:`residual_norm` = ``residual_norm_ref``: LayerNorm(residual + dropout(x @ W.T + b)).
+
+Design: the matrix products stay on cuBLAS (``torch.matmul``); everything between
+and after them is a fused Triton epilogue:
+
+* ``_bias_gelu_fwd_kernel``: bias + GELU(erf) on the (rows, I) up projection.
+* ``_gelu_bwd_kernel``: GELU'(u + b) * grad, in place.
+* ``_res_norm_fwd_kernel``: bias + dropout + residual + LayerNorm, saving the
+  pre-norm sum and fp32 (mean, rstd) per row.
+* ``_res_norm_bwd_kernel``: LayerNorm backward + dropout backward, giving the
+  residual grad and the dense-output grad in one pass, plus per-program partial
+  sums of the LayerNorm weight/bias grads (reduced by torch).
+
+Memory: the FFN saves only its input, the pre-norm sum (both H wide) and two fp32
+per row. The 4H-wide activation is computed ``chunk_size`` sequence positions at a
+time (all rows at once for 0) and recomputed the same way in the backward, so at
+most one chunk of it is alive at a time.
+
+Dropout uses Triton's counter-based RNG: the keep decision of element (row, col)
+is ``tl.rand(seed, row * N + col) >= p`` with the row counted over the whole
+flattened input, so it does not depend on the chunking and the backward
+regenerates it instead of storing a mask. ``return_mask=True`` returns the mask
+(for tests).
+
+Supported: fp32, fp16, bf16 (all arguments one dtype; LayerNorm statistics and
+all epilogue arithmetic in fp32); any hidden size up to 8192 (masked blocks, so
+384/768/1024 are fine); rows * hidden < 2**31 (the RNG counter is 32-bit).
+Inputs may be non-contiguous views such as ``x[:, :32]`` (the query rows of a
+Q-Former sequence): they are copied once to (rows, H) contiguous, H wide, which is
+small next to the GEMMs. The backward returns grads for every tensor argument.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["ffn", "residual_norm", "FFNFunction", "ResidualNormFunction", "kernel_configs"]
+
+MAX_HIDDEN = 8192
+
+
+# ----------------------------------------------------------------------------- jit kernels
+
+
+@triton.jit
+def _gelu_erf(x):
+    return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def _bias_gelu_fwd_kernel(u_ptr, bias_ptr, out_ptr, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out = GELU(u + bias); u, out: (n_rows, n_cols) contiguous."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    offs = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+    # fp32 right after the load: the interpreter mishandles bf16 arithmetic, and GELU wants fp32 anyway.
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(bias_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, _gelu_erf(u + b[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gelu_bwd_kernel(grad_ptr, u_ptr, bias_ptr, out_ptr, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out = grad * GELU'(u + bias); out may alias grad."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    offs = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(bias_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    x = u + b[None, :]
+    cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
+    pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
+    tl.store(out_ptr + offs, (g * (cdf + x * pdf)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _res_norm_fwd_kernel(
+    y_ptr,  # (R, N) dense output without bias
+    bias_ptr,  # (N,)
+    res_ptr,  # (R, N)
+    w_ptr,  # (N,) LayerNorm weight
+    b_ptr,  # (N,) LayerNorm bias
+    out_ptr,  # (R, N)
+    sum_ptr,  # (R, N) pre-norm sum, saved for the backward
+    mean_ptr,  # (R,) fp32
+    rstd_ptr,  # (R,) fp32
+    mask_ptr,  # (R, N) int8 keep mask, written only when STORE_MASK
+    n_rows,
+    n_cols,
+    eps,
+    seed,
+    p,
+    scale,
+    HAS_DROPOUT: tl.constexpr,
+    STORE_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < n_cols
+    mask = (rows[:, None] < n_rows) & col_ok[None, :]
+    # int32 offsets: the launcher checks rows * cols < 2**31, which the RNG counter needs anyway.
+    offs = rows[:, None] * n_cols + cols[None, :]
+    z = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    z += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_DROPOUT:
+        keep = tl.rand(seed, offs) >= p
+        z = tl.where(keep, z * scale, 0.0)
+        if STORE_MASK:
+            tl.store(mask_ptr + offs, keep.to(tl.int8), mask=mask)
+    s = z + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    s_st = s.to(sum_ptr.dtype.element_ty)
+    tl.store(sum_ptr + offs, s_st, mask=mask)
+    # Statistics from the stored (rounded) sum so the backward, which reloads it, sees the same numbers.
+    s = tl.where(mask, s_st.to(tl.float32), 0.0)
+    mean = tl.sum(s, axis=1) / n_cols
+    xc = tl.where(mask, s - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / n_cols + eps)
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    out = xc * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    row_ok = rows < n_rows
+    tl.store(mean_ptr + rows, mean, mask=row_ok)
+    tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _res_norm_bwd_kernel(
+    dout_ptr,  # (R, N)
+    sum_ptr,  # (R, N)
+    mean_ptr,
+    rstd_ptr,
+    w_ptr,
+    dres_ptr,  # (R, N) grad of the pre-norm sum = grad of the residual
+    dz_ptr,  # (R, N) grad of the dense output (after dropout backward)
+    dw_part_ptr,  # (P, N) fp32 partial LayerNorm weight grads, one row per program
+    db_part_ptr,  # (P, N) fp32
+    n_rows,
+    n_cols,
+    rows_per_prog,
+    seed,
+    p,
+    scale,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    row_start = pid * rows_per_prog
+    row_end = tl.minimum(row_start + rows_per_prog, n_rows)
+    for r0 in range(row_start, row_end, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        mask = row_ok[:, None] & col_ok[None, :]
+        offs = rows[:, None] * n_cols + cols[None, :]
+        dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(sum_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+        xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
+        dxhat = dout * w[None, :]
+        c1 = tl.sum(dxhat * xhat, axis=1) / n_cols
+        c2 = tl.sum(dxhat, axis=1) / n_cols
+        ds = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        tl.store(dres_ptr + offs, ds.to(dres_ptr.dtype.element_ty), mask=mask)
+        if HAS_DROPOUT:
+            keep = tl.rand(seed, offs) >= p
+            dz = tl.where(keep, ds * scale, 0.0)
+        else:
+            dz = ds
+        tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        dw_acc += dout * xhat
+        db_acc += dout
+    tl.store(dw_part_ptr + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
+    tl.store(db_part_ptr + pid * n_cols + cols, tl.sum(db_acc, axis=0), mask=col_ok)
+
+
+# ----------------------------------------------------------------------------- configs
+
+# Elementwise tiles: 2048 elements per program, wide along the contiguous axis; 4096 with erf took 134
+# registers per thread on sm_80 (low occupancy for a memory-bound op).
+EW_BLOCK_R = 8
+EW_BLOCK_C = 256
+EW_NUM_WARPS = 4
+
+
+def _norm_config(n_cols: int) -> dict[str, int]:
+    """Row-norm tile: a whole row per program row (LayerNorm needs it), ~4096 elements per program."""
+    block_n = triton.next_power_of_2(n_cols)
+    block_m = max(1, 4096 // block_n)
+    num_warps = 4 if block_n <= 1024 else 8
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps}
+
+
+_HIDDEN_SIZES = (384, 768, 1024)  # MiniLM init, BERT-base, ViT-L-sized Q-Formers
+
+
+def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], int]]:
+    """Every (kernel, signature, constexprs, num_warps) the launchers use for the supported hidden sizes.
+
+    Used by the AOT test to compile each one for sm_80 and sm_90.
+    """
+    out = []
+    for dt in ("fp32", "fp16", "bf16"):
+        ptr = f"*{dt}"
+        ew = {"BLOCK_R": EW_BLOCK_R, "BLOCK_C": EW_BLOCK_C}
+        out.append(
+            (
+                _bias_gelu_fwd_kernel,
+                {"u_ptr": ptr, "bias_ptr": ptr, "out_ptr": ptr, "n_rows": "i32", "n_cols": "i32"}
+                | {k: "constexpr" for k in ew},
+                ew,
+                EW_NUM_WARPS,
+            )
+        )
+        out.append(
+            (
+                _gelu_bwd_kernel,
+                {"grad_ptr": ptr, "u_ptr": ptr, "bias_ptr": ptr, "out_ptr": ptr, "n_rows": "i32", "n_cols": "i32"}
+                | {k: "constexpr" for k in ew},
+                ew,
+                EW_NUM_WARPS,
+            )
+        )
+        for block_n in sorted({_norm_config(h)["BLOCK_N"] for h in _HIDDEN_SIZES}):
+            cfg = _norm_config(block_n)
+            tile = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}
+            for dropout in (False, True):
+                fwd_sig = {
+                    "y_ptr": ptr,
+                    "bias_ptr": ptr,
+                    "res_ptr": ptr,
+                    "w_ptr": ptr,
+                    "b_ptr": ptr,
+                    "out_ptr": ptr,
+                    "sum_ptr": ptr,
+                    "mean_ptr": "*fp32",
+                    "rstd_ptr": "*fp32",
+                    "mask_ptr": "*i8",
+                    "n_rows": "i32",
+                    "n_cols": "i32",
+                    "eps": "fp32",
+                    "seed": "i32",
+                    "p": "fp32",
+                    "scale": "fp32",
+                    "HAS_DROPOUT": "constexpr",
+                    "STORE_MASK": "constexpr",
+                    "BLOCK_M": "constexpr",
+                    "BLOCK_N": "constexpr",
+                }
+                out.append(
+                    (
+                        _res_norm_fwd_kernel,
+                        fwd_sig,
+                        {"HAS_DROPOUT": dropout, "STORE_MASK": False} | tile,
+                        cfg["num_warps"],
+                    )
+                )
+                bwd_sig = {
+                    "dout_ptr": ptr,
+                    "sum_ptr": ptr,
+                    "mean_ptr": "*fp32",
+                    "rstd_ptr": "*fp32",
+                    "w_ptr": ptr,
+                    "dres_ptr": ptr,
+                    "dz_ptr": ptr,
+                    "dw_part_ptr": "*fp32",
+                    "db_part_ptr": "*fp32",
+                    "n_rows": "i32",
+                    "n_cols": "i32",
+                    "rows_per_prog": "i32",
+                    "seed": "i32",
+                    "p": "fp32",
+                    "scale": "fp32",
+                    "HAS_DROPOUT": "constexpr",
+                    "BLOCK_M": "constexpr",
+                    "BLOCK_N": "constexpr",
+                }
+                out.append((_res_norm_bwd_kernel, bwd_sig, {"HAS_DROPOUT": dropout} | tile, cfg["num_warps"]))
+    return out
+
+
+# ----------------------------------------------------------------------------- launchers
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def bias_gelu(u: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GELU(u + bias) for a contiguous (rows, I) ``u``."""
+    rows, cols = u.shape
+    out = torch.empty_like(u)
+    grid = (triton.cdiv(rows, EW_BLOCK_R), triton.cdiv(cols, EW_BLOCK_C))
+    _bias_gelu_fwd_kernel[grid](u, bias, out, rows, cols, BLOCK_R=EW_BLOCK_R, BLOCK_C=EW_BLOCK_C, num_warps=4)
+    return out
+
+
+def gelu_backward_(grad: torch.Tensor, u: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """grad * GELU'(u + bias), written into ``grad``."""
+    rows, cols = grad.shape
+    grid = (triton.cdiv(rows, EW_BLOCK_R), triton.cdiv(cols, EW_BLOCK_C))
+    _gelu_bwd_kernel[grid](grad, u, bias, grad, rows, cols, BLOCK_R=EW_BLOCK_R, BLOCK_C=EW_BLOCK_C, num_warps=4)
+    return grad
+
+
+def res_norm_forward(
+    y: torch.Tensor,
+    bias: torch.Tensor,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    eps: float,
+    dropout_p: float,
+    seed: int,
+    store_mask: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """LayerNorm(residual + dropout(y + bias)) on contiguous (rows, N): (out, pre-norm sum, mean, rstd, mask)."""
+    rows, cols = y.shape
+    cfg = _norm_config(cols)
+    out = torch.empty_like(y)
+    pre = torch.empty_like(y)
+    mean = torch.empty(rows, device=y.device, dtype=torch.float32)
+    rstd = torch.empty(rows, device=y.device, dtype=torch.float32)
+    has_dropout = dropout_p > 0.0
+    keep = torch.empty((rows, cols) if store_mask else (1,), device=y.device, dtype=torch.int8)
+    grid = (triton.cdiv(rows, cfg["BLOCK_M"]),)
+    _res_norm_fwd_kernel[grid](
+        y,
+        bias,
+        residual,
+        norm_weight,
+        norm_bias,
+        out,
+        pre,
+        mean,
+        rstd,
+        keep,
+        rows,
+        cols,
+        eps,
+        seed,
+        dropout_p,
+        1.0 / (1.0 - dropout_p),
+        HAS_DROPOUT=has_dropout,
+        STORE_MASK=store_mask and has_dropout,
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        num_warps=cfg["num_warps"],
+    )
+    mask = None
+    if store_mask:
+        mask = keep.bool() if has_dropout else torch.ones((rows, cols), dtype=torch.bool, device=y.device)
+    return out, pre, mean, rstd, mask
+
+
+def _num_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count * 4
+    return 8  # the interpreter runs programs one after another: few, long programs are fastest there
+
+
+def res_norm_backward(
+    dout: torch.Tensor,
+    pre: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    norm_weight: torch.Tensor,
+    dropout_p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad of residual, grad of dense output, LayerNorm weight grad, LayerNorm bias grad)."""
+    rows, cols = pre.shape
+    cfg = _norm_config(cols)
+    block_m = cfg["BLOCK_M"]
+    n_prog = max(1, min(_num_programs(pre.device), triton.cdiv(rows, block_m)))
+    rows_per_prog = triton.cdiv(triton.cdiv(rows, n_prog), block_m) * block_m
+    n_prog = triton.cdiv(rows, rows_per_prog)
+    dres = torch.empty_like(pre)
+    dz = torch.empty_like(pre)
+    dw_part = torch.empty((n_prog, cols), device=pre.device, dtype=torch.float32)
+    db_part = torch.empty((n_prog, cols), device=pre.device, dtype=torch.float32)
+    _res_norm_bwd_kernel[(n_prog,)](
+        dout,
+        pre,
+        mean,
+        rstd,
+        norm_weight,
+        dres,
+        dz,
+        dw_part,
+        db_part,
+        rows,
+        cols,
+        rows_per_prog,
+        seed,
+        dropout_p,
+        1.0 / (1.0 - dropout_p),
+        HAS_DROPOUT=dropout_p > 0.0,
+        BLOCK_M=block_m,
+        BLOCK_N=cfg["BLOCK_N"],
+        num_warps=cfg["num_warps"],
+    )
+    return dres, dz, dw_part.sum(0), db_part.sum(0)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_vec(name: str, t: torch.Tensor, n: int, dtype: torch.dtype, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor) or t.shape != (n,):
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must have shape ({n},), got {shape}")
+    _check_dtype_device(name, t, dtype, device)
+
+
+def _check_dtype_device(name: str, t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> None:
+    if t.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {dtype} like the input, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device} like the input, got {t.device}")
+
+
+def _check_common(x: torch.Tensor, hidden: int, eps: float, dropout_p: float) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise ValueError("x must be a tensor of shape (..., features) with at least 2 dims")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"x must have at least one row and one feature, got shape {tuple(x.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if not eps > 0.0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if hidden > MAX_HIDDEN:
+        raise ValueError(f"hidden size must be at most {MAX_HIDDEN} (one row per block), got {hidden}")
+    if x.numel() // x.shape[-1] * hidden >= 2**31:
+        raise ValueError(f"rows * hidden must be < 2**31 (32-bit RNG counter), got {x.numel() // x.shape[-1]} rows")
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., N) -> contiguous (rows, N): a view when the layout allows, else one copy."""
+    return t.reshape(-1, t.shape[-1]).contiguous()
+
+
+def _new_seed(seed: int | None) -> int:
+    # Drawn from torch's CPU generator: reproducible under torch.manual_seed and no device sync.
+    if seed is None:
+        return int(torch.randint(0, 2**31 - 1, (1,)).item())
+    if not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
+    return seed
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class ResidualNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, norm_weight, norm_bias, eps, dropout_p, seed, store_mask):
+        x2 = _rows(x)
+        res2 = _rows(residual)
+        y = x2 @ weight.t()  # cuBLAS; bias, dropout, residual and LayerNorm fused below
+        out, pre, mean, rstd, mask = res_norm_forward(
+            y, bias, res2, norm_weight, norm_bias, eps, dropout_p, seed, store_mask
+        )
+        del y
+        ctx.save_for_backward(x2, weight, norm_weight, pre, mean, rstd)
+        ctx.cfg = (dropout_p, seed, x.shape, residual.shape)
+        out = out.view(residual.shape)
+        if mask is None:
+            return out, None
+        ctx.mark_non_differentiable(mask)
+        return out, mask.view(residual.shape)
+
+    @staticmethod
+    def backward(ctx, dout, _dmask):
+        x2, weight, norm_weight, pre, mean, rstd = ctx.saved_tensors
+        dropout_p, seed, x_shape, res_shape = ctx.cfg
+        dout2 = _rows(dout)
+        dres, dz, dnw, dnb = res_norm_backward(dout2, pre, mean, rstd, norm_weight, dropout_p, seed)
+        dx = (dz @ weight).view(x_shape)
+        dw = dz.t() @ x2
+        db = dz.sum(0, dtype=torch.float32).to(dz.dtype)
+        dt = norm_weight.dtype
+        return dx, dres.view(res_shape), dw, db, dnw.to(dt), dnb.to(dt), None, None, None, None
+
+
+class FFNFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, up_w, up_b, down_w, down_b, norm_w, norm_b, eps, dropout_p, chunk_size, seed, store_mask):
+        x2 = _rows(x)
+        rows, hidden = x2.shape
+        # chunk_size counts sequence positions, as in BERT: a chunk is batch * chunk_size rows.
+        seq_len = x.shape[-2]
+        chunk_rows = rows if chunk_size <= 0 or chunk_size >= seq_len else (rows // seq_len) * chunk_size
+        y = torch.empty_like(x2)
+        for r0 in range(0, rows, chunk_rows):
+            xc = x2[r0 : r0 + chunk_rows]
+            act = bias_gelu(xc @ up_w.t(), up_b)  # the only 4H-wide tensors; freed after each chunk
+            torch.matmul(act, down_w.t(), out=y[r0 : r0 + chunk_rows])
+            del act
+        out, pre, mean, rstd, mask = res_norm_forward(y, down_b, x2, norm_w, norm_b, eps, dropout_p, seed, store_mask)
+        del y
+        ctx.save_for_backward(x2, up_w, up_b, down_w, norm_w, pre, mean, rstd)
+        ctx.cfg = (dropout_p, seed, chunk_rows, x.shape)
+        out = out.view(x.shape)
+        if mask is None:
+            return out, None
+        ctx.mark_non_differentiable(mask)
+        return out, mask.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dout, _dmask):
+        x2, up_w, up_b, down_w, norm_w, pre, mean, rstd = ctx.saved_tensors
+        dropout_p, seed, chunk_rows, x_shape = ctx.cfg
+        rows = x2.shape[0]
+        # LayerNorm + dropout backward does not need the 4H activation: one launch over all rows.
+        dres, dz, dnw, dnb = res_norm_backward(_rows(dout), pre, mean, rstd, norm_w, dropout_p, seed)
+        single = chunk_rows >= rows
+        # Weight grads summed over chunks in fp32, so fp16/bf16 chunking does not add rounding per chunk.
+        acc = None if single else torch.float32
+        d_down_w = torch.zeros(down_w.shape, device=x2.device, dtype=acc or x2.dtype)
+        d_up_w = torch.zeros(up_w.shape, device=x2.device, dtype=acc or x2.dtype)
+        d_up_b = torch.zeros(up_b.shape, device=x2.device, dtype=torch.float32)
+        dx = dres  # dx = residual grad + grad through the up projection, accumulated in place
+        for r0 in range(0, rows, chunk_rows):
+            xc = x2[r0 : r0 + chunk_rows]
+            dzc = dz[r0 : r0 + chunk_rows]
+            u = xc @ up_w.t()  # recompute: the forward kept no 4H-wide tensor
+            act = bias_gelu(u, up_b)
+            if single:
+                d_down_w = dzc.t() @ act
+            else:
+                d_down_w += (dzc.t() @ act).float()
+            del act
+            du = gelu_backward_(dzc @ down_w, u, up_b)
+            del u
+            d_up_b += du.sum(0, dtype=torch.float32)
+            if single:
+                d_up_w = du.t() @ xc
+            else:
+                d_up_w += (du.t() @ xc).float()
+            dx[r0 : r0 + chunk_rows].addmm_(du, up_w)
+            del du
+        dt = x2.dtype
+        d_down_b = dz.sum(0, dtype=torch.float32).to(dt)
+        return (
+            dx.view(x_shape),
+            d_up_w.to(dt),
+            d_up_b.to(dt),
+            d_down_w.to(dt),
+            d_down_b,
+            dnw.to(dt),
+            dnb.to(dt),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+# ----------------------------------------------------------------------------- functional API
+
+
+def residual_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    eps: float,
+    dropout_p: float = 0.0,
+    *,
+    seed: int | None = None,
+    return_mask: bool = False,
+):
+    """Fused ``residual_norm_ref``: LayerNorm(residual + dropout(x @ weight.T + bias)).
+
+    x: (..., K); residual: (..., N) with the same leading dims; weight: (N, K);
+    bias, norm_weight, norm_bias: (N,). ``seed`` fixes the dropout pattern (drawn
+    from torch's generator when None). With ``return_mask`` returns (out, keep mask).
+    """
+    _check_common(x, residual.shape[-1] if isinstance(residual, torch.Tensor) else 0, eps, dropout_p)
+    if not isinstance(residual, torch.Tensor) or residual.shape[:-1] != x.shape[:-1]:
+        got = tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__
+        raise ValueError(f"residual must have shape {tuple(x.shape[:-1])} + (N,), got {got}")
+    n, k = residual.shape[-1], x.shape[-1]
+    _check_dtype_device("residual", residual, x.dtype, x.device)
+    if not isinstance(weight, torch.Tensor) or weight.shape != (n, k):
+        raise ValueError(f"weight must have shape (N, K) = ({n}, {k}), got {tuple(weight.shape)}")
+    _check_dtype_device("weight", weight, x.dtype, x.device)
+    for name, t in (("bias", bias), ("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        _check_vec(name, t, n, x.dtype, x.device)
+    out, mask = ResidualNormFunction.apply(
+        x, residual, weight, bias, norm_weight, norm_bias, float(eps), float(dropout_p), _new_seed(seed), return_mask
+    )
+    return (out, mask) if return_mask else out
+
+
+def ffn(
+    x: torch.Tensor,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    eps: float,
+    dropout_p: float = 0.0,
+    chunk_size: int = 0,
+    *,
+    seed: int | None = None,
+    return_mask: bool = False,
+):
+    """Fused, chunked ``ffn_ref``: LayerNorm(x + dropout(GELU(x @ up.T + up_b) @ down.T + down_b)).
+
+    x: (B, L, H) (any (..., H) works; chunks then count rows of the leading dim
+    product); up_weight: (I, H); up_bias: (I,); down_weight: (H, I); down_bias,
+    norm_weight, norm_bias: (H,). ``chunk_size`` sequence positions per chunk of
+    the 4H-wide activation, 0 for one chunk. ``seed`` / ``return_mask`` as in
+    :func:`residual_norm`.
+    """
+    hidden = x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() else 0
+    _check_common(x, hidden, eps, dropout_p)
+    if not isinstance(chunk_size, int) or chunk_size < 0:
+        raise ValueError(f"chunk_size must be an int >= 0 (0 = one chunk), got {chunk_size!r}")
+    if not isinstance(up_weight, torch.Tensor) or up_weight.dim() != 2 or up_weight.shape[1] != hidden:
+        got = tuple(up_weight.shape) if isinstance(up_weight, torch.Tensor) else type(up_weight).__name__
+        raise ValueError(f"up_weight must have shape (I, H) with H = {hidden}, got {got}")
+    inter = up_weight.shape[0]
+    _check_dtype_device("up_weight", up_weight, x.dtype, x.device)
+    if not isinstance(down_weight, torch.Tensor) or down_weight.shape != (hidden, inter):
+        got = tuple(down_weight.shape) if isinstance(down_weight, torch.Tensor) else type(down_weight).__name__
+        raise ValueError(f"down_weight must have shape (H, I) = ({hidden}, {inter}), got {got}")
+    _check_dtype_device("down_weight", down_weight, x.dtype, x.device)
+    _check_vec("up_bias", up_bias, inter, x.dtype, x.device)
+    for name, t in (("down_bias", down_bias), ("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        _check_vec(name, t, hidden, x.dtype, x.device)
+    out, mask = FFNFunction.apply(
+        x,
+        up_weight,
+        up_bias,
+        down_weight,
+        down_bias,
+        norm_weight,
+        norm_bias,
+        float(eps),
+        float(dropout_p),
+        chunk_size,
+        _new_seed(seed),
+        return_mask,
+    )
+    return (out, mask) if return_mask else out
