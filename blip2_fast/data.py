@@ -556,6 +556,8 @@ class WebDatasetShards(IterableDataset):
         group: dict[str, bytes] = {}
         key: str | None = None
         try:
+            with open(url, "rb") as raw:
+                compressed = raw.read(6).startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ"))
             with tarfile.open(url, mode="r|*") as tar:
                 for member in tar:
                     if not member.isfile():
@@ -566,7 +568,14 @@ class WebDatasetShards(IterableDataset):
                         group = {}
                     key = member_key
                     handle = tar.extractfile(member)
-                    group[ext] = handle.read() if handle is not None else b""
+                    data = handle.read() if handle is not None else b""
+                    if len(data) != member.size:
+                        raise tarfile.ReadError(f"{member.name}: {len(data)} of {member.size} bytes")
+                    group[ext] = data
+                # tarfile reads a header cut short as the end of the archive; a plain tar
+                # that really ends has its two zero blocks after the last member.
+                if not compressed and tar.offset + 2 * tarfile.BLOCKSIZE > os.path.getsize(url):
+                    raise tarfile.ReadError("no end-of-archive marker: the file is truncated")
         except (tarfile.TarError, OSError, EOFError) as err:
             # A damaged shard ends early; its intact samples are kept.
             self.shard_errors += 1
