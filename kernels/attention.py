@@ -1,0 +1,719 @@
+"""Fused masked attention for the Q-Former (Triton), forward and backward.
+
+One kernel family serves every attention of the Q-Former:
+
+- masked self-attention under the three mask kinds (``MASK_KIND`` is a
+  compile-time switch: UNIMODAL, BIDIRECTIONAL, MULTIMODAL_CAUSAL);
+- cross-attention of the query rows to the image tokens (BIDIRECTIONAL, any
+  number of keys, also fewer keys than rows);
+- the KV-cache path (``Lq < Lk``): rows are aligned to the end of the keys, so
+  ITG over [cached query K/V ; text K/V] and one-token decoding are the same
+  kernel, and the backward sends gradients into the cached K/V.
+
+Key padding comes in as per-sequence lengths or a (B, Lk) bool vector; no dense
+mask and no score matrix is ever written to memory. Tiles a mask hides
+entirely are never visited: under UNIMODAL query tiles stop at the last query
+key and text tiles start at the first text key; under MULTIMODAL_CAUSAL text
+tiles stop at the diagonal; past the last valid key nothing is read.
+
+Numerics: scores, the online softmax and the accumulators are fp32 (base-2
+exponentials with the scale folded in); the forward saves the log-sum-exp per
+row and the backward recomputes the probabilities from it. Rows that see no key
+output zeros and get zero gradients. Attention dropout draws a counter-based
+Philox number per (batch, head, row, key) from ``seed``, so the backward
+regenerates the same keep-mask without storing it; ``return_dropout_mask=True``
+returns that mask for testing against :func:`blip2_fast.attention.attention_ref`.
+
+Supported: head dims up to 128 (16, 32, 64, 128 natively; others are padded to
+the next power of two), fp32 / fp16 / bf16, any strides (the heads-transposed
+views the Q-Former produces are read in place). fp32 inputs use IEEE fp32 dot
+products (no TF32), so fp32 parity is tight.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from blip2_fast.attention import MaskKind, _check_qkv, key_valid_mask
+
+LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# KEY_PAD modes
+_PAD_NONE, _PAD_LENGTHS, _PAD_VECTOR = 0, 1, 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# jit helpers
+
+
+@triton.jit
+def _tile_mask(pos, cols, n_query, kv_end, pad_row, stride_pn, MASK_KIND: tl.constexpr, KEY_PAD: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) True = may attend; ``pos`` is each row's key position. Mirrors ``dense_mask``."""
+    ok = (cols < kv_end)[None, :]
+    if KEY_PAD == 2:
+        valid = tl.load(pad_row + cols * stride_pn, mask=cols < kv_end, other=0)
+        ok = ok & (valid != 0)[None, :]
+    if MASK_KIND == 0:  # UNIMODAL: queries see queries, text sees text
+        ok = ok & ((pos[:, None] < n_query) == (cols[None, :] < n_query))
+    elif MASK_KIND == 2:  # MULTIMODAL_CAUSAL: a query row never reaches col <= pos >= n_query, so one rule does
+        ok = ok & ((cols[None, :] < n_query) | (cols[None, :] <= pos[:, None]))
+    return ok
+
+
+@triton.jit
+def _key_range(pos_lo, pos_hi, n_query, kv_end, MASK_KIND: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tiles [lo, hi) that rows at key positions [pos_lo, pos_hi] can see at all."""
+    lo = kv_end * 0
+    hi = kv_end
+    if MASK_KIND == 0:
+        if pos_hi < n_query:
+            hi = tl.minimum(hi, n_query)
+        elif pos_lo >= n_query:
+            lo = (n_query // BLOCK_N) * BLOCK_N
+    elif MASK_KIND == 2:
+        if pos_hi < n_query:
+            hi = tl.minimum(hi, n_query)
+        else:
+            hi = tl.minimum(hi, pos_hi + 1)
+    return lo, hi
+
+
+@triton.jit
+def _row_range(col_lo, col_hi, n_query, n_rows, offset, MASK_KIND: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Row tiles [lo, hi) that can see any key in [col_lo, col_hi] (row i sits at key position i + offset)."""
+    lo = n_rows * 0
+    hi = n_rows
+    if MASK_KIND == 0:
+        if col_hi < n_query:
+            hi = tl.minimum(tl.maximum(n_query - offset, 0), n_rows)
+        elif col_lo >= n_query:
+            lo = (tl.maximum(n_query - offset, 0) // BLOCK_M) * BLOCK_M
+    elif MASK_KIND == 2:
+        if col_lo >= n_query:
+            lo = (tl.maximum(col_lo - offset, 0) // BLOCK_M) * BLOCK_M
+    return lo, hi
+
+
+@triton.jit
+def _dropout_keep(seed, bh, rows, cols, n_rows, n_keys, dropout_p):
+    """Keep-mask of one tile: one Philox draw per (batch*head, row, key), the same in forward, backward and debug."""
+    offs = (bh.to(tl.int64) * n_rows + rows[:, None]) * n_keys + cols[None, :]
+    return tl.rand(seed, offs) >= dropout_p
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit(do_not_specialize=["seed", "n_rows", "n_keys", "n_query"])
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, LENS, PAD,
+    seed, dropout_p, qk_scale,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_pb, stride_pn,
+    n_heads, n_rows, n_keys, n_query,
+    HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, KEY_PAD: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    offset = n_keys - n_rows
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < n_rows
+    dim_ok = dims < HEAD_DIM
+
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
+        mask=row_ok[:, None] & dim_ok[None, :],
+        other=0.0,
+    )
+    if UPCAST:  # the interpreter reads bf16 wrong unless cast straight after the load
+        q = q.to(tl.float32)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    pad_row = PAD + b * stride_pb
+
+    kv_end = n_keys
+    if KEY_PAD != 0:
+        kv_end = tl.minimum(tl.load(LENS + b), n_keys)
+    pos_lo = pid_m * BLOCK_M + offset
+    pos_hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, n_rows) - 1 + offset
+    lo, hi = _key_range(pos_lo, pos_hi, n_query, kv_end, MASK_KIND, BLOCK_N)
+    pos = rows + offset
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        kv_mask = (cols < kv_end)[:, None] & dim_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_kn + dims[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + dims[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(_tile_mask(pos, cols, n_query, kv_end, pad_row, stride_pn, MASK_KIND, KEY_PAD), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row with nothing visible yet keeps m = -inf; exponentiate against 0 there to avoid inf - inf
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, rows, cols, n_rows, n_keys, dropout_p)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    tl.store(
+        O + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + dims[None, :] * stride_od,
+        out.to(O.dtype.element_ty),
+        mask=row_ok[:, None] & dim_ok[None, :],
+    )
+    # +inf for rows that see nothing: the backward's exp2(s - lse) is then 0 there
+    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
+    tl.store(LSE + bh.to(tl.int64) * n_rows + rows, lse, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["n_rows"])
+def _attn_bwd_delta_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_db, stride_dh, stride_dm, stride_dd,
+    n_heads, n_rows,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """delta_i = sum_d dO_id O_id = sum_j P_ij dP_ij (also with dropout), the softmax backward's row term."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (rows < n_rows)[:, None] & (dims < HEAD_DIM)[None, :]
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + dims[None, :] * stride_od, mask=mask)
+    do = tl.load(DO + b * stride_db + h * stride_dh + rows[:, None] * stride_dm + dims[None, :] * stride_dd, mask=mask)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * n_rows + rows, delta, mask=rows < n_rows)
+
+
+@triton.jit(do_not_specialize=["seed", "n_rows", "n_keys", "n_query"])
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, LENS, PAD,
+    seed, dropout_p, qk_scale, sm_scale,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_db, stride_dh, stride_dm, stride_dd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_pb, stride_pn,
+    n_heads, n_rows, n_keys, n_query,
+    HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, KEY_PAD: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One key tile per program: dK and dV summed over the row tiles that can see it."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    offset = n_keys - n_rows
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    pad_row = PAD + b * stride_pb
+
+    kv_end = n_keys
+    if KEY_PAD != 0:
+        kv_end = tl.minimum(tl.load(LENS + b), n_keys)
+    kv_mask = (cols < kv_end)[:, None] & dim_ok[None, :]
+    k = tl.load(
+        K + b * stride_kb + h * stride_kh + cols[:, None] * stride_kn + dims[None, :] * stride_kd,
+        mask=kv_mask,
+        other=0.0,
+    )
+    v = tl.load(
+        V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vn + dims[None, :] * stride_vd,
+        mask=kv_mask,
+        other=0.0,
+    )
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+
+    col_lo = pid_n * BLOCK_N
+    col_hi = tl.minimum(col_lo + BLOCK_N, kv_end) - 1
+    lo, hi = _row_range(col_lo, col_hi, n_query, n_rows, offset, MASK_KIND, BLOCK_M)
+    if col_lo >= kv_end:  # a tile of padding: nobody sees it, its gradients are zero
+        hi = lo
+
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_db + h * stride_dh
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_rows
+        q_mask = row_ok[:, None] & dim_ok[None, :]
+        q = tl.load(q_base + rows[:, None] * stride_qm + dims[None, :] * stride_qd, mask=q_mask, other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dm + dims[None, :] * stride_dd, mask=q_mask, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(LSE + bh.to(tl.int64) * n_rows + rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + bh.to(tl.int64) * n_rows + rows, mask=row_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        ok = _tile_mask(rows + offset, cols, n_query, kv_end, pad_row, stride_pn, MASK_KIND, KEY_PAD)
+        p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, rows, cols, n_rows, n_keys, dropout_p)
+            p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        else:
+            p_drop = p
+        dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+
+    dk = dk * sm_scale
+    tl.store(
+        DK + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkn + dims[None, :] * stride_dkd,
+        dk.to(DK.dtype.element_ty),
+        mask=(cols < n_keys)[:, None] & dim_ok[None, :],
+    )
+    tl.store(
+        DV + b * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvn + dims[None, :] * stride_dvd,
+        dv.to(DV.dtype.element_ty),
+        mask=(cols < n_keys)[:, None] & dim_ok[None, :],
+    )
+
+
+@triton.jit(do_not_specialize=["seed", "n_rows", "n_keys", "n_query"])
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, LENS, PAD,
+    seed, dropout_p, qk_scale, sm_scale,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_db, stride_dh, stride_dm, stride_dd,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_pb, stride_pn,
+    n_heads, n_rows, n_keys, n_query,
+    HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, KEY_PAD: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One row tile per program: dQ over the key tiles it can see (the forward's tile range)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    offset = n_keys - n_rows
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < n_rows
+    dim_ok = dims < HEAD_DIM
+    q_mask = row_ok[:, None] & dim_ok[None, :]
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
+        mask=q_mask,
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b * stride_db + h * stride_dh + rows[:, None] * stride_dm + dims[None, :] * stride_dd,
+        mask=q_mask,
+        other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(LSE + bh.to(tl.int64) * n_rows + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + bh.to(tl.int64) * n_rows + rows, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    pad_row = PAD + b * stride_pb
+
+    kv_end = n_keys
+    if KEY_PAD != 0:
+        kv_end = tl.minimum(tl.load(LENS + b), n_keys)
+    pos_lo = pid_m * BLOCK_M + offset
+    pos_hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, n_rows) - 1 + offset
+    lo, hi = _key_range(pos_lo, pos_hi, n_query, kv_end, MASK_KIND, BLOCK_N)
+    pos = rows + offset
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        kv_mask = (cols < kv_end)[:, None] & dim_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_kn + dims[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + dims[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        ok = _tile_mask(pos, cols, n_query, kv_end, pad_row, stride_pn, MASK_KIND, KEY_PAD)
+        p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, rows, cols, n_rows, n_keys, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+    dq = dq * sm_scale
+    tl.store(
+        DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + dims[None, :] * stride_dqd,
+        dq.to(DQ.dtype.element_ty),
+        mask=q_mask,
+    )
+
+
+@triton.jit(do_not_specialize=["seed", "n_rows", "n_keys"])
+def _dropout_mask_kernel(
+    MASK, seed, dropout_p, n_rows, n_keys, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):  # fmt: skip
+    """Writes the keep-mask the attention kernels draw for ``seed`` (debug and tests only)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    base = MASK + bh.to(tl.int64) * n_rows * n_keys
+    for start in range(0, n_keys, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, bh, rows, cols, n_rows, n_keys, dropout_p)
+        tl.store(
+            base + rows[:, None] * n_keys + cols[None, :],
+            keep.to(tl.int8),
+            mask=(rows < n_rows)[:, None] & (cols < n_keys)[None, :],
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# configs
+
+
+@dataclass(frozen=True)
+class AttnConfig:
+    """Tile sizes and launch parameters of one kernel; ``BLOCK_D`` follows the head dim."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# The Q-Former's sequences are short (32 queries + ~35 text, 257 image tokens): 32-wide tiles line up with the 32
+# query tokens, so UNIMODAL and MULTIMODAL_CAUSAL skip whole tiles, and waste little on the odd tail. A one-row
+# decode step uses 16-row tiles (tl.dot's minimum). Head dim 128 takes 8 warps: with 4 the backward (and the fp32
+# forward) run out of registers and spill. Every entry compiles for sm_80 and sm_90 without spills (test suite).
+FWD_CONFIGS = {
+    "decode": AttnConfig(16, 32, 4, 2),
+    "default": AttnConfig(32, 32, 4, 2),
+    "d128": AttnConfig(32, 32, 8, 2),
+}
+BWD_CONFIGS = {
+    "default": AttnConfig(32, 32, 4, 1),
+    "d128": AttnConfig(32, 32, 8, 1),
+}
+
+
+_DELTA_BLOCK_M = 64
+_MASK_BLOCK_M, _MASK_BLOCK_N = 32, 64
+
+
+def fwd_config(n_rows: int, head_dim: int) -> AttnConfig:
+    if n_rows <= 16:
+        return FWD_CONFIGS["decode"]
+    return FWD_CONFIGS["d128" if head_dim > 64 else "default"]
+
+
+def bwd_config(n_rows: int, head_dim: int) -> AttnConfig:
+    return BWD_CONFIGS["d128" if head_dim > 64 else "default"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# launchers
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(
+            f"q, k, v must share one dtype of float32/float16/bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if q.shape[3] > 128:
+        raise ValueError(f"head dim must be at most 128 for the triton backend, got {q.shape[3]}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.device.type != "cuda" and not _INTERPRET:
+        raise ValueError(f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}")
+
+
+def _padding_args(
+    q: torch.Tensor, n_keys: int, key_padding: torch.Tensor | None, key_lengths: torch.Tensor | None
+) -> tuple[int, torch.Tensor, torch.Tensor, int, int]:
+    """(KEY_PAD mode, lengths (B,) int32, padding (B, Lk) uint8, its strides); dummies where unused."""
+    B = q.shape[0]
+    key_valid_mask(B, n_keys, key_padding, key_lengths, q.device)  # validates shapes and dtypes
+    if key_padding is not None:
+        if key_padding.device != q.device:
+            raise ValueError(f"key_padding must be on {q.device}, got {key_padding.device}")
+        pad = key_padding.view(torch.uint8)
+        # the last valid key + 1 bounds the key loop, so a padded tail is never read
+        idx = torch.arange(1, n_keys + 1, device=q.device, dtype=torch.int32)
+        lengths = (pad.to(torch.int32) * idx).amax(dim=1).to(torch.int32)
+        return _PAD_VECTOR, lengths, pad, pad.stride(0), pad.stride(1)
+    dummy = torch.empty(1, dtype=torch.uint8, device=q.device)
+    if key_lengths is not None:
+        if key_lengths.device != q.device:
+            raise ValueError(f"key_lengths must be on {q.device}, got {key_lengths.device}")
+        return _PAD_LENGTHS, key_lengths.to(torch.int32).clamp(min=0), dummy, 0, 0
+    return _PAD_NONE, torch.empty(1, dtype=torch.int32, device=q.device), dummy, 0, 0
+
+
+def _common_constexprs(q: torch.Tensor, mask_kind: MaskKind, key_pad: int, dropout: bool) -> dict:
+    D = q.shape[3]
+    return dict(
+        HEAD_DIM=D,
+        MASK_KIND=int(mask_kind),
+        KEY_PAD=key_pad,
+        DROPOUT=dropout,
+        UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_D=max(16, triton.next_power_of_2(D)),
+    )
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask_kind: MaskKind,
+    n_query: int,
+    pad: tuple,
+    dropout_p: float,
+    seed: int,
+    scale: float,
+    config: AttnConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs the forward kernel. Returns out (B, H, Lq, D), laid out (B, Lq, H, D) in memory, and lse (B, H, Lq)."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    key_pad, lengths, padding, spb, spn = pad
+    cfg = config or fwd_config(Lq, D)
+    # (B, Lq, H, D) storage: the caller's transpose(1, 2).reshape(B, Lq, H * D) is then free
+    out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(Lq, cfg.block_m), B * H)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, lengths, padding,
+        seed, dropout_p, scale * LOG2E,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        spb, spn,
+        H, Lq, Lk, n_query,
+        **_common_constexprs(q, mask_kind, key_pad, dropout_p > 0.0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out, lse
+
+
+def attention_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    mask_kind: MaskKind,
+    n_query: int,
+    pad: tuple,
+    dropout_p: float,
+    seed: int,
+    scale: float,
+    config: AttnConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dQ, dK, dV from the saved output and log-sum-exp; each is laid out like its input."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    key_pad, lengths, padding, spb, spn = pad
+    cfg = config or bwd_config(Lq, D)
+    consts = _common_constexprs(q, mask_kind, key_pad, dropout_p > 0.0)
+    delta = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
+    _attn_bwd_delta_kernel[(triton.cdiv(Lq, _DELTA_BLOCK_M), B * H)](
+        out, do, delta, *_strides(out), *_strides(do), H, Lq,
+        HEAD_DIM=D, BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=consts["BLOCK_D"],
+    )  # fmt: skip
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    common = (seed, dropout_p, scale * LOG2E, scale)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg.block_n), B * H)](
+        q, k, v, do, dk, dv, lse, delta, lengths, padding,
+        *common,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+        spb, spn,
+        H, Lq, Lk, n_query,
+        **consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    _attn_bwd_dq_kernel[(triton.cdiv(Lq, cfg.block_m), B * H)](
+        q, k, v, do, dq, lse, delta, lengths, padding,
+        *common,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+        spb, spn,
+        H, Lq, Lk, n_query,
+        **consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+def dropout_keep_mask(
+    batch: int, heads: int, n_rows: int, n_keys: int, dropout_p: float, seed: int, device: torch.device
+) -> torch.Tensor:
+    """(B, H, Lq, Lk) bool: the keep-mask the kernels draw for ``seed`` and ``dropout_p``."""
+    mask = torch.empty(batch, heads, n_rows, n_keys, dtype=torch.int8, device=device)
+    _dropout_mask_kernel[(triton.cdiv(n_rows, _MASK_BLOCK_M), batch * heads)](
+        mask, seed, dropout_p, n_rows, n_keys, BLOCK_M=_MASK_BLOCK_M, BLOCK_N=_MASK_BLOCK_N
+    )
+    return mask.bool()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# autograd
+
+
+class AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask_kind, n_query, pad, dropout_p, seed, scale, config):
+        out, lse = attention_forward(q, k, v, mask_kind, n_query, pad, dropout_p, seed, scale, config)
+        ctx.save_for_backward(q, k, v, out, lse, pad[1], pad[2])
+        ctx.args = (mask_kind, n_query, pad[0], pad[3], pad[4], dropout_p, seed, scale, config)
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse, lengths, padding = ctx.saved_tensors
+        mask_kind, n_query, key_pad, spb, spn, dropout_p, seed, scale, config = ctx.args
+        pad = (key_pad, lengths, padding, spb, spn)
+        dq, dk, dv = attention_backward(do, q, k, v, out, lse, mask_kind, n_query, pad, dropout_p, seed, scale, config)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+@torch.compiler.disable
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask_kind: MaskKind,
+    n_query: int = 0,
+    key_padding: torch.Tensor | None = None,
+    key_lengths: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    seed: int | None = None,
+    return_dropout_mask: bool = False,
+    config: AttnConfig | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+    """Fused masked attention; same arguments and numbers as :func:`blip2_fast.attention.attention_ref`.
+
+    q: (B, H, Lq, D); k, v: (B, H, Lk, D); key_padding: (B, Lk) bool, True = may
+    attend; key_lengths: (B,) int. Returns (B, H, Lq, D) in q's dtype.
+
+    Debug-only keywords: ``seed`` fixes the dropout draw (otherwise taken from
+    torch's CPU generator, so ``torch.manual_seed`` makes runs repeatable);
+    ``return_dropout_mask`` also returns the (B, H, Lq, Lk) bool keep-mask used
+    (None when ``dropout_p == 0``); ``config`` overrides the tile sizes of all kernels.
+    """
+    mask_kind = MaskKind(mask_kind)
+    _check_qkv(q, k, v, n_query, mask_kind)
+    _check_inputs(q, k, v)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
+    if config is not None and (config.block_m < 16 or config.block_n < 16):
+        raise ValueError(f"config tiles must be at least 16 x 16 (tl.dot), got {config}")
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    pad = _padding_args(q, Lk, key_padding, key_lengths)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if dropout_p > 0.0 and seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    seed = 0 if seed is None else int(seed)
+    if Lq == 0 or Lk == 0 or B * H == 0:
+        out = q.new_zeros(q.shape) + 0.0 * (k.sum() + v.sum())  # keeps the graph connected for autograd
+    else:
+        out = AttentionFunction.apply(q, k, v, mask_kind, n_query, pad, float(dropout_p), seed, scale, config)
+    if not return_dropout_mask:
+        return out
+    mask = dropout_keep_mask(B, H, Lq, Lk, dropout_p, seed, q.device) if dropout_p > 0.0 else None
+    return out, mask
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ahead-of-time compile list
+
+_FLOAT_ARGS = ("dropout_p", "qk_scale", "sm_scale")
+_AOT_HEAD_DIMS = (32, 64, 128)
+
+
+def _signature(kernel, ptr_types: dict[str, str], constexprs: dict) -> dict[str, str]:
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ptr_types:
+            sig[name] = "*" + ptr_types[name]
+        else:
+            sig[name] = "fp32" if name in _FLOAT_ARGS else "i32"
+    return sig
+
+
+def kernel_configs() -> list[tuple[object, dict[str, str], dict, int, int]]:
+    """Every (kernel, signature, constexprs, num_warps, num_stages) the launchers ship, for the AOT check.
+
+    Each tile config is compiled at the largest head dim it serves and in its heaviest variant
+    (MULTIMODAL_CAUSAL, a key-padding vector, dropout): smaller head dims, the other mask kinds and padding modes
+    only shrink the tiles or drop code. bf16 stands for fp16 (same tile types); fp32 runs IEEE dot products and is
+    listed on its own.
+    """
+    heavy = dict(MASK_KIND=int(MaskKind.MULTIMODAL_CAUSAL), KEY_PAD=_PAD_VECTOR, DROPOUT=True, UPCAST=False)
+    fwd = [(FWD_CONFIGS["decode"], 128), (FWD_CONFIGS["default"], 64), (FWD_CONFIGS["d128"], 128)]
+    bwd = [(BWD_CONFIGS["default"], 64), (BWD_CONFIGS["d128"], 128)]
+    out = []
+    for dt in ("bf16", "fp32"):
+        ptrs = {n: dt for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+        ptrs |= dict(LSE="fp32", DELTA="fp32", LENS="i32", PAD="u8")
+        dot = "ieee" if dt == "fp32" else "tf32"
+        jobs = [(_attn_fwd_kernel, cfg, d) for cfg, d in fwd]
+        jobs += [(kernel, cfg, d) for cfg, d in bwd for kernel in (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel)]
+        for kernel, cfg, d in jobs:
+            consts = dict(heavy, HEAD_DIM=d, BLOCK_D=d, DOT_PRECISION=dot, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
+            out.append((kernel, _signature(kernel, ptrs, consts), consts, cfg.num_warps, cfg.num_stages))
+        consts = dict(HEAD_DIM=128, BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=128)
+        out.append((_attn_bwd_delta_kernel, _signature(_attn_bwd_delta_kernel, ptrs, consts), consts, 4, 1))
+    consts = dict(BLOCK_M=_MASK_BLOCK_M, BLOCK_N=_MASK_BLOCK_N)
+    out.append((_dropout_mask_kernel, _signature(_dropout_mask_kernel, {"MASK": "i8"}, consts), consts, 4, 1))
+    return out

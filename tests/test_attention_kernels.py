@@ -1,0 +1,350 @@
+"""The fused Triton attention against the spec (``attention_ref``), under the Triton interpreter on CPU.
+
+Outputs and dQ/dK/dV for every mask kind x key padding x odd lengths, head dims 16-128, fp32 and fp16 (the 2x
+rule), dropout through the debug keep-mask, whole tiles a mask hides never read, bad input rejected, and every
+shipped kernel config compiled ahead of time for sm_80 and sm_90 without spills.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from blip2_fast.kernels import attention as kattn
+from blip2_fast.kernels.attention import AttnConfig, attention
+
+from blip2_fast.attention import MaskKind, attention_ref, dense_mask, key_valid_mask
+
+B, H = 2, 2
+PADDINGS = ("none", "lengths", "vector")
+# (n_query, Lq, Lk): 32 queries + 35 text; one decode row over a cache; 7 queries + 5 text
+SHAPES = [(32, 67, 67), (32, 1, 67), (7, 12, 12)]
+SHAPE_IDS = ["full67", "decode1", "q7t5"]
+
+
+def make_padding(kind: str, n_query: int, n_keys: int, gen: torch.Generator) -> dict:
+    if kind == "none":
+        return {}
+    if kind == "lengths":
+        # sequence 0 unpadded, sequence 1 keeps only part of its text (at least one text key when there is text)
+        short = n_query + max(1, (n_keys - n_query) // 3) if n_keys > n_query else n_keys
+        return {"key_lengths": torch.tensor([n_keys, min(short, n_keys)])}
+    valid = torch.rand(B, n_keys, generator=gen) > 0.3  # holes anywhere, queries included
+    valid[:, 0] = True
+    valid[1, -1] = False  # a padded last key: the loop bound comes from the last valid key
+    return {"key_padding": valid}
+
+
+def qkv(n_rows, n_keys, d, dtype=torch.float32, gen=None):
+    q = torch.randn(B, H, n_rows, d, generator=gen).to(dtype)
+    k = torch.randn(B, H, n_keys, d, generator=gen).to(dtype)
+    v = torch.randn(B, H, n_keys, d, generator=gen).to(dtype)
+    return q, k, v
+
+
+def run_with_grads(fn, q, k, v, grad_out, **kw):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v, **kw)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
+    return out, dq, dk, dv
+
+
+def assert_parity(got, want, atol, rtol=0.0, names=("out", "dq", "dk", "dv")):
+    for name, a, b in zip(names, got, want, strict=True):
+        assert torch.isfinite(a).all(), f"{name} has non-finite values"
+        torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# ------------------------------------------------------------------------------------------------------ fp32 parity
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("kind", list(MaskKind), ids=lambda k: k.name)
+def test_fp32_parity_every_mask_padding_shape(kind, padding, shape):
+    n_query, n_rows, n_keys = shape
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = qkv(n_rows, n_keys, 32, gen=gen)
+    pad = make_padding(padding, n_query, n_keys, gen)
+    g = torch.randn(B, H, n_rows, 32, generator=gen)
+    kw = dict(mask_kind=kind, n_query=n_query, **pad)
+    assert_parity(run_with_grads(attention, q, k, v, g, **kw), run_with_grads(attention_ref, q, k, v, g, **kw), 2e-5)
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("kind", list(MaskKind), ids=lambda k: k.name)
+def test_fp32_parity_itg_rows_over_a_query_cache(kind, padding):
+    """35 text rows over [32 cached query keys ; 35 text keys]: the gradients reach the cached K/V."""
+    gen = torch.Generator().manual_seed(14)
+    q, k, v = qkv(35, 67, 32, gen=gen)
+    g = torch.randn(B, H, 35, 32, generator=gen)
+    kw = dict(mask_kind=kind, n_query=32, **make_padding(padding, 32, 67, gen))
+    got = run_with_grads(attention, q, k, v, g, **kw)
+    assert_parity(got, run_with_grads(attention_ref, q, k, v, g, **kw), 2e-5)
+    if kind != MaskKind.UNIMODAL:  # UNIMODAL text rows never see the queries
+        assert got[2][:, :, :32].abs().max() > 0 and got[3][:, :, :32].abs().max() > 0
+
+
+@pytest.mark.parametrize("d", [16, 64, 128])
+@pytest.mark.parametrize("kind", list(MaskKind), ids=lambda k: k.name)
+def test_fp32_parity_head_dims(kind, d):
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = qkv(67, 67, d, gen=gen)
+    g = torch.randn(B, H, 67, d, generator=gen)
+    kw = dict(mask_kind=kind, n_query=32, key_lengths=torch.tensor([67, 45]))
+    assert_parity(run_with_grads(attention, q, k, v, g, **kw), run_with_grads(attention_ref, q, k, v, g, **kw), 3e-5)
+
+
+@pytest.mark.parametrize("n_rows, n_keys", [(32, 257), (32, 20)], ids=["image257", "fewer_keys"])
+def test_cross_attention_with_image_padding(n_rows, n_keys):
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = qkv(n_rows, n_keys, 64, gen=gen)
+    valid = torch.ones(B, n_keys, dtype=torch.bool)
+    valid[1, n_keys // 2 :] = False
+    g = torch.randn(B, H, n_rows, 64, generator=gen)
+    kw = dict(mask_kind=MaskKind.BIDIRECTIONAL, n_query=0, key_padding=valid)
+    assert_parity(run_with_grads(attention, q, k, v, g, **kw), run_with_grads(attention_ref, q, k, v, g, **kw), 2e-5)
+
+
+# Small tiles put tile boundaries inside the query block and the text, so the tile-skipping ranges are exercised.
+SMALL = AttnConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
+
+
+@pytest.mark.parametrize("shape", [(32, 67, 67), (32, 35, 67), (20, 45, 45)], ids=str)
+@pytest.mark.parametrize("kind", list(MaskKind), ids=lambda k: k.name)
+def test_small_tiles_parity(kind, shape):
+    n_query, n_rows, n_keys = shape
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = qkv(n_rows, n_keys, 32, gen=gen)
+    g = torch.randn(B, H, n_rows, 32, generator=gen)
+    kw = dict(mask_kind=kind, n_query=n_query, key_lengths=torch.tensor([n_keys, n_keys - 3]))
+    got = run_with_grads(attention, q, k, v, g, config=SMALL, **kw)
+    assert_parity(got, run_with_grads(attention_ref, q, k, v, g, **kw), 2e-5)
+
+
+def test_hidden_tiles_are_never_read():
+    """NaN in whole key tiles a mask hides: 0 * NaN would poison any tile that were visited anyway."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = qkv(67, 67, 32, gen=gen)
+    lengths = torch.tensor([67, 50])
+    clean = dict(q=q, k=k, v=v)
+
+    # UNIMODAL: query rows (tiles 0, 1 of 16) never read the text keys 32..66
+    v_text_nan = v.clone()
+    v_text_nan[:, :, 32:] = float("nan")
+    out = attention(q, k, v_text_nan, mask_kind=MaskKind.UNIMODAL, n_query=32, config=SMALL)
+    ref = attention_ref(**clean, mask_kind=MaskKind.UNIMODAL, n_query=32)
+    torch.testing.assert_close(out[:, :, :32], ref[:, :, :32], atol=2e-5, rtol=0)
+    # ... and text rows never read the query keys below the first text tile (key 32 starts tile 2)
+    v_query_nan = v.clone()
+    v_query_nan[:, :, :32] = float("nan")
+    out = attention(q, k, v_query_nan, mask_kind=MaskKind.UNIMODAL, n_query=32, config=SMALL)
+    torch.testing.assert_close(out[:, :, 32:], ref[:, :, 32:], atol=2e-5, rtol=0)
+
+    # MULTIMODAL_CAUSAL: rows 32..47 (one 16-row tile) stop at key 47
+    v_future_nan = v.clone()
+    v_future_nan[:, :, 48:] = float("nan")
+    out = attention(q, k, v_future_nan, mask_kind=MaskKind.MULTIMODAL_CAUSAL, n_query=32, config=SMALL)
+    ref = attention_ref(**clean, mask_kind=MaskKind.MULTIMODAL_CAUSAL, n_query=32)
+    torch.testing.assert_close(out[:, :, :48], ref[:, :, :48], atol=2e-5, rtol=0)
+
+    # key padding: nothing past a sequence's length is read, by any row, forward or backward
+    v_pad_nan, k_pad_nan = v.clone(), k.clone()
+    v_pad_nan[1, :, 50:] = float("nan")
+    k_pad_nan[1, :, 50:] = float("nan")
+    g = torch.randn(B, H, 67, 32, generator=gen)
+    kw = dict(mask_kind=MaskKind.BIDIRECTIONAL, key_lengths=lengths)
+    got = run_with_grads(attention, q, k_pad_nan, v_pad_nan, g, **kw)
+    want = run_with_grads(attention_ref, q, k, v, g, **kw)
+    assert_parity(got, want, 2e-5)
+
+
+def test_rows_that_see_nothing_are_zero_with_zero_grads():
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = qkv(12, 12, 32, gen=gen)
+    lengths = torch.tensor([12, 4])  # sequence 1: 4 query keys, no text key
+    g = torch.randn(B, H, 12, 32, generator=gen)
+    kw = dict(mask_kind=MaskKind.UNIMODAL, n_query=4, key_lengths=lengths)
+    out, dq, dk, dv = run_with_grads(attention, q, k, v, g, **kw)
+    assert out[1, :, 4:].abs().max() == 0 and dq[1, :, 4:].abs().max() == 0
+    assert_parity((out, dq, dk, dv), run_with_grads(attention_ref, q, k, v, g, **kw), 2e-5)
+
+
+def test_non_contiguous_inputs_are_read_in_place():
+    """The Q-Former hands (B, L, H, D) storage viewed as (B, H, L, D); also a strided head dim."""
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(B, 67, H, 32, generator=gen).transpose(1, 2)
+    k = torch.randn(B, 67, H, 64, generator=gen)[..., ::2].transpose(1, 2)  # stride 2 along D
+    v = torch.randn(B, H, 32, 67, generator=gen).transpose(2, 3)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    g = torch.randn(B, H, 67, 32, generator=gen)
+    kw = dict(mask_kind=MaskKind.MULTIMODAL_CAUSAL, n_query=32)
+    got = run_with_grads(attention, q, k, v, g, **kw)
+    assert_parity(got, run_with_grads(attention_ref, q.contiguous(), k.contiguous(), v.contiguous(), g, **kw), 2e-5)
+    # the output is stored (B, L, H, D): merging the heads back is a view
+    assert got[0].transpose(1, 2).is_contiguous()
+
+
+def test_backend_switch_reaches_the_kernel():
+    from blip2_fast.attention import attention as functional
+
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = qkv(12, 12, 32, gen=gen)
+    kw = dict(mask_kind=MaskKind.MULTIMODAL_CAUSAL, n_query=7)
+    torch.testing.assert_close(functional(q, k, v, backend="triton", **kw), attention(q, k, v, **kw), atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------------ fp16: 2x rule
+
+
+def eager_low_precision(q, k, v, *, mask_kind, n_query, key_lengths=None, key_padding=None):
+    """Plain PyTorch attention computed in the inputs' dtype: the error budget of the 2x rule."""
+    valid = key_valid_mask(q.shape[0], k.shape[2], key_padding, key_lengths, q.device)
+    allowed = dense_mask(mask_kind, n_query, q.shape[2], k.shape[2], valid, q.device)
+    scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+    return probs @ v
+
+
+@pytest.mark.parametrize(
+    "d, padding, shape", [(32, "vector", (32, 67, 67)), (64, "lengths", (32, 67, 67)), (128, "none", (32, 35, 67))]
+)
+@pytest.mark.parametrize("kind", list(MaskKind), ids=lambda k: k.name)
+def test_fp16_two_x_rule(kind, d, padding, shape):
+    n_query, n_rows, n_keys = shape
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = qkv(n_rows, n_keys, d, torch.float16, gen)
+    g = torch.randn(B, H, n_rows, d, generator=gen).half()
+    kw = dict(mask_kind=kind, n_query=n_query, **make_padding(padding, n_query, n_keys, gen))
+    want = run_with_grads(attention_ref, q.float(), k.float(), v.float(), g.float(), **kw)
+    got = run_with_grads(attention, q, k, v, g, **kw)
+    eager = run_with_grads(eager_low_precision, q, k, v, g, **kw)
+    for name, a, e, w in zip(("out", "dq", "dk", "dv"), got, eager, want, strict=True):
+        assert a.dtype == torch.float16
+        err = (a.float() - w).abs().max().item()
+        budget = 2 * (e.float() - w).abs().max().item() + 1e-4
+        assert err <= budget, f"{name}: fp16 kernel error {err:.2e} exceeds 2x eager fp16 error + 1e-4 = {budget:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 parity needs a GPU: the interpreter misreads bf16")
+@pytest.mark.parametrize("d", [32, 64, 128])
+@pytest.mark.parametrize("kind", list(MaskKind), ids=lambda k: k.name)
+def test_bf16_two_x_rule_gpu(kind, d):
+    gen = torch.Generator().manual_seed(10)
+    q, k, v = (t.cuda() for t in qkv(67, 67, d, torch.bfloat16, gen))
+    g = torch.randn(B, H, 67, d, generator=gen).bfloat16().cuda()
+    kw = dict(mask_kind=kind, n_query=32, key_lengths=torch.tensor([67, 45], device="cuda"))
+    want = run_with_grads(attention_ref, q.float(), k.float(), v.float(), g.float(), **kw)
+    got = run_with_grads(attention, q, k, v, g, **kw)
+    eager = run_with_grads(eager_low_precision, q, k, v, g, **kw)
+    for name, a, e, w in zip(("out", "dq", "dk", "dv"), got, eager, want, strict=True):
+        err = (a.float() - w).abs().max().item()
+        assert err <= 2 * (e.float() - w).abs().max().item() + 1e-3, name
+
+
+# ------------------------------------------------------------------------------------------------------ dropout
+
+
+def test_dropout_zero_is_the_no_dropout_path_exactly():
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = qkv(67, 67, 32, gen=gen)
+    g = torch.randn(B, H, 67, 32, generator=gen)
+    kw = dict(mask_kind=MaskKind.MULTIMODAL_CAUSAL, n_query=32, key_lengths=torch.tensor([67, 50]))
+    plain = run_with_grads(attention, q, k, v, g, **kw)
+    zero = run_with_grads(attention, q, k, v, g, dropout_p=0.0, seed=123, **kw)
+    for a, b in zip(plain, zero, strict=True):
+        assert torch.equal(a, b)
+    out, mask = attention(q, k, v, dropout_p=0.0, return_dropout_mask=True, **kw)
+    assert mask is None and torch.equal(out, plain[0])
+
+
+@pytest.mark.parametrize("kind", [MaskKind.UNIMODAL, MaskKind.MULTIMODAL_CAUSAL], ids=lambda k: k.name)
+def test_dropout_matches_reference_given_the_kernel_mask(kind):
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = qkv(67, 67, 32, gen=gen)
+    g = torch.randn(B, H, 67, 32, generator=gen)
+    p = 0.25
+    kw = dict(mask_kind=kind, n_query=32, key_padding=make_padding("vector", 32, 67, gen)["key_padding"])
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    out, mask = attention(qr, kr, vr, dropout_p=p, seed=77, return_dropout_mask=True, **kw)
+    got = (out, *torch.autograd.grad(out, (qr, kr, vr), g))
+    want = run_with_grads(attention_ref, q, k, v, g, dropout_p=p, dropout_mask=mask, **kw)
+    assert_parity(got, want, 2e-5)
+    # dropout changed something: the same call without it differs
+    assert (out - attention(q, k, v, **kw)).abs().max() > 1e-3
+
+
+def test_dropout_is_deterministic_per_seed_and_keeps_one_minus_p():
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = qkv(35, 67, 32, gen=gen)
+    kw = dict(mask_kind=MaskKind.BIDIRECTIONAL, n_query=32, dropout_p=0.1)
+    a, mask_a = attention(q, k, v, seed=5, return_dropout_mask=True, **kw)
+    b, mask_b = attention(q, k, v, seed=5, return_dropout_mask=True, **kw)
+    c, mask_c = attention(q, k, v, seed=6, return_dropout_mask=True, **kw)
+    assert torch.equal(a, b) and torch.equal(mask_a, mask_b)
+    assert not torch.equal(mask_a, mask_c) and not torch.equal(a, c)
+    # each (batch, head) plane draws its own numbers
+    assert not torch.equal(mask_a[0, 0], mask_a[0, 1]) and not torch.equal(mask_a[0, 0], mask_a[1, 0])
+    n = mask_a.numel()  # 9380 draws: 1 - p within 5 standard deviations
+    assert abs(mask_a.float().mean().item() - 0.9) < 5 * math.sqrt(0.09 / n)
+    # without a seed, torch's generator picks it: repeatable after torch.manual_seed
+    torch.manual_seed(3)
+    d = attention(q, k, v, **kw)
+    torch.manual_seed(3)
+    assert torch.equal(d, attention(q, k, v, **kw))
+
+
+# ------------------------------------------------------------------------------------------------------ bad input
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, v = qkv(8, 8, 32)
+    kw = dict(mask_kind=MaskKind.BIDIRECTIONAL)
+    with pytest.raises(ValueError, match="dtype"):
+        attention(q.double(), k.double(), v.double(), **kw)
+    with pytest.raises(ValueError, match="share one dtype"):
+        attention(q.half(), k, v, **kw)
+    with pytest.raises(ValueError, match="head dim must be at most 128"):
+        attention(*qkv(8, 8, 160), **kw)
+    with pytest.raises(ValueError, match="dropout_p"):
+        attention(q, k, v, dropout_p=1.0, **kw)
+    with pytest.raises(ValueError, match=r"key_padding must have shape \(B, Lk\)"):
+        attention(q, k, v, key_padding=torch.ones(B, 9, dtype=torch.bool), **kw)
+    with pytest.raises(ValueError, match="key_lengths must be an integer tensor"):
+        attention(q, k, v, key_lengths=torch.ones(B), **kw)
+    with pytest.raises(ValueError, match="needs Lq <= Lk"):
+        attention(*qkv(9, 8, 32), mask_kind=MaskKind.UNIMODAL)
+    with pytest.raises(ValueError, match="at least 16 x 16"):
+        attention(q, k, v, config=AttnConfig(8, 16, 4, 1), **kw)
+
+
+# ------------------------------------------------------------------------------------------------------ AOT compile
+
+
+@pytest.fixture(scope="module")
+def aot_results():
+    """Both archs compiled in one child process (importing torch there is the slow part)."""
+    aot = pytest.importorskip("blip2_fast.kernels.aot")
+    jobs = [
+        aot.AOTJob.of(fn, sig, consts, arch, warps, stages)
+        for arch in (80, 90)
+        for fn, sig, consts, warps, stages in kattn.kernel_configs()
+    ]
+    return list(zip(jobs, aot.compile_many(jobs), strict=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+def test_every_shipped_config_compiles_without_spills(aot_results, arch):
+    results = [(job, r) for job, r in aot_results if job.arch == arch]
+    assert len(results) == len(kattn.kernel_configs())
+    spilled = [
+        (job.name, dict(job.constexprs), r.spill_stores, r.spill_loads, r.local_bytes)
+        for job, r in results
+        if r.spills or r.local_bytes
+    ]
+    assert not spilled, f"configs spill on sm_{arch}: {spilled}"
+    for _, r in results:
+        assert 0 < r.registers <= 255 and r.shared_bytes <= 227 * 1024
