@@ -13,8 +13,6 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from blip2_fast.data import (
-    CLIP_MEAN,
-    CLIP_STD,
     COLOURS,
     CaptionJSON,
     FeatureCache,
@@ -30,8 +28,9 @@ from blip2_fast.data import (
 )
 from blip2_fast.text import load_tokenizer
 
-MEAN = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-STD = torch.tensor(CLIP_STD).view(3, 1, 1)
+# CLIP's normalisation written out: the spec, not the module's constants.
+MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
+STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +86,7 @@ def test_eval_transform_is_resize_to_tensor_and_clip_normalise():
     torch.testing.assert_close(unnormalise(out), expected.float(), atol=1e-6, rtol=0)
     # A flat colour maps to exactly (c / 255 - mean) / std per channel.
     flat = build_transform(16, train=False)(Image.new("RGB", (20, 20), (255, 128, 0)))
-    want = (torch.tensor([255, 128, 0]) / 255 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    want = (torch.tensor([255, 128, 0]) / 255 - MEAN.flatten()) / STD.flatten()
     torch.testing.assert_close(flat.mean(dim=(1, 2)), want, atol=1e-5, rtol=0)
     assert flat.std(dim=(1, 2)).max() < 1e-5
     # Greyscale inputs become 3 channels.
@@ -435,6 +434,11 @@ def test_tar_shards_through_image_text_dataset_skip_bad_samples(tmp_path, tokeni
     assert samples[3]["pixels"].shape == (3, 16, 16)
     batch = collate_batch(samples, tokenizer)
     assert batch["skipped"] == 2 and batch["captions"] == ["a png in a folder", "a jpeg"]
+    # With workers each process counts its own skips; the batches carry them back.
+    collate = partial(collate_batch, tokenizer=tokenizer)
+    batches = list(DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=collate))
+    assert sum(b["skipped"] for b in batches) == 2
+    assert sorted(c for b in batches for c in b["captions"]) == ["a jpeg", "a png in a folder"]
     # Ids without a json are stable hashes, distinct per sample.
     ids = [s["image_id"] for s in WebDatasetShards(str(tmp_path / "s.tar"))]
     assert ids[0] == 12 and len(set(ids)) == 4
@@ -460,7 +464,9 @@ class CountingEncoder(torch.nn.Module):
     def __init__(self, seed: int = 0):
         super().__init__()
         self.proj = torch.nn.Linear(3, 5)
-        torch.nn.init.normal_(self.proj.weight, generator=torch.Generator().manual_seed(seed))
+        generator = torch.Generator().manual_seed(seed)
+        torch.nn.init.normal_(self.proj.weight, generator=generator)
+        torch.nn.init.normal_(self.proj.bias, generator=generator)
         self.calls = 0
         self.rows = 0
 
@@ -540,3 +546,25 @@ def test_transform_scale_default_matches_blip2():
     transform = build_transform(364, train=True)
     assert transform.scale == (0.5, 1.0) and transform.hflip == 0.5
     assert math.isclose(transform.ratio[0], 3 / 4) and math.isclose(transform.ratio[1], 4 / 3)
+
+
+def test_feature_cache_crash_before_sidecar_never_serves_stale_features(tmp_path, monkeypatch):
+    path = tmp_path / "feats.npy"
+    pixels = torch.randn(3, 3, 8, 8)
+    old = FeatureCache(path, 3, CountingEncoder(seed=0), "old")(torch.arange(3), pixels)
+    real_replace = __import__("os").replace
+
+    def crash_on_sidecar(src, dst):
+        if str(dst).endswith(".json"):
+            raise KeyboardInterrupt("killed between the array and its sidecar")
+        real_replace(src, dst)
+
+    monkeypatch.setattr("blip2_fast.data.os.replace", crash_on_sidecar)
+    with pytest.raises(KeyboardInterrupt):
+        FeatureCache(path, 3, CountingEncoder(seed=1), "new")(torch.arange(3), pixels)
+    monkeypatch.undo()
+    # The array on disk now holds the new features: the old fingerprint must not claim it.
+    encoder = CountingEncoder(seed=0)
+    cache = FeatureCache(path, 3, encoder, "old")
+    assert not cache.complete
+    assert torch.equal(cache(torch.arange(3), pixels), old) and encoder.calls == 1
