@@ -1,6 +1,7 @@
 """blip2-fast: BLIP-2 Q-Former training on fused kernels, held to a plain PyTorch reference."""
 
 from blip2_fast.attention import MaskKind, attention, attention_ref
+from blip2_fast.checkpoint import load_checkpoint, load_lavis, load_qformer, load_transformers, save_qformer
 from blip2_fast.config import QFormerConfig, VisionConfig
 from blip2_fast.qformer import ImageContext, KVCache, QFormer, QueryOutput
 
@@ -14,4 +15,9 @@ __all__ = [
     "VisionConfig",
     "attention",
     "attention_ref",
+    "load_checkpoint",
+    "load_lavis",
+    "load_qformer",
+    "load_transformers",
+    "save_qformer",
 ]

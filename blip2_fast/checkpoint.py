@@ -47,7 +47,7 @@ naming the missing keys, the unexpected keys and the shape mismatches.
 transformers' vision ``post_layernorm`` uses the vision config's
 ``layer_norm_eps`` (1e-6) where LAVIS' ``ln_vision`` uses 1e-5; loading a
 transformers folder sets ``ln_vision.eps`` to the folder's value so the numbers
-match, and :func:`save_qformer` keeps it.
+match (``QFormerConfig.ln_vision_eps``).
 """
 
 from __future__ import annotations
@@ -70,7 +70,6 @@ from blip2_fast.vision import ImageEncoder
 logger = logging.getLogger(__name__)
 
 FORMAT = "blip2_fast.qformer"
-_LNV_DEFAULT_EPS = 1e-5  # nn.LayerNorm's default, which LAVIS' ln_vision uses
 
 
 # ------------------------------------------------------------------ report
@@ -433,17 +432,17 @@ def load_transformers(
     raw = json.loads((folder / "config.json").read_text())
     layout = _hf_architecture(raw, architecture, folder)
     parts = _HF_PARTS[layout]
-    config = qformer_config_from_transformers(raw, **overrides)
-    model = QFormer(config)
     encoder: ImageEncoder | None = None
     notes = []
     if "vision" in parts:
         vision_config = vision_config_from_transformers(raw)
         # post_layernorm (= ln_vision) carries the vision config's eps, not LayerNorm's default
-        model.ln_vision.eps = vision_config.layer_norm_eps
-        notes.append(f"ln_vision.eps = {vision_config.layer_norm_eps} (vision_config.layer_norm_eps)")
+        overrides = {"ln_vision_eps": vision_config.layer_norm_eps, **overrides}
+        notes.append(f"ln_vision_eps = {vision_config.layer_norm_eps} (vision_config.layer_norm_eps)")
         if vision:
             encoder = ImageEncoder(vision_config)
+    config = qformer_config_from_transformers(raw, **overrides)
+    model = QFormer(config)
 
     q_raw = raw if layout == "Blip2QFormerModel" else raw.get("qformer_config", {})
     text_ffn = bool(q_raw.get("use_qformer_text_input", False))
@@ -524,11 +523,11 @@ def save_transformers(qformer: QFormer, vision: ImageEncoder, folder: str | Path
     left_out = sorted(set(targets) - set(names))
     if left_out:
         logger.warning("%s: Blip2ForImageTextRetrieval has no place for %s", folder, ", ".join(group_names(left_out)))
-    if qformer.ln_vision.eps != vision.config.layer_norm_eps:
+    if qformer.config.ln_vision_eps != vision.config.layer_norm_eps:
         logger.warning(
             "%s: ln_vision.eps %g is written as post_layernorm with the vision eps %g",
             folder,
-            qformer.ln_vision.eps,
+            qformer.config.ln_vision_eps,
             vision.config.layer_norm_eps,
         )
     folder.mkdir(parents=True, exist_ok=True)
@@ -775,7 +774,6 @@ def save_qformer(model: QFormer, path: str | Path) -> Path:
     metadata = {
         "format": FORMAT,
         "qformer_config": json.dumps(model.config.to_dict(), sort_keys=True),
-        "ln_vision_eps": repr(float(model.ln_vision.eps)),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
@@ -803,7 +801,6 @@ def load_qformer(path: str | Path, **overrides: Any) -> QFormer:
         )
     config = QFormerConfig.from_dict({**json.loads(metadata["qformer_config"]), **overrides})
     model = QFormer(config)
-    model.ln_vision.eps = float(metadata.get("ln_vision_eps", _LNV_DEFAULT_EPS))
     state = load_file(str(path))
     dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
     if len(dtypes) == 1:

@@ -67,6 +67,8 @@ class QFormerConfig:
     num_query_tokens: int = 32
     cross_attention_freq: int = 2  # cross-attention in layers 0, freq, 2*freq, ...
     encoder_width: int = 1408  # width of the image features (EVA ViT-g)
+    # ln_vision: LAVIS uses LayerNorm's default; transformers' post_layernorm takes the vision eps (1e-6)
+    ln_vision_eps: float = 1e-5
     embed_dim: int = 256  # width of the ITC features (vision_proj / text_proj)
     # FFN rows processed per chunk (0 = all at once); bounds the 4x-wide activation
     chunk_size_feed_forward: int = 0
@@ -101,6 +103,8 @@ class QFormerConfig:
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"QFormerConfig.{name} must lie in [0, 1), got {getattr(self, name)!r}")
+        if not self.ln_vision_eps > 0:
+            raise ValueError(f"QFormerConfig.ln_vision_eps must be > 0, got {self.ln_vision_eps!r}")
         if self.chunk_size_feed_forward < 0:
             raise ValueError(f"QFormerConfig.chunk_size_feed_forward must be >= 0, got {self.chunk_size_feed_forward}")
         if not 0 <= self.pad_token_id < self.vocab_size:

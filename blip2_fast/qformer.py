@@ -254,7 +254,7 @@ class QFormer(nn.Module):
         self.config = config
         self.backend = config.backend
         h = config.hidden_size
-        self.ln_vision = nn.LayerNorm(config.encoder_width)  # on the frozen ViT's output; eps 1e-5 as in BLIP-2
+        self.ln_vision = nn.LayerNorm(config.encoder_width, eps=config.ln_vision_eps)  # on the frozen ViT's output
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, h))
         self.embeddings = Embeddings(config)
         self.layers = nn.ModuleList(Layer(config, i) for i in range(config.num_hidden_layers))
