@@ -17,9 +17,11 @@ module and name: kernels must be module-level names of an importable module.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
+import io
 import json
 import os
 import re
@@ -140,6 +142,23 @@ def parse_spills(text: str) -> tuple[int, int]:
     return sum(int(s) for s, _ in found), sum(int(l) for _, l in found)
 
 
+@contextlib.contextmanager
+def _ptxas_log_knob():
+    try:
+        from triton import knobs
+
+        nvidia = knobs.nvidia
+        old = nvidia.dump_ptxas_log
+    except (ImportError, AttributeError):
+        yield
+        return
+    nvidia.dump_ptxas_log = True
+    try:
+        yield
+    finally:
+        nvidia.dump_ptxas_log = old
+
+
 def _compile_here(job: AOTJob) -> KernelResources:
     """Compile in this process; needs real ``JITFunction`` objects (no interpreter)."""
     import triton
@@ -148,13 +167,16 @@ def _compile_here(job: AOTJob) -> KernelResources:
     module = importlib.import_module(job.module)
     kernel = getattr(module, job.name)
     target_name = f"{job.module}.{job.name} for sm_{job.arch}"
+    log = io.StringIO()
     try:
         src = triton.compiler.ASTSource(fn=kernel, signature=dict(job.signature), constexprs=dict(job.constexprs))
-        compiled = triton.compile(
-            src,
-            target=GPUTarget("cuda", job.arch, 32),
-            options={"num_warps": job.num_warps, "num_stages": job.num_stages},
-        )
+        # Triton runs ptxas -v itself; with this knob it prints the log (spill counts included) to stdout.
+        with _ptxas_log_knob(), contextlib.redirect_stdout(log):
+            compiled = triton.compile(
+                src,
+                target=GPUTarget("cuda", job.arch, 32),
+                options={"num_warps": job.num_warps, "num_stages": job.num_stages},
+            )
     except Exception as exc:  # the compiler raises many types; the caller wants one
         raise AOTCompileError(f"{target_name} failed to compile: {type(exc).__name__}: {exc}") from exc
 
@@ -169,19 +191,22 @@ def _compile_here(job: AOTJob) -> KernelResources:
         if usage.returncode != 0:
             raise AOTCompileError(f"cuobjdump failed on {target_name}: {usage.stderr}")
         res = parse_resource_usage(usage.stdout)
-        # Triton's own ptxas log is discarded; rerun ptxas -v on the same PTX with the same arch to read spills.
-        ptx = os.path.join(tmp, "k.ptx")
-        with open(ptx, "w") as f:
-            f.write(compiled.asm["ptx"])
-        gpu_name = f"sm_{job.arch}{'a' if job.arch >= 90 else ''}"
-        ptxas = subprocess.run(
-            [_ptxas_path(job.arch), "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu_name}", ptx, "-o", cubin],
-            capture_output=True,
-            text=True,
-        )
-        if ptxas.returncode != 0:
-            raise AOTCompileError(f"ptxas failed on {target_name}: {ptxas.stderr}")
-        spill_stores, spill_loads = parse_spills(ptxas.stdout + ptxas.stderr)
+        if _SPILL_RE.search(log.getvalue()):
+            spill_stores, spill_loads = parse_spills(log.getvalue())
+        else:
+            # A cache hit (or a triton without the knob) ran no ptxas: rerun it on the same PTX and arch.
+            ptx = os.path.join(tmp, "k.ptx")
+            with open(ptx, "w") as f:
+                f.write(compiled.asm["ptx"])
+            gpu_name = f"sm_{job.arch}{'a' if job.arch >= 90 else ''}"
+            ptxas = subprocess.run(
+                [_ptxas_path(job.arch), "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu_name}", ptx, "-o", cubin],
+                capture_output=True,
+                text=True,
+            )
+            if ptxas.returncode != 0:
+                raise AOTCompileError(f"ptxas failed on {target_name}: {ptxas.stderr}")
+            spill_stores, spill_loads = parse_spills(ptxas.stdout + ptxas.stderr)
 
     return KernelResources(
         name=job.name,

@@ -38,6 +38,8 @@ small next to the GEMMs. The backward returns grads for every tensor argument.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -45,6 +47,10 @@ import triton.language as tl
 __all__ = ["ffn", "residual_norm", "FFNFunction", "ResidualNormFunction", "kernel_configs"]
 
 MAX_HIDDEN = 8192
+
+# The interpreter runs programs one after another in numpy, paying per program: there, tiles hold more
+# rows (the per-row arithmetic is the same, only the grid changes). GPU configs are the ones below.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # ----------------------------------------------------------------------------- jit kernels
@@ -200,13 +206,18 @@ def _res_norm_bwd_kernel(
 EW_BLOCK_R = 8
 EW_BLOCK_C = 256
 EW_NUM_WARPS = 4
+_EW_BLOCK_R = 128 if _INTERPRET else EW_BLOCK_R
 
 
-def _norm_config(n_cols: int) -> dict[str, int]:
-    """Row-norm tile: a whole row per program row (LayerNorm needs it), ~4096 elements per program."""
-    block_n = triton.next_power_of_2(n_cols)
-    block_m = max(1, 4096 // block_n)
-    num_warps = 4 if block_n <= 1024 else 8
+def _norm_config(n_cols: int, interpret: bool = _INTERPRET) -> dict[str, int]:
+    """Row-norm tile: whole rows (LayerNorm needs them), 2048+ elements and 8+ elements per thread.
+
+    Every hidden size up to 1024 shares the 1024-wide block (masked), so one compiled config per dtype
+    covers 384, 768 and 1024. 4096-element tiles on 4 warps hit 255 registers and spilled in the backward.
+    """
+    block_n = max(1024, triton.next_power_of_2(n_cols))
+    block_m = max(1, (32768 if interpret else 2048) // block_n)
+    num_warps = 8 if block_n <= 4096 else 16
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps}
 
 
@@ -240,10 +251,11 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
                 EW_NUM_WARPS,
             )
         )
-        for block_n in sorted({_norm_config(h)["BLOCK_N"] for h in _HIDDEN_SIZES}):
-            cfg = _norm_config(block_n)
+        for block_n in sorted({_norm_config(h, interpret=False)["BLOCK_N"] for h in _HIDDEN_SIZES}):
+            cfg = _norm_config(block_n, interpret=False)
             tile = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}
-            for dropout in (False, True):
+            # (HAS_DROPOUT, STORE_MASK): eval, training, and the debug path that returns the mask.
+            for dropout, store_mask in ((False, False), (True, False), (True, True)):
                 fwd_sig = {
                     "y_ptr": ptr,
                     "bias_ptr": ptr,
@@ -270,7 +282,7 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
                     (
                         _res_norm_fwd_kernel,
                         fwd_sig,
-                        {"HAS_DROPOUT": dropout, "STORE_MASK": False} | tile,
+                        {"HAS_DROPOUT": dropout, "STORE_MASK": store_mask} | tile,
                         cfg["num_warps"],
                     )
                 )
@@ -294,7 +306,8 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
                     "BLOCK_M": "constexpr",
                     "BLOCK_N": "constexpr",
                 }
-                out.append((_res_norm_bwd_kernel, bwd_sig, {"HAS_DROPOUT": dropout} | tile, cfg["num_warps"]))
+                if not store_mask:
+                    out.append((_res_norm_bwd_kernel, bwd_sig, {"HAS_DROPOUT": dropout} | tile, cfg["num_warps"]))
     return out
 
 
@@ -307,16 +320,16 @@ def bias_gelu(u: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """GELU(u + bias) for a contiguous (rows, I) ``u``."""
     rows, cols = u.shape
     out = torch.empty_like(u)
-    grid = (triton.cdiv(rows, EW_BLOCK_R), triton.cdiv(cols, EW_BLOCK_C))
-    _bias_gelu_fwd_kernel[grid](u, bias, out, rows, cols, BLOCK_R=EW_BLOCK_R, BLOCK_C=EW_BLOCK_C, num_warps=4)
+    grid = (triton.cdiv(rows, _EW_BLOCK_R), triton.cdiv(cols, EW_BLOCK_C))
+    _bias_gelu_fwd_kernel[grid](u, bias, out, rows, cols, BLOCK_R=_EW_BLOCK_R, BLOCK_C=EW_BLOCK_C, num_warps=4)
     return out
 
 
 def gelu_backward_(grad: torch.Tensor, u: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """grad * GELU'(u + bias), written into ``grad``."""
     rows, cols = grad.shape
-    grid = (triton.cdiv(rows, EW_BLOCK_R), triton.cdiv(cols, EW_BLOCK_C))
-    _gelu_bwd_kernel[grid](grad, u, bias, grad, rows, cols, BLOCK_R=EW_BLOCK_R, BLOCK_C=EW_BLOCK_C, num_warps=4)
+    grid = (triton.cdiv(rows, _EW_BLOCK_R), triton.cdiv(cols, EW_BLOCK_C))
+    _gelu_bwd_kernel[grid](grad, u, bias, grad, rows, cols, BLOCK_R=_EW_BLOCK_R, BLOCK_C=EW_BLOCK_C, num_warps=4)
     return grad
 
 
