@@ -187,7 +187,8 @@ class ImageTransform:
         if self.train:
             generator = generator if generator is not None else self.generator
             left, top, w, h = random_resized_crop_box(image.width, image.height, self.scale, self.ratio, generator)
-            image = image.resize(size, Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+            # crop, then resize (not resize(box=...)): the filter sees only the crop, as in torchvision
+            image = image.crop((left, top, left + w, top + h)).resize(size, Image.Resampling.BICUBIC)
             # Flipping after the resize touches fewer pixels and gives the same image.
             if self.hflip > 0 and torch.rand((), generator=generator).item() < self.hflip:
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

@@ -107,6 +107,17 @@ def test_train_transform_is_seeded_and_random():
     assert all(torch.equal(s1(image), s2(image)) for _ in range(3))
 
 
+def test_train_transform_crops_then_resizes_bicubic():
+    # torchvision's RandomResizedCrop on PIL: crop the box, then resize it; the filter never sees outside the box.
+    image = random_image(2, size=(50, 40))
+    out = build_transform(20, train=True, hflip=0.0)(image, generator=torch.Generator().manual_seed(9))
+    left, top, w, h = random_resized_crop_box(50, 40, (0.5, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(9))
+    assert (w, h) != (50, 40)
+    crop = np.array(image.crop((left, top, left + w, top + h)).resize((20, 20), Image.Resampling.BICUBIC))
+    expected = torch.from_numpy(crop).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(unnormalise(out), expected, atol=1e-6, rtol=0)
+
+
 def test_random_resized_crop_box_respects_scale_and_ratio():
     g = torch.Generator().manual_seed(0)
     areas = []
