@@ -30,6 +30,8 @@ Shapes: B batch, Q queries, P prompt tokens, T text tokens, D LLM width, V LLM v
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,8 +45,12 @@ from blip2_fast.config import QFormerConfig, VisionConfig
 from blip2_fast.qformer import QFormer, as_bool_mask
 from blip2_fast.vision import ImageEncoder
 
+logger = logging.getLogger(__name__)
+
 IGNORE_INDEX = -100  # label of tokens that carry no loss (transformers' and LAVIS's convention)
 VQA_PROMPT = "Question: {} Short answer:"  # BLIP-2's zero-shot VQA template
+_MODEL_KEYS = frozenset({"pixels", "image_embeds", "input_ids", "attention_mask", "labels", "decoder_attention_mask"})
+_BOOKKEEPING_KEYS = frozenset({"skipped", "texts", "image_ids", "indices"})
 
 
 @dataclasses.dataclass
@@ -265,14 +271,13 @@ class Blip2Stage2(nn.Module):
         return Stage2Output(loss, logits, labels)
 
     def loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """The training step's scalar, from a :class:`Stage2Collator` batch."""
-        allowed = {"pixels", "image_embeds", "input_ids", "attention_mask", "labels", "decoder_attention_mask"}
-        unknown = sorted(set(batch) - allowed)
+        """The training step's scalar, from a :class:`Stage2Collator` batch (bookkeeping keys are skipped)."""
+        unknown = sorted(set(batch) - _MODEL_KEYS - _BOOKKEEPING_KEYS)
         if unknown:
-            raise ValueError(f"unknown stage-2 batch key(s) {unknown}; expected some of {sorted(allowed)}")
+            raise ValueError(f"unknown stage-2 batch key(s) {unknown}; expected some of {sorted(_MODEL_KEYS)}")
         if batch.get("labels") is None:
             raise ValueError("a stage-2 training batch needs labels")
-        return self(**batch).loss
+        return self(**{k: v for k, v in batch.items() if k in _MODEL_KEYS}).loss
 
     # ---------------------------------------------------------------- generation
 
@@ -352,8 +357,9 @@ class Stage2Collator:
     """Samples -> a batch for :meth:`Blip2Stage2.loss`.
 
     A sample is a mapping with ``pixels`` (3, S, S) or ``image_embeds`` (N, E), ``text``
-    (the target caption / answer) and optionally ``prompt`` (else the collator's
-    ``prompt``). Token layout (LAVIS):
+    or ``caption`` (the target string) and optionally ``prompt`` (else the collator's
+    ``prompt``); None samples are dropped and counted in ``skipped``. The batch also
+    carries ``texts`` (the target strings). Token layout (LAVIS):
 
     - decoder-only: ``[BOS] prompt text [EOS]`` packed per row, right-padded; labels
       keep the text and EOS, everything else is -100. LAVIS's OPT uses "\\n" as EOS:
@@ -389,30 +395,35 @@ class Stage2Collator:
         width = max(1, max(len(r) for r in rows))
         return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
-    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        if not samples:
-            raise ValueError("cannot collate an empty list of samples")
-        batch: dict[str, torch.Tensor] = {}
+    def __call__(self, samples: Sequence[Mapping[str, Any] | None]) -> dict[str, Any]:
+        kept = [s for s in samples if s is not None]  # datasets return None for unreadable samples
+        if not kept:
+            raise ValueError(f"no sample left to collate ({len(samples)} given, all None)")
+        batch: dict[str, Any] = {}
         for key in ("pixels", "image_embeds"):
-            if key in samples[0]:
-                batch[key] = torch.stack([s[key] for s in samples])
+            if key in kept[0]:
+                batch[key] = torch.stack([s[key] for s in kept])
         if not batch:
             raise ValueError("each stage-2 sample needs 'pixels' (3, S, S) or 'image_embeds' (N, E)")
-        prompts, texts = [], []
-        for s in samples:
-            if not isinstance(s.get("text"), str):
-                raise ValueError("each stage-2 sample needs 'text': the target string")
+        prompts, texts, strings = [], [], []
+        for s in kept:
+            text = s.get("text", s.get("caption"))
+            if not isinstance(text, str):
+                raise ValueError("each stage-2 sample needs 'text' (or 'caption'): the target string")
+            strings.append(text)
             bos = [self.bos_token_id] if self.bos_token_id is not None else []
             prompts.append((bos + self._ids(s.get("prompt", self.prompt)))[: self.max_length])
             eos = [self.eos_token_id] if self.eos_token_id is not None else []
-            texts.append(self._ids(s["text"])[: self.max_length - len(eos)] + eos)
+            texts.append(self._ids(text)[: self.max_length - len(eos)] + eos)
+        batch["texts"] = strings
+        batch["skipped"] = len(samples) - len(kept)
         if self.encoder_decoder:
             batch["input_ids"] = self._right_pad(prompts, self.pad_token_id)
             batch["attention_mask"] = self._right_pad([[1] * len(p) for p in prompts], 0)
             batch["labels"] = self._right_pad(texts, IGNORE_INDEX)
             batch["decoder_attention_mask"] = self._right_pad([[1] * len(t) for t in texts], 0)
             return batch
-        rows = [(p + t)[: self.max_length + len(p)] for p, t in zip(prompts, texts, strict=True)]
+        rows = [p + t for p, t in zip(prompts, texts, strict=True)]
         batch["input_ids"] = self._right_pad(rows, self.pad_token_id)
         batch["attention_mask"] = self._right_pad([[1] * len(r) for r in rows], 0)
         batch["labels"] = self._right_pad(
@@ -514,36 +525,47 @@ def answer(
 _TEXT_ONLY = ("embeddings.word.", "embeddings.position.", "vision_proj.", "text_proj.", "itm_head.", "lm_head.", "temp")
 
 
-def _read_state_dict(source: str | Path | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _read_state_dict(source: str | Path | Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float | None]:
+    """(state dict, ln_vision eps when the file records it)."""
     if isinstance(source, Mapping):
-        sd = dict(source)
+        sd, eps = dict(source), None
     else:
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"stage-1 checkpoint not found: {path}")
+        eps = None
         if path.suffix == ".safetensors":
+            from safetensors import safe_open
             from safetensors.torch import load_file
 
+            with safe_open(str(path), "pt") as f:
+                metadata = f.metadata() or {}
+            # blip2_fast.checkpoint.save_qformer records it in the metadata or in the config JSON
+            config = json.loads(metadata.get("qformer_config", "{}"))
+            if "ln_vision_eps" in config or "ln_vision_eps" in metadata:
+                eps = float(config.get("ln_vision_eps", metadata.get("ln_vision_eps")))
             sd = load_file(str(path))
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-    # wrappers used by our trainer, DeepSpeed and LAVIS
+    # wrappers used by DeepSpeed and LAVIS
     for key in ("module", "model", "state_dict"):
         if key in sd and isinstance(sd[key], Mapping):
             sd = dict(sd[key])
-    return sd
+    return sd, eps
 
 
 def load_stage1(model: Blip2Stage2, source: str | Path | Mapping[str, torch.Tensor]) -> list[str]:
-    """Load a stage-1 Q-Former (state dict, or a ``.pt`` / ``.safetensors`` file) into ``model.qformer``.
+    """Load a stage-1 Q-Former (state dict, ``.pt`` or our ``.safetensors``) into ``model.qformer``.
 
     Keys may carry a ``qformer.`` or ``module.`` prefix. Every stage-2 Q-Former
     tensor (queries, ``ln_vision``, self/cross-attention, query FFNs, embedding
     LayerNorm) must be present; the text-only stage-1 keys are skipped and
-    returned, sorted. Any other key is an error.
+    returned, sorted. Any other key is an error. A ``ln_vision`` eps recorded in
+    the file's metadata is applied too.
     """
+    raw, eps = _read_state_dict(source)
     sd = {}
-    for key, value in _read_state_dict(source).items():
+    for key, value in raw.items():
         for prefix in ("module.", "qformer."):
             key = key.removeprefix(prefix)
         sd[key] = value
@@ -561,35 +583,78 @@ def load_stage1(model: Blip2Stage2, source: str | Path | Mapping[str, torch.Tens
                 f"stage-1 {key} has shape {tuple(sd[key].shape)}, the stage-2 Q-Former expects {tuple(value.shape)}"
             )
     model.qformer.load_state_dict({k: sd[k] for k in own}, strict=True)
+    if eps is not None:
+        model.qformer.ln_vision.eps = eps
     return ignored
+
+
+def stage1_configs(init: str | Path) -> tuple[QFormerConfig, VisionConfig | None, Path, Path | None]:
+    """Configs and files of a stage-1 output: a run folder (``model.safetensors``, ``vision.safetensors``,
+    ``config.yaml``) or a ``model.safetensors`` written by ``blip2_fast.checkpoint.save_qformer``.
+
+    Returns (stage-2 QFormerConfig, VisionConfig or None, model file, vision file or None).
+    """
+    from safetensors import safe_open
+
+    path = Path(init)
+    folder, model_file = (path, path / "model.safetensors") if path.is_dir() else (path.parent, path)
+    if not model_file.is_file():
+        raise FileNotFoundError(f"stage-1 checkpoint not found: {model_file}")
+    with safe_open(str(model_file), "pt") as f:
+        metadata = f.metadata() or {}
+    if "qformer_config" not in metadata:
+        raise ValueError(f"{model_file}: no 'qformer_config' metadata (expected a save_qformer file)")
+    qformer = QFormerConfig.from_dict({**json.loads(metadata["qformer_config"]), "text_input": False})
+    vision, vision_file = None, folder / "vision.safetensors"
+    if (folder / "config.yaml").is_file():
+        import yaml
+
+        run = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+        if isinstance(run.get("model", {}).get("vision"), dict):
+            vision = VisionConfig.from_dict(run["model"]["vision"])
+    return qformer, vision, model_file, vision_file if vision_file.is_file() else None
 
 
 # -------------------------------------------------------------------- the embedded default
 
 
 def default_stage2_model(
+    init: str | Path | None = None,
+    *,
     qformer_config: QFormerConfig | None = None,
     vision_config: VisionConfig | None = None,
-    *,
     llm_layers: int = 2,
     llm_hidden: int = 128,
     llm_heads: int = 4,
-    max_length: int = 64,
+    max_length: int = 32,
 ) -> tuple[Blip2Stage2, PreTrainedTokenizerBase]:
-    """A small, randomly initialised stage-2 model that needs no download, and its tokenizer.
+    """A small stage-2 model that needs no download, and its tokenizer.
 
-    The LLM is an OPT decoder built from an ``OPTConfig``; its vocabulary is the
-    shipped bert-base-uncased WordPiece (:func:`blip2_fast.text.load_tokenizer`,
-    30522 tokens + ``[DEC]``): ``[DEC]`` is BOS, ``[SEP]`` EOS, ``[PAD]`` pad, and
-    ``[unused0]`` the query placeholder of the transformers layout. Defaults:
-    the ``tiny`` Q-Former (stage-2 variant) over the ``tiny`` ViT; pass the
-    stage-1 configs to continue from a stage-1 checkpoint.
+    The LLM is a randomly initialised OPT decoder built from an ``OPTConfig``; its
+    vocabulary is the shipped bert-base-uncased WordPiece
+    (:func:`blip2_fast.text.load_tokenizer`: 30522 tokens + ``[DEC]``): ``[DEC]`` is
+    BOS, ``[SEP]`` EOS, ``[PAD]`` pad and ``[unused0]`` the query placeholder of the
+    transformers layout. No GPT-2 BPE files ship offline; WordPiece suits the
+    lower-case synthetic captions.
+
+    ``init``: a stage-1 run folder or its ``model.safetensors``: the Q-Former's
+    configuration and query path come from it (text-only keys are skipped), and
+    the frozen ViT from the folder's ``vision.safetensors`` / ``config.yaml`` when
+    present. Without it: the ``tiny`` Q-Former (stage-2 variant) over the ``tiny`` ViT,
+    unless configs are given.
     """
     from transformers import OPTConfig, OPTForCausalLM
 
     from blip2_fast.text import load_tokenizer
 
+    model_file = vision_file = None
+    if init is not None:
+        qformer_config, found_vision, model_file, vision_file = stage1_configs(init)
+        vision_config = vision_config or found_vision
+        if vision_config is None:
+            raise ValueError(f"{init}: no config.yaml with model.vision beside the checkpoint; pass vision_config")
     tokenizer = load_tokenizer(max_length=max_length)
+    tokenizer.eos_token = tokenizer.sep_token
     vision_config = vision_config or VisionConfig.preset("tiny")
     if qformer_config is None:
         qformer_config = QFormerConfig.preset("tiny", encoder_width=vision_config.hidden_size)
@@ -604,14 +669,22 @@ def default_stage2_model(
         max_position_embeddings=qformer_config.num_query_tokens + 2 * max_length + 2,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.sep_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         dropout=0.0,
+        # At OPT's 0.02 the tied output embeddings cap any logit near 0.02 * hidden = 2.6, flat over 30k
+        # tokens: a frozen random LLM that no soft prompt can steer. 0.2 lets the queries pick words.
+        init_std=0.2,
     )
     llm = OPTForCausalLM(llm_config)
-    llm.generation_config.pad_token_id = tokenizer.pad_token_id
-    llm.generation_config.bos_token_id = tokenizer.bos_token_id
-    llm.generation_config.eos_token_id = tokenizer.sep_token_id
-    tokenizer.eos_token = tokenizer.sep_token
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        setattr(llm.generation_config, key, getattr(tokenizer, key))
     placeholder = tokenizer.convert_tokens_to_ids("[unused0]")
     model = Blip2Stage2(qformer_config, llm, vision_config, image_token_index=placeholder)
+    if model_file is not None:
+        ignored = load_stage1(model, model_file)
+        logger.info("stage-1 init from %s; skipped text-only keys: %s", model_file, ", ".join(ignored))
+        if vision_file is not None:
+            from safetensors.torch import load_file
+
+            model.image_encoder.load_state_dict(load_file(str(vision_file)))
     return model, tokenizer

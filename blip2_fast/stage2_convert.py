@@ -30,6 +30,7 @@ frozen ViT from the caller (LAVIS's EVA layout is not mapped here).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Mapping
@@ -158,7 +159,14 @@ def _qformer_config(hf: Blip2Config) -> QFormerConfig:
         cross_attention_freq=q.cross_attention_frequency,
         encoder_width=q.encoder_hidden_size,
         text_input=False,
+        **_ln_vision_eps(hf.vision_config.layer_norm_eps),
     )
+
+
+def _ln_vision_eps(eps: float) -> dict[str, float]:
+    """``ln_vision_eps`` for QFormerConfig where the config has that key (the module's eps is set as well)."""
+    names = {f.name for f in dataclasses.fields(QFormerConfig)}
+    return {"ln_vision_eps": eps} if "ln_vision_eps" in names else {}
 
 
 def _vision_config(hf: Blip2Config) -> VisionConfig:
@@ -422,8 +430,6 @@ def lavis_model(
         cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
         llm = cls.from_pretrained(str(folder), local_files_only=True)
     if qformer_config.text_input:
-        import dataclasses
-
         qformer_config = dataclasses.replace(qformer_config, text_input=False)
     model = Blip2Stage2(qformer_config, llm, image_encoder)
     return model, load_lavis(model, checkpoint)

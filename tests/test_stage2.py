@@ -1,0 +1,321 @@
+"""Stage 2: token layout, loss semantics, frozen parts, generation batching, stage-1 init, the embedded default."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import T5Config, T5ForConditionalGeneration
+
+from blip2_fast.checkpoint import save_qformer
+from blip2_fast.config import QFormerConfig, VisionConfig
+from blip2_fast.qformer import QFormer
+from blip2_fast.stage2 import (
+    IGNORE_INDEX,
+    VQA_PROMPT,
+    Blip2Stage2,
+    Stage2Collator,
+    answer,
+    caption,
+    default_stage2_model,
+    encode_prompts,
+    generation_kwargs,
+    load_stage1,
+)
+
+
+@pytest.fixture(scope="module")
+def default():
+    torch.manual_seed(0)
+    model, tokenizer = default_stage2_model()
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def sharp(default):
+    """The default model with sharper LLM logits, so that greedy and beam outputs depend on the input."""
+    model, tokenizer = default
+    torch.manual_seed(0)
+    sharp, _ = default_stage2_model()
+    sharp.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for p in sharp.llm.parameters():
+            if p.dim() == 2:
+                p.mul_(8.0)
+    return sharp.eval(), tokenizer
+
+
+def _pixels(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# ------------------------------------------------------------------ token layout
+
+
+def test_decoder_collator_labels_only_the_text(default):
+    _, tok = default
+    collate = Stage2Collator(tok, encoder_decoder=False, prompt="a photo of")
+    samples = [
+        {"pixels": torch.zeros(3, 32, 32), "text": "a red circle"},
+        {"pixels": torch.ones(3, 32, 32), "caption": "two", "prompt": VQA_PROMPT.format("how many?")},
+        None,
+    ]
+    batch = collate(samples)
+    assert batch["skipped"] == 1 and batch["texts"] == ["a red circle", "two"]
+    bos, eos, pad = tok.bos_token_id, tok.sep_token_id, tok.pad_token_id
+    rows = [
+        ([bos] + _ids(tok, "a photo of"), _ids(tok, "a red circle") + [eos]),
+        ([bos] + _ids(tok, VQA_PROMPT.format("how many?")), _ids(tok, "two") + [eos]),
+    ]
+    width = max(len(p) + len(t) for p, t in rows)
+    for i, (prompt, text) in enumerate(rows):
+        n = len(prompt) + len(text)
+        assert batch["input_ids"][i].tolist() == prompt + text + [pad] * (width - n)
+        assert batch["labels"][i].tolist() == [IGNORE_INDEX] * len(prompt) + text + [IGNORE_INDEX] * (width - n)
+        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (width - n)
+    assert batch["pixels"].shape == (2, 3, 32, 32)
+
+
+def test_encoder_decoder_collator(default):
+    _, tok = default
+    collate = Stage2Collator(tok, encoder_decoder=True, eos_token_id=tok.sep_token_id)
+    batch = collate(
+        [
+            {"image_embeds": torch.zeros(5, 8), "text": "a blue square", "prompt": "describe"},
+            {"image_embeds": torch.zeros(5, 8), "text": "yes", "prompt": "is it red or blue"},
+        ]
+    )
+    assert batch["input_ids"][0].tolist()[: len(_ids(tok, "describe"))] == _ids(tok, "describe")
+    assert batch["attention_mask"].sum(1).tolist() == [len(_ids(tok, "describe")), len(_ids(tok, "is it red or blue"))]
+    text = _ids(tok, "yes") + [tok.sep_token_id]
+    assert batch["labels"][1].tolist() == text + [IGNORE_INDEX] * (batch["labels"].shape[1] - len(text))
+    assert batch["decoder_attention_mask"].sum(1).tolist() == [len(_ids(tok, "a blue square")) + 1, len(text)]
+
+
+def test_prompts_are_left_padded_with_bos(default):
+    _, tok = default
+    ids, mask = encode_prompts(tok, ["a b c", "a"], bos_token_id=tok.bos_token_id)
+    assert mask.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
+    assert ids[1].tolist() == [tok.pad_token_id] * 2 + [tok.bos_token_id] + _ids(tok, "a")
+
+
+# ------------------------------------------------------------------ loss
+
+
+def test_decoder_loss_is_next_token_cross_entropy_over_text_only(default):
+    model, tok = default
+    texts = ["a red circle left of a cross", "a square"]
+    batch = Stage2Collator(tok, encoder_decoder=False, prompt="a photo of")(
+        [{"pixels": p, "text": t} for p, t in zip(_pixels(2), texts, strict=True)]
+    )
+    loss = model.loss(batch)
+    # the same number, spelled out token by token
+    with torch.no_grad():
+        queries = model.query_embeds(batch["pixels"])
+        Q = queries.shape[1]
+        total, count = 0.0, 0
+        for i in range(2):
+            n = int(batch["attention_mask"][i].sum())
+            ids = batch["input_ids"][i, :n]
+            embeds = torch.cat([queries[i], model.llm.get_input_embeddings()(ids)])[None]
+            logits = model.llm(inputs_embeds=embeds).logits[0]
+            n_prompt = 1 + len(_ids(tok, "a photo of"))
+            for t in range(n_prompt, n):  # text token t is predicted at sequence position Q + t - 1
+                total += F.cross_entropy(logits[Q + t - 1], ids[t]).item()
+                count += 1
+    assert count == int((batch["labels"] != IGNORE_INDEX).sum())
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_encoder_decoder_loss_and_generation():
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(
+        T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, decoder_start_token_id=0)
+    )
+    vision = VisionConfig.preset("tiny")
+    model = Blip2Stage2(QFormerConfig.preset("tiny", text_input=False, encoder_width=48), t5, vision).eval()
+    pixels = _pixels(2)
+    prompt = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    prompt_mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    labels = torch.tensor([[3, 4, 1], [5, 1, IGNORE_INDEX]])
+    out = model(pixels=pixels, input_ids=prompt, attention_mask=prompt_mask, labels=labels)
+    # the encoder sees [queries ; prompt] and the decoder the shifted labels, as T5 does on its own
+    with torch.no_grad():
+        embeds = torch.cat([model.query_embeds(pixels), t5.get_input_embeddings()(prompt)], dim=1)
+        mask = torch.cat([torch.ones(2, 8, dtype=torch.long), prompt_mask], dim=1)
+        ref = t5(inputs_embeds=embeds, attention_mask=mask, labels=labels, decoder_attention_mask=labels != -100)
+    torch.testing.assert_close(out.logits, ref.logits)
+    torch.testing.assert_close(out.loss, ref.loss)
+    generated = model.generate(pixels, input_ids=prompt, attention_mask=prompt_mask, max_new_tokens=4)
+    assert generated.shape[0] == 2 and generated.shape[1] <= 4
+
+
+def test_only_qformer_and_projection_learn(default):
+    model, tok = default
+    model.train()
+    assert not model.llm.training and not model.image_encoder.training and model.qformer.training
+    batch = Stage2Collator(tok, encoder_decoder=False)([{"pixels": p, "text": "a cross"} for p in _pixels(2)])
+    model.zero_grad()
+    model.loss(batch).backward()
+    for name, p in model.named_parameters():
+        if name.startswith(("llm.", "image_encoder.")):
+            assert not p.requires_grad and p.grad is None, name
+        elif name.startswith("qformer.layers.0.") or name.startswith(("llm_proj.", "qformer.query_tokens")):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert set(model.trainable_state_dict()) == {n for n, p in model.named_parameters() if p.requires_grad}
+    model.eval()
+
+
+def test_padding_does_not_change_the_per_token_loss(default):
+    model, tok = default
+    collate = Stage2Collator(tok, encoder_decoder=False)
+    pixels = _pixels(2, seed=3)
+    texts = ["a green triangle above a yellow circle", "a cross"]
+    both = collate([{"pixels": p, "text": t} for p, t in zip(pixels, texts, strict=True)])
+    with torch.no_grad():
+        total = model.loss(both) * (both["labels"] != IGNORE_INDEX).sum()
+        alone = 0.0
+        for p, t in zip(pixels, texts, strict=True):
+            one = collate([{"pixels": p, "text": t}])
+            alone += model.loss(one) * (one["labels"] != IGNORE_INDEX).sum()
+    assert total.item() == pytest.approx(float(alone), rel=1e-5)
+
+
+# ------------------------------------------------------------------ generation
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_batched_prompts_generate_as_one_at_a_time(sharp, method):
+    model, tok = sharp
+    pixels = _pixels(3, seed=5)
+    prompts = ["", "a photo of", VQA_PROMPT.format("what colour is the circle?")]
+    options = dict(method=method, max_new_tokens=5, num_beams=3)
+    batched = caption(model, tok, pixels, prompt=prompts, **options)
+    single = [caption(model, tok, pixels[i : i + 1], prompt=prompts[i], **options)[0] for i in range(3)]
+    assert batched == single
+    assert len(set(batched)) > 1, "the outputs do not depend on the input: the check proves nothing"
+
+
+def test_several_captions_per_image(sharp):
+    model, tok = sharp
+    pixels = _pixels(2, seed=6)
+    torch.manual_seed(0)
+    first = caption(model, tok, pixels, method="nucleus", num_captions=3, max_new_tokens=4)
+    torch.manual_seed(0)
+    again = caption(model, tok, pixels, method="nucleus", num_captions=3, max_new_tokens=4)
+    assert len(first) == 6 and first == again
+    beams = caption(model, tok, pixels, method="beam", num_beams=3, num_captions=3, max_new_tokens=4)
+    assert len(beams) == 6
+    answers = answer(model, tok, ["what is it?", "where?"], pixels, method="greedy", max_new_tokens=3)
+    assert answers == caption(
+        model,
+        tok,
+        pixels,
+        prompt=[VQA_PROMPT.format(q) for q in ["what is it?", "where?"]],
+        method="greedy",
+        max_new_tokens=3,
+    )
+
+
+def test_generation_options_are_checked():
+    with pytest.raises(ValueError, match="greedy, beam or nucleus"):
+        generation_kwargs("topk")
+    with pytest.raises(ValueError, match="num_beams"):
+        generation_kwargs("beam", num_beams=2, num_captions=3)
+    with pytest.raises(ValueError, match="one caption"):
+        generation_kwargs("greedy", num_captions=2)
+    assert generation_kwargs("nucleus", top_p=0.8)["do_sample"] is True
+
+
+# ------------------------------------------------------------------ stage-1 init
+
+
+def test_stage1_checkpoint_initialises_the_query_path(tmp_path):
+    torch.manual_seed(0)
+    vision = VisionConfig.preset("tiny")
+    config = QFormerConfig.preset("tiny", encoder_width=vision.hidden_size)
+    if "ln_vision_eps" in {f.name for f in dataclasses.fields(config)}:
+        config = dataclasses.replace(config, ln_vision_eps=1e-6)
+    stage1 = QFormer(config).eval()
+    with torch.no_grad():
+        stage1.ln_vision.weight.add_(0.3)
+    stage1.ln_vision.eps = 1e-6
+    path = save_qformer(stage1, tmp_path / "model.safetensors")
+    model, _ = default_stage2_model(path, vision_config=vision)
+    model.eval()
+    assert model.qformer.ln_vision.eps == 1e-6
+    features = torch.randn(2, vision.num_tokens, vision.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.qformer.encode_image(features).hidden, stage1.encode_image(features).hidden, rtol=0, atol=0
+        )
+
+    sd = {f"module.{k}": v for k, v in stage1.state_dict().items()}
+    ignored = load_stage1(model, sd)
+    text_only = {k for k in stage1.state_dict() if k not in model.qformer.state_dict()}
+    assert set(ignored) == {f"module.{k}".removeprefix("module.") for k in text_only}
+    assert any(".ffn_text." in k for k in ignored) and "temp" in ignored and "lm_head.dense.weight" in ignored
+
+    with pytest.raises(ValueError, match="does not know"):
+        load_stage1(model, {**stage1.state_dict(), "mystery.weight": torch.zeros(1)})
+    partial = stage1.state_dict()
+    del partial["layers.1.ffn_query.up.weight"]
+    with pytest.raises(ValueError, match="lacks"):
+        load_stage1(model, partial)
+
+
+# ------------------------------------------------------------------ the embedded default
+
+
+def test_default_model_learns_a_fixed_batch(default):
+    _, tok = default
+    torch.manual_seed(0)
+    model, _ = default_stage2_model()
+    collate = Stage2Collator(tok, encoder_decoder=False)
+    texts = ["a red circle", "a blue square", "a green cross", "a red square"]
+    batch = collate([{"pixels": p, "text": t} for p, t in zip(_pixels(4, seed=9), texts, strict=True)])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=3e-3)
+    model.train()
+    first = model.loss(batch).item()
+    for _ in range(12):
+        opt.zero_grad()
+        loss = model.loss(batch)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.6 * first, (first, loss.item())
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_bad_input_is_named(default):
+    model, tok = default
+    with pytest.raises(ValueError, match="text_input=False"):
+        Blip2Stage2(QFormer(QFormerConfig.preset("tiny")), model.llm)
+    with pytest.raises(ValueError, match="encoder_width"):
+        Blip2Stage2(QFormerConfig.preset("tiny", text_input=False), model.llm, VisionConfig.preset("small"))
+    with pytest.raises(ValueError, match="exactly one of pixels"):
+        model.query_embeds()
+    with pytest.raises(ValueError, match=r"\(B, 3, 32, 32\)"):
+        model.query_embeds(torch.zeros(1, 3, 16, 16))
+    pixels = _pixels(2)
+    with pytest.raises(ValueError, match="vocabulary"):
+        model(pixels=pixels, input_ids=torch.full((2, 3), 10**6))
+    with pytest.raises(ValueError, match="batch size"):
+        model(pixels=pixels, input_ids=torch.ones(3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="shape of input_ids"):
+        model(pixels=pixels, input_ids=torch.ones(2, 3, dtype=torch.long), labels=torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="unknown stage-2 batch key"):
+        model.loss({"pixels": pixels, "labels": torch.ones(2, 2, dtype=torch.long), "captions": []})
+    with pytest.raises(ValueError, match="attention_mask must be a bool"):
+        model(pixels=pixels, input_ids=torch.ones(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 3))
+    stage2_cfg = dataclasses.replace(model.qformer.config)
+    assert not stage2_cfg.text_input
