@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import importlib
 import io
 import json
@@ -266,18 +265,17 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
-def _compile_cached(job: AOTJob) -> KernelResources:
-    return compile_many([job])[0]
+_CACHE: dict[AOTJob, KernelResources] = {}
 
 
 def compile_many(jobs: Sequence[AOTJob]) -> list[KernelResources]:
-    """Compile several configs; under the interpreter they share one child process (importing torch is slow)."""
-    if not jobs:
-        return []
-    if _interpreting():
-        return _compile_in_child(jobs)
-    return [_compile_here(j) for j in jobs]
+    """Compile several configs (cached per process); under the interpreter the missing ones share one child
+    process, since starting Python with torch and triton costs seconds."""
+    missing = list(dict.fromkeys(j for j in jobs if j not in _CACHE))
+    if missing:
+        results = _compile_in_child(missing) if _interpreting() else [_compile_here(j) for j in missing]
+        _CACHE.update(zip(missing, results, strict=True))
+    return [_CACHE[j] for j in jobs]
 
 
 def compile_for_arch(
@@ -294,4 +292,4 @@ def compile_for_arch(
     ``"fp32"``, ``"constexpr"``); ``constexprs`` gives the value of each constexpr.
     Raises :class:`AOTCompileError` when the kernel does not compile.
     """
-    return _compile_cached(AOTJob.of(kernel, signature, constexprs, arch, num_warps, num_stages))
+    return compile_many([AOTJob.of(kernel, signature, constexprs, arch, num_warps, num_stages)])[0]

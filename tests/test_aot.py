@@ -2,14 +2,39 @@
 
 import pytest
 from blip2_fast.kernels import aot
-from blip2_fast.kernels.ffn import EW_BLOCK_C, EW_BLOCK_R, _bias_gelu_fwd_kernel
+from blip2_fast.kernels.ffn import EW_BLOCK_C, EW_BLOCK_R, _bias_gelu_fwd_kernel, kernel_configs
+
+ARCHS = (80, 90)
 
 _SIG = {"u_ptr": "*fp16", "bias_ptr": "*fp16", "out_ptr": "*fp16", "n_rows": "i32", "n_cols": "i32"}
 _SIG |= {"BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
 
 
-@pytest.mark.parametrize("arch", [80, 90])
-def test_compiles_and_reports_resources(arch):
+@pytest.fixture(scope="module")
+def shipped():
+    """Every kernel config the FFN launchers use on a GPU, compiled for sm_80 and sm_90 in one child process."""
+    jobs = [aot.AOTJob.of(k, sig, const, arch, warps) for k, sig, const, warps in kernel_configs() for arch in ARCHS]
+    return list(zip(jobs, aot.compile_many(jobs), strict=True))
+
+
+def test_every_shipped_ffn_config_compiles_without_spills(shipped):
+    dtypes = {dict(job.signature)[next(iter(dict(job.signature)))] for job, _ in shipped}
+    assert dtypes == {"*fp32", "*fp16", "*bf16"}
+    assert {job.name for job, _ in shipped} == {
+        "_bias_gelu_fwd_kernel",
+        "_gelu_bwd_kernel",
+        "_res_norm_fwd_kernel",
+        "_res_norm_bwd_kernel",
+    }
+    bad = [(job, res) for job, res in shipped if res.spills or res.local_bytes or res.registers >= 255]
+    assert not bad, "spills / local memory / register cap:\n" + "\n".join(f"{j}: {r}" for j, r in bad)
+    for job, res in shipped:
+        # Triton's dynamic shared memory for the row reductions stays far below the 48 KiB default limit.
+        assert res.shared_bytes < 48 * 1024, (job, res)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compiles_and_reports_resources(arch, shipped):
     res = aot.compile_for_arch(
         _bias_gelu_fwd_kernel, _SIG, {"BLOCK_R": EW_BLOCK_R, "BLOCK_C": EW_BLOCK_C}, arch=arch, num_warps=4
     )
