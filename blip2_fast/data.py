@@ -390,7 +390,7 @@ class CaptionJSON(Dataset):
         self.samples: list[tuple[str, str, int]] = []
         ids: dict[Any, int] = {}
         for n, entry in enumerate(entries):
-            if not isinstance(entry, Mapping) or "image" not in entry or "caption" not in entry:
+            if not isinstance(entry, Mapping) or entry.get("image") is None or entry.get("caption") is None:
                 raise ValueError(
                     f"{annotation_file}: entry {n} must be an object with keys 'image' and 'caption'"
                     f" (optional 'image_id'), got {entry!r:.200}"
@@ -404,7 +404,9 @@ class CaptionJSON(Dataset):
             if not all(isinstance(c, str) for c in captions):
                 raise ValueError(f"{annotation_file}: entry {n} has a caption that is not a str")
             raw_id = entry.get("image_id", ("path", image))
-            image_id = ids.setdefault(raw_id if not isinstance(raw_id, list) else tuple(raw_id), len(ids))
+            if isinstance(raw_id, (dict, list)):
+                raise ValueError(f"{annotation_file}: entry {n} has an 'image_id' that is not a str or number")
+            image_id = ids.setdefault(raw_id, len(ids))
             self.samples.extend((image, c, image_id) for c in captions)
         self.num_images = len(ids)
 
@@ -412,12 +414,19 @@ class CaptionJSON(Dataset):
         if isinstance(data, list):
             return data
         if isinstance(data, Mapping) and "images" in data and "annotations" in data:
-            files = {img["id"]: img["file_name"] for img in data["images"]}
+            try:
+                files = {img["id"]: img["file_name"] for img in data["images"]}
+            except (KeyError, TypeError) as err:
+                raise ValueError(
+                    f"{self.annotation_file}: every COCO 'images' entry needs 'id' and 'file_name'"
+                ) from err
             out = []
             for n, ann in enumerate(data["annotations"]):
-                if ann.get("image_id") not in files:
+                if not isinstance(ann, Mapping) or ann.get("image_id") not in files:
                     raise ValueError(f"{self.annotation_file}: annotation {n} names an image_id missing from 'images'")
-                out.append({"image": files[ann["image_id"]], "caption": ann["caption"], "image_id": ann["image_id"]})
+                out.append(
+                    {"image": files[ann["image_id"]], "caption": ann.get("caption"), "image_id": ann["image_id"]}
+                )
             return out
         raise ValueError(
             f"{self.annotation_file}: expected a JSON list of {{'image', 'caption'}} entries"
@@ -480,8 +489,9 @@ class WebDatasetShards(IterableDataset):
 
     A sample is the group of consecutive members sharing a key: an image
     (``key.jpg``/``.jpeg``/``.png``/``.webp``), a caption (``key.txt``) and
-    optionally ``key.json`` with an ``image_id``. Without one, the id is a stable
-    63-bit hash of the shard name and key (one id per sample). Items are
+    optionally ``key.json`` with an ``image_id`` (an int is used as is, a str is
+    hashed, so the captions of one image share it across shards). Without one, the
+    id is a stable 63-bit hash of the shard name and key (one id per sample). Items are
     ``{"image": bytes or None, "caption": str or None, "image_id": int, "key": str}``;
     a missing image or caption is left for ``ImageTextDataset`` to skip and count.
 
@@ -598,8 +608,10 @@ class WebDatasetShards(IterableDataset):
                 image_id = json.loads(group["json"]).get("image_id")
             except (ValueError, AttributeError):
                 image_id = None
-        if not isinstance(image_id, int):
-            image_id = sample_seed(shard, key, image_id if image_id is not None else "")
+        if image_id is None:
+            image_id = sample_seed("sample", shard, key)
+        elif not isinstance(image_id, int) or isinstance(image_id, bool):
+            image_id = sample_seed("image_id", str(image_id))  # e.g. "coco_391895": shared by its captions
         return {"image": image, "caption": caption, "image_id": image_id, "key": f"{shard}/{key}"}
 
 

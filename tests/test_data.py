@@ -294,6 +294,9 @@ def test_caption_json_errors_name_the_problem(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps([{"image": "a.png", "text": "x"}]))
     with pytest.raises(ValueError, match="entry 0 .*'caption'"):
         CaptionJSON(tmp_path / "bad.json", tmp_path / "images")
+    (tmp_path / "bad_id.json").write_text(json.dumps([{"image": "a.png", "caption": "x", "image_id": [1]}]))
+    with pytest.raises(ValueError, match="entry 0 has an 'image_id'"):
+        CaptionJSON(tmp_path / "bad_id.json", tmp_path / "images")
     (tmp_path / "notjson.json").write_text("{oops")
     with pytest.raises(ValueError, match="not valid JSON"):
         CaptionJSON(tmp_path / "notjson.json", tmp_path / "images")
@@ -436,6 +439,16 @@ def test_tar_shards_through_image_text_dataset_skip_bad_samples(tmp_path, tokeni
             ("d.txt", b"A JPEG"),
         ],
     )
+    write_shard(
+        tmp_path / "t.tar",
+        [
+            (f"{k}.{ext}", data)
+            for k in "xy"
+            for ext, data in (("png", png.getvalue()), ("json", b'{"image_id": "coco_1"}'))
+        ],
+    )
+    shared = [s["image_id"] for s in WebDatasetShards(str(tmp_path / "t.tar"))]
+    assert len(shared) == 2 and shared[0] == shared[1]  # a str image_id is shared, not per sample
     dataset = ImageTextDataset(WebDatasetShards(str(tmp_path / "s.tar")), build_transform(16, train=True))
     assert isinstance(dataset, torch.utils.data.IterableDataset) and isinstance(dataset, ImageTextDataset)
     samples = list(dataset)
