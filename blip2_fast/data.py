@@ -634,25 +634,8 @@ def load_image(image: Image.Image | str | os.PathLike | bytes) -> Image.Image:
         return opened.convert("RGB")
 
 
-class ImageTextDataset(Dataset):
-    """Training samples from a source: decoded, transformed image and cleaned caption.
-
-    Items are ``{"pixels": (3, S, S) float, "caption": str, "image_id": int,
-    "index": int}``, or ``None`` for a sample whose image is missing or unreadable
-    (or that has no caption): such samples are counted in ``skipped`` (per process:
-    with ``num_workers > 0`` read ``batch["skipped"]``) and their names kept in
-    ``skipped_names`` (first 100). For an iterable source (``WebDatasetShards``) the
-    result is iterable too, with ``index`` -1 and the ``None`` placeholders yielded
-    in place so that the collate still counts them.
-
-    The transform draws its randomness from a generator seeded by ``(seed, epoch,
-    index)`` (the tar key for shards); call ``set_epoch`` at each epoch.
-    """
-
-    def __new__(cls, source: Any = None, *args: Any, **kwargs: Any):  # default: unpickling calls __new__(cls)
-        if cls is ImageTextDataset and isinstance(source, IterableDataset):
-            cls = IterableImageTextDataset
-        return super().__new__(cls)
+class _ImageText:
+    """What the map-style and the iterable ``ImageTextDataset`` share: loading, skipping, transforming."""
 
     def __init__(
         self,
@@ -678,9 +661,6 @@ class ImageTextDataset(Dataset):
         self.epoch = epoch
         if hasattr(self.source, "set_epoch"):
             self.source.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.source)
 
     def _skip(self, name: str, reason: str) -> None:
         self.skipped += 1
@@ -717,18 +697,38 @@ class ImageTextDataset(Dataset):
             "index": index,
         }
 
+
+class ImageTextDataset(_ImageText, Dataset):
+    """Training samples from a source: decoded, transformed image and cleaned caption.
+
+    Items are ``{"pixels": (3, S, S) float, "caption": str, "image_id": int,
+    "index": int}``, or ``None`` for a sample whose image is missing or unreadable
+    (or that has no caption): such samples are counted in ``skipped`` (per process:
+    with ``num_workers > 0`` read ``batch["skipped"]``) and their names kept in
+    ``skipped_names`` (first 100). For an iterable source (``WebDatasetShards``) the
+    result is iterable too, with ``index`` -1 and the ``None`` placeholders yielded
+    in place so that the collate still counts them.
+
+    The transform draws its randomness from a generator seeded by ``(seed, epoch,
+    index)`` (the tar key for shards); call ``set_epoch`` at each epoch (before the
+    loader starts its workers: persistent workers keep the epoch they copied).
+    """
+
+    def __new__(cls, source: Any = None, *args: Any, **kwargs: Any):  # default: unpickling calls __new__(cls)
+        if cls is ImageTextDataset and isinstance(source, IterableDataset):
+            # A separate class, so that a stream has no __len__ (loaders test hasattr(ds, "__len__")).
+            return IterableImageTextDataset(source, *args, **kwargs)
+        return super().__new__(cls)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         return self._make(self.source[index], index, index)
 
 
-class IterableImageTextDataset(ImageTextDataset, IterableDataset):
-    """``ImageTextDataset`` over an iterable source (what ``ImageTextDataset(shards, ...)`` builds)."""
-
-    def __len__(self) -> int:
-        raise TypeError("an ImageTextDataset over an iterable source has no length")
-
-    def __getitem__(self, index: int):
-        raise TypeError("an ImageTextDataset over an iterable source is iterated, not indexed")
+class IterableImageTextDataset(_ImageText, IterableDataset):
+    """``ImageTextDataset`` over an iterable source (what ``ImageTextDataset(shards, ...)`` returns)."""
 
     def __iter__(self) -> Iterator[dict[str, Any] | None]:
         for record in self.source:
