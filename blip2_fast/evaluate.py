@@ -1,0 +1,260 @@
+"""Image-text retrieval (LAVIS style) and Q-Former captioning on a held-out split.
+
+    python -m blip2_fast.evaluate --checkpoint runs/stage1-default/model.safetensors
+    torchrun --nproc_per_node 4 -m blip2_fast.evaluate --checkpoint runs/coco/model.safetensors
+
+Retrieval follows LAVIS' ``compute_sim_matrix``: ITC similarities (max over
+queries) pick the ``k_test`` best candidates of every image and every text;
+those are re-scored by the ITM head (the logit of "match" averaged over the
+queries) and the final score of a candidate is ITM + ITC; everything else
+stays at -100. Recall@K is the share of images whose ground-truth caption (any
+of them) ranks in the top K (image -> text), and of captions whose image does
+(text -> image), in percent.
+
+Work is sharded across ranks: each rank encodes a strided share of the images
+and texts and re-ranks a strided share of the rows; the score matrices are
+summed across ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from blip2_fast import distributed
+from blip2_fast.losses import similarity
+from blip2_fast.qformer import QFormer
+
+
+def collect_split(dataset, collate, batch_size: int) -> dict[str, Any]:
+    """Read a held-out split: unique images (by image_id) and every caption with the index of its image."""
+    pixels, input_ids, masks, captions = [], [], [], []
+    image_index: dict[Any, int] = {}
+    txt2img: list[int] = []
+    first_pixels: list[torch.Tensor] = []
+
+    def flush(samples):
+        batch = collate(samples)
+        for b, image_id in enumerate(batch["image_ids"].tolist()):
+            if image_id not in image_index:
+                image_index[image_id] = len(image_index)
+                first_pixels.append(batch["pixels"][b])
+            txt2img.append(image_index[image_id])
+        input_ids.append(batch["input_ids"])
+        masks.append(batch["attention_mask"])
+        captions.extend(batch["captions"])
+
+    samples = []
+    items = (dataset[i] for i in range(len(dataset))) if hasattr(dataset, "__len__") else iter(dataset)
+    for sample in items:
+        if sample is None:
+            continue
+        samples.append(sample)
+        if len(samples) == batch_size:
+            flush(samples)
+            samples = []
+    if samples:
+        flush(samples)
+    if not first_pixels:
+        raise ValueError("the held-out split has no loadable sample")
+    length = max(x.shape[1] for x in input_ids)
+    pad = torch.nn.functional.pad
+    ids = torch.cat([pad(x, (0, length - x.shape[1])) for x in input_ids])
+    mask = torch.cat([pad(m, (0, length - m.shape[1]), value=False) for m in masks])
+    del pixels
+    return {
+        "pixels": torch.stack(first_pixels),
+        "input_ids": ids,
+        "attention_mask": mask.bool(),
+        "captions": captions,
+        "txt2img": torch.tensor(txt2img),
+    }
+
+
+def _gather_strided(local: torch.Tensor, total: int) -> torch.Tensor:
+    """Rows r, r + world, ... computed on rank r -> all ``total`` rows in order, on every rank."""
+    world = distributed.get_world_size()
+    if world == 1:
+        return local
+    parts = distributed.all_gather_object(local.cpu())
+    out = torch.empty(total, *local.shape[1:], dtype=local.dtype)
+    for r, part in enumerate(parts):
+        out[r::world] = part
+    return out.to(local.device)
+
+
+@torch.no_grad()
+def retrieval_scores(
+    model: QFormer,
+    vision,
+    split: dict[str, Any],
+    *,
+    k_test: int,
+    batch_size: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LAVIS-style score matrices: (I, T) image->text and (T, I) text->image."""
+    model.eval()
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    pixels, ids, mask = split["pixels"], split["input_ids"], split["attention_mask"]
+    n_img, n_txt = pixels.shape[0], ids.shape[0]
+
+    embeds, img_feats = [], []
+    mine = torch.arange(rank, n_img, world)
+    for chunk in mine.split(batch_size):
+        e = vision(pixels[chunk].to(device)).float()
+        embeds.append(e)
+        img_feats.append(model.image_features(model.encode_image(e).hidden))
+    width = (vision.config.num_tokens, vision.config.hidden_size)
+    embeds = torch.cat(embeds) if embeds else torch.empty(0, *width, device=device)
+    img_feats = torch.cat(img_feats) if img_feats else torch.empty(0, model.config.num_query_tokens, 1, device=device)
+    image_embeds = _gather_strided(embeds, n_img)  # (I, N, E)
+    image_feats = _gather_strided(img_feats, n_img)  # (I, Q, D)
+
+    txt_feats = []
+    for chunk in torch.arange(rank, n_txt, world).split(batch_size):
+        t_ids, t_mask = ids[chunk].to(device), mask[chunk].to(device)
+        txt_feats.append(model.text_features(model.encode_text(t_ids, t_mask)))
+    txt_feats = torch.cat(txt_feats) if txt_feats else torch.empty(0, model.config.embed_dim, device=device)
+    text_feats = _gather_strided(txt_feats, n_txt)  # (T, D)
+
+    sim_i2t = similarity(image_feats, text_feats)  # (I, T)
+    k_i2t, k_t2i = min(k_test, n_txt), min(k_test, n_img)
+
+    def itm_score(image_rows: torch.Tensor, text_rows: torch.Tensor) -> torch.Tensor:
+        hidden = model.match(image_embeds[image_rows], ids[text_rows].to(device), mask[text_rows].to(device))
+        return model.itm_logits(hidden)[:, 1].float()
+
+    score_i2t = torch.zeros(n_img, n_txt, device=device)
+    for i in range(rank, n_img, world):
+        top_sim, top_idx = sim_i2t[i].topk(k_i2t)
+        row = torch.full((n_txt,), -100.0, device=device)
+        row[top_idx] = itm_score(torch.full((k_i2t,), i, device=device), top_idx) + top_sim
+        score_i2t[i] = row
+    score_t2i = torch.zeros(n_txt, n_img, device=device)
+    sim_t2i = sim_i2t.t()
+    for t in range(rank, n_txt, world):
+        top_sim, top_idx = sim_t2i[t].topk(k_t2i)
+        row = torch.full((n_img,), -100.0, device=device)
+        row[top_idx] = itm_score(top_idx, torch.full((k_t2i,), t, device=device)) + top_sim
+        score_t2i[t] = row
+    distributed.all_reduce_sum(score_i2t)
+    distributed.all_reduce_sum(score_t2i)
+    return score_i2t, score_t2i
+
+
+def recall_at_k(score_i2t: torch.Tensor, score_t2i: torch.Tensor, txt2img: torch.Tensor) -> dict[str, float]:
+    """R@1/5/10 both ways in percent, and their mean. txt2img (T,): the image of each caption."""
+    txt2img = txt2img.to(score_i2t.device)
+    n_img = score_i2t.shape[0]
+    order = score_i2t.argsort(dim=1, descending=True)  # (I, T) texts, best first
+    position = torch.empty_like(order)
+    position.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    is_gt = txt2img[None, :] == torch.arange(n_img, device=order.device)[:, None]  # (I, T)
+    big = torch.iinfo(position.dtype).max
+    txt_rank = position.masked_fill(~is_gt, big).amin(dim=1)  # best rank of any true caption
+    order_t = score_t2i.argsort(dim=1, descending=True)  # (T, I)
+    img_rank = (order_t == txt2img[:, None]).float().argmax(dim=1)
+    out = {}
+    for k in (1, 5, 10):
+        out[f"txt_r{k}"] = 100.0 * float((txt_rank < k).float().mean())
+        out[f"img_r{k}"] = 100.0 * float((img_rank < k).float().mean())
+    out["txt_r_mean"] = (out["txt_r1"] + out["txt_r5"] + out["txt_r10"]) / 3
+    out["img_r_mean"] = (out["img_r1"] + out["img_r5"] + out["img_r10"]) / 3
+    out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
+    return out
+
+
+def evaluate_run(model: QFormer, vision, held_out, tokenizer, config, device: torch.device) -> dict[str, float]:
+    """Retrieval on ``held_out`` (all ranks) and captions of a few images (printed by rank 0)."""
+    from blip2_fast import data as D
+    from blip2_fast.generate import caption
+
+    e = config.eval
+    split = collect_split(
+        held_out, lambda s: D.collate_batch(s, tokenizer, max_length=config.model.max_text_length), e.batch_size
+    )
+    s_i2t, s_t2i = retrieval_scores(model, vision, split, k_test=e.k_test, batch_size=e.batch_size, device=device)
+    metrics = recall_at_k(s_i2t, s_t2i, split["txt2img"])
+    metrics["n_images"] = int(split["pixels"].shape[0])
+    metrics["n_texts"] = int(split["input_ids"].shape[0])
+    if distributed.get_rank() == 0 and e.num_captions:
+        n = min(e.num_captions, metrics["n_images"])
+        with torch.no_grad():
+            feats = vision(split["pixels"][:n].to(device)).float()
+            kw = dict(max_new_tokens=e.max_new_tokens, min_new_tokens=e.min_new_tokens)
+            greedy = caption(model, feats, tokenizer, num_beams=1, **kw)
+            beam = caption(model, feats, tokenizer, num_beams=e.num_beams, **kw)
+        truth = {}
+        for t, i in enumerate(split["txt2img"].tolist()):
+            truth.setdefault(i, split["captions"][t])
+        print("captions of held-out images (Q-Former ITG decoding):")
+        for i in range(n):
+            print(f"  [{i}] truth : {truth[i]}")
+            print(f"      greedy: {greedy[i]}")
+            print(f"      beam{e.num_beams} : {beam[i]}")
+    return metrics
+
+
+def _init_from_launcher() -> torch.device:
+    """Join the process group a launcher (torchrun / deepspeed) describes; nothing to do for one process."""
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description="Retrieval R@1/5/10 and captions of a stage-1 checkpoint.")
+    parser.add_argument("--checkpoint", required=True, help="model.safetensors of a run (or the run folder)")
+    parser.add_argument("--config", default=None, help="training config (default: config.yaml beside the checkpoint)")
+    parser.add_argument("--vision", default=None, help="frozen ViT weights (default: vision.safetensors beside it)")
+    parser.add_argument("--k-test", type=int, default=None, help="candidates re-ranked by ITM (default: eval.k_test)")
+    args = parser.parse_args(argv)
+
+    from blip2_fast.checkpoint import load_qformer
+    from blip2_fast.train import build_datasets, build_tokenizer, build_vision, load_config
+
+    path = Path(args.checkpoint)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"--checkpoint: {path} does not exist")
+    config_path = Path(args.config) if args.config else path.parent / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no training config at {config_path}; pass --config")
+    overrides = []
+    vision_path = Path(args.vision) if args.vision else path.parent / "vision.safetensors"
+    if vision_path.is_file():
+        overrides.append(("model.vision_weights", str(vision_path)))
+    if args.k_test is not None:
+        overrides.append(("eval.k_test", str(args.k_test)))
+    config = load_config(config_path, overrides)
+    device = _init_from_launcher()
+    tokenizer = build_tokenizer(config)
+    vision = build_vision(config).to_device(device)
+    model = load_qformer(path).to(device).eval()
+    _, held_out = build_datasets(config, vision.config.image_size)
+    if held_out is None:
+        raise ValueError("the config names no held-out split (data.eval_annotation_file / data.eval_urls)")
+    metrics = evaluate_run(model, vision, held_out, tokenizer, config, device)
+    if distributed.get_rank() == 0:
+        print(
+            f"retrieval on {metrics['n_images']} images / {metrics['n_texts']} captions: "
+            + "  ".join(f"{k} {metrics[k]:.2f}" for k in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10"))
+        )
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,965 @@
+"""Stage-1 pre-training of the Q-Former with DeepSpeed ZeRO (ITC + ITM + ITG).
+
+    deepspeed blip2_fast/train.py --stage 1                 # the embedded default, any machine
+    python blip2_fast/train.py --stage 1                    # same, one process, no launcher
+    deepspeed --hostfile hosts blip2_fast/train.py --stage 1 --config configs/stage1_coco.yaml --train.steps 20000
+
+The embedded default (the defaults of :class:`TrainConfig`) trains a 2-layer
+Q-Former initialised from the shipped MiniLM BERT on procedurally drawn shapes
+with a frozen, randomly initialised small ViT; on 2 CPU cores it finishes in a
+few minutes and its retrieval recall ends far above chance.
+
+A run folder ``<train.output_dir>/<train.name>/`` receives the resolved config
+(``config.yaml``), ``metrics.csv`` (and TensorBoard events when installed),
+``curves.png``, DeepSpeed checkpoints under ``checkpoints/`` (atomic: a tag
+is written under a temporary name, renamed, and only then named in
+``latest``), the trainable model alone as ``model.safetensors`` and the frozen
+ViT as ``vision.safetensors``.
+
+Resuming (``--train.resume true``) restores the weights, optimizer, LR
+schedule, the data position (epoch permutation and offset), the torch / numpy
+/ python RNG of every rank and the hard-negative generator, so a resumed run
+follows the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Run as a script, Python puts blip2_fast/ first on sys.path, where our evaluate.py or
+# data.py would shadow packages of the same name; put the repository root there instead.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
+    sys.path[0] = os.path.dirname(_HERE)
+
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import random  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import time  # noqa: E402
+import typing  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from blip2_fast import distributed  # noqa: E402
+from blip2_fast.config import QFormerConfig, VisionConfig, from_dict, load_file  # noqa: E402
+
+# ---------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass
+class ModelSection:
+    bert_path: str | None = None  # local HF BERT folder; None = the shipped MiniLM (hidden 384)
+    # QFormerConfig keys on top of the BERT's; the default keeps 2 of MiniLM's 6 layers and 8 queries
+    # so that the embedded run fits a few CPU minutes.
+    qformer: dict = dataclasses.field(
+        default_factory=lambda: {"num_hidden_layers": 2, "num_query_tokens": 8, "cross_attention_freq": 1}
+    )
+    vision: dict = dataclasses.field(default_factory=lambda: {"preset": "small"})  # VisionConfig keys or a preset
+    # safetensors of the frozen ViT (Blip2VisionModel layout); None = random init from train.seed
+    vision_weights: str | None = None
+    max_text_length: int = 32
+
+    def __post_init__(self) -> None:
+        QFormerConfig.from_dict({k: v for k, v in self.qformer.items() if k != "preset"})  # validate keys early
+        VisionConfig.from_dict(self.vision)
+        if self.max_text_length < 2:
+            raise ValueError(f"model.max_text_length must be >= 2 ([CLS] + a word), got {self.max_text_length}")
+
+
+DATA_SOURCES = ("synthetic", "caption_json", "webdataset")
+
+
+@dataclasses.dataclass
+class DataSection:
+    source: str = "synthetic"
+    train_size: int = 4000  # synthetic: images drawn for training
+    eval_size: int = 100  # synthetic: held-out images (drawn from another seed)
+    annotation_file: str | None = None  # caption_json: [{"image": path, "caption": str, "image_id": ...}, ...]
+    image_root: str | None = None
+    eval_annotation_file: str | None = None
+    eval_image_root: str | None = None
+    urls: str | None = None  # webdataset: tar shards, brace notation allowed
+    eval_urls: str | None = None
+    augment: bool = False  # BLIP-2's random resized crop + flip; off for shapes, whose captions name positions
+    max_words: int = 50
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.source not in DATA_SOURCES:
+            raise ValueError(f"data.source must be one of {', '.join(DATA_SOURCES)}, got {self.source!r}")
+        if self.source == "caption_json":
+            for key in ("annotation_file", "image_root"):
+                if not getattr(self, key):
+                    raise ValueError(f"data.source=caption_json needs data.{key}")
+        if self.source == "webdataset" and not self.urls:
+            raise ValueError("data.source=webdataset needs data.urls (tar shards)")
+        if self.train_size < 1 or self.eval_size < 1 or self.num_workers < 0 or self.max_words < 1:
+            raise ValueError("data.train_size, data.eval_size, data.max_words must be >= 1 and num_workers >= 0")
+
+
+@dataclasses.dataclass
+class OptimSection:
+    lr: float = 3e-4  # peak; BLIP-2 uses 1e-4 at batch 2320, the short default run needs more
+    min_lr: float = 1e-5
+    warmup_lr: float = 1e-6
+    warmup_steps: int = 20
+    weight_decay: float = 0.05  # not on biases, norms or the temperature (parameters with ndim < 2), as LAVIS
+    betas: list = dataclasses.field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr and 0 <= self.warmup_lr <= self.lr):
+            raise ValueError("optim needs lr > 0 and 0 <= min_lr, warmup_lr <= lr")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or len(self.betas) != 2:
+            raise ValueError("optim.warmup_steps and weight_decay must be >= 0 and betas a pair")
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclasses.dataclass
+class TrainSection:
+    name: str = "stage1-default"
+    output_dir: str = "runs"
+    steps: int = 150  # optimizer steps
+    batch_size: int = 24  # per rank and micro-step
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto: bf16 on a GPU that has it, else fp32; set here it overrides the JSON
+    zero_stage: int | None = None  # None: the JSON's, else 2; set here it overrides the JSON
+    deepspeed_config: str | None = None  # base DeepSpeed JSON (configs/ds_zero*.json)
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2
+    resume: bool = False  # continue from <run>/checkpoints/latest
+    stop_after: int | None = None  # stop (checkpoint saved) after this many steps in total, before `steps`
+    evaluate: bool = True  # retrieval + captions at the end
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.zero_stage not in (None, 0, 1, 2, 3):
+            raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
+        for key in ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.save_every < 0 or self.grad_clip < 0:
+            raise ValueError("train.save_every and train.grad_clip must be >= 0")
+        if self.stop_after is not None and not 1 <= self.stop_after <= self.steps:
+            raise ValueError(f"train.stop_after must lie in [1, train.steps={self.steps}], got {self.stop_after}")
+        if not self.name or "/" in self.name:
+            raise ValueError(f"train.name must be a folder name, got {self.name!r}")
+
+
+@dataclasses.dataclass
+class EvalSection:
+    k_test: int = 8  # ITC candidates re-ranked by ITM per query (LAVIS: 128 on COCO)
+    batch_size: int = 64
+    num_captions: int = 4  # held-out images captioned at the end
+    num_beams: int = 3
+    max_new_tokens: int = 20
+    min_new_tokens: int = 3
+
+    def __post_init__(self) -> None:
+        for key in ("k_test", "batch_size", "num_beams", "max_new_tokens"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"eval.{key} must be >= 1, got {getattr(self, key)}")
+
+
+SECTIONS = {
+    "model": ModelSection,
+    "data": DataSection,
+    "optim": OptimSection,
+    "train": TrainSection,
+    "eval": EvalSection,
+}
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        unknown = sorted(set(data) - set(SECTIONS))
+        if unknown:
+            raise ValueError(f"unknown TrainConfig section(s) {unknown}; valid sections: {', '.join(SECTIONS)}")
+        parts = {}
+        for name, section in SECTIONS.items():
+            value = data.get(name) or {}
+            if not isinstance(value, dict):
+                raise ValueError(f"config section {name!r} must be a mapping, got {type(value).__name__}")
+            parts[name] = from_dict(section, _coerce(section, value, name), where=name)
+        return cls(**parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(section: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Convert YAML/command-line strings to the field types (YAML reads ``1e-4`` as a string)."""
+    hints = typing.get_type_hints(section)
+    out = dict(values)
+    for key, value in values.items():
+        if key not in hints or value is None:
+            continue
+        hint = hints[key]
+        args = set(typing.get_args(hint)) - {type(None)}
+        target = next(iter(args)) if args and len(args) == 1 else hint
+        try:
+            if target is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+                out[key] = float(value)
+            elif target is int and isinstance(value, str):
+                out[key] = int(value)
+            elif target is bool and isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                out[key] = value.lower() in ("true", "1", "yes")
+            elif target is str and not isinstance(value, str):
+                out[key] = str(value)
+        except ValueError as err:
+            raise ValueError(f"{where}.{key} must be a {target.__name__}, got {value!r}") from err
+        expected = {float: (float,), int: (int,), bool: (bool,), str: (str,), dict: (dict,), list: (list,)}.get(target)
+        if expected and not isinstance(out[key], expected) or (target is int and isinstance(out[key], bool)):
+            raise ValueError(f"{where}.{key} must be a {target.__name__}, got {value!r}")
+    return out
+
+
+def apply_override(data: dict[str, Any], key: str, raw: str) -> None:
+    """Set ``key`` (``section.field`` or ``section.dict.entry``; a bare field name if unique) to YAML-parsed ``raw``."""
+    parts = key.split(".")
+    if len(parts) == 1:
+        owners = [s for s, cls in SECTIONS.items() if key in {f.name for f in dataclasses.fields(cls)}]
+        if len(owners) != 1:
+            where = f"found in sections {owners}" if owners else "no section has it"
+            raise ValueError(f"override --{key}: use a dotted key section.field ({where})")
+        parts = [owners[0], key]
+    section, rest = parts[0], parts[1:]
+    if section not in SECTIONS:
+        raise ValueError(f"override --{key}: unknown section {section!r}; valid sections: {', '.join(SECTIONS)}")
+    fields = {f.name for f in dataclasses.fields(SECTIONS[section])}
+    if rest[0] not in fields:
+        raise ValueError(
+            f"override --{key}: unknown {section} key {rest[0]!r}; valid keys: {', '.join(sorted(fields))}"
+        )
+    node = data.setdefault(section, {})
+    for name in rest[:-1]:
+        if node.get(name) is None:
+            node[name] = {}
+        elif not isinstance(node[name], dict):
+            raise ValueError(f"override --{key}: {name} is not a mapping")
+        node = node[name]
+    node[rest[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[tuple[str, str]] = ()) -> TrainConfig:
+    """Defaults <- YAML/TOML file <- ``--key value`` overrides, validated."""
+    data = TrainConfig().to_dict()
+    if path is not None:
+        loaded = load_file(path)
+        unknown = sorted(set(loaded) - set(SECTIONS))
+        if unknown:
+            raise ValueError(f"{path}: unknown section(s) {unknown}; valid sections: {', '.join(SECTIONS)}")
+        for section, values in loaded.items():
+            if values is None:
+                continue
+            if not isinstance(values, dict):
+                raise ValueError(f"{path}: section {section!r} must be a mapping")
+            for key, value in values.items():
+                if key in ("qformer", "vision") and section == "model" and isinstance(value, dict):
+                    data[section][key] = value  # a file's model dicts replace the defaults, not merge
+                else:
+                    data[section][key] = value
+    for key, raw in overrides:
+        apply_override(data, key, raw)
+    return TrainConfig.from_dict(data)
+
+
+# ---------------------------------------------------------------------------- set-up
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> torch.device:
+    """Start (or join) the process group DeepSpeed's launcher describes; a lone process makes a group of one."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:  # no launcher: a world of one, so collectives and ZeRO still work
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not distributed.is_distributed():
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    accel = get_accelerator()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if accel.device_name() == "cpu":
+        return torch.device("cpu")
+    accel.set_device(local_rank)
+    return torch.device(accel.device_name(local_rank))
+
+
+def resolve_precision(config: TrainConfig, ds_base: dict, device: torch.device) -> str:
+    precision = config.train.precision
+    if precision == "auto":
+        if ds_base.get("bf16", {}).get("enabled") is True:
+            return "bf16"
+        if ds_base.get("fp16", {}).get("enabled") is True:
+            return "fp16"
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
+def deepspeed_config(config: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """The DeepSpeed JSON: the base file (if any), with batch, accumulation, clipping, stage and precision filled in."""
+    t = config.train
+    base: dict[str, Any] = {}
+    if t.deepspeed_config:
+        path = Path(t.deepspeed_config)
+        if not path.is_file():
+            raise FileNotFoundError(f"train.deepspeed_config: file not found: {path}")
+        base = json.loads(path.read_text())
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer"):
+        if key in base and key != "optimizer":
+            raise ValueError(f"{t.deepspeed_config}: remove {key!r}; it comes from train.batch_size / train.grad_accum")
+        if key == "optimizer" and key in base:
+            raise ValueError(f"{t.deepspeed_config}: remove 'optimizer'; training passes torch AdamW (see optim.*)")
+    ds = dict(base)
+    precision = resolve_precision(config, base, device)
+    ds["train_micro_batch_size_per_gpu"] = t.batch_size
+    ds["gradient_accumulation_steps"] = t.grad_accum
+    ds["gradient_clipping"] = t.grad_clip
+    zero = dict(base.get("zero_optimization", {}))
+    zero["stage"] = t.zero_stage if t.zero_stage is not None else zero.get("stage", 2)
+    ds["zero_optimization"] = zero
+    fp16 = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    ds["fp16"] = {**fp16, **base.get("fp16", {}), "enabled": precision == "fp16"}
+    ds["bf16"] = {**base.get("bf16", {}), "enabled": precision == "bf16"}
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def build_tokenizer(config: TrainConfig):
+    from blip2_fast.text import load_tokenizer
+
+    return load_tokenizer(config.model.bert_path, max_length=config.model.max_text_length)
+
+
+def build_vision(config: TrainConfig):
+    from blip2_fast.vision import ImageEncoder
+
+    vision = ImageEncoder(VisionConfig.from_dict(config.model.vision))
+    if config.model.vision_weights:
+        from safetensors.torch import load_file as load_tensors
+
+        path = Path(config.model.vision_weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"model.vision_weights: file not found: {path}")
+        vision.load_state_dict(load_tensors(str(path)))
+    else:
+        random_init_vision(vision)
+    return vision.freeze()
+
+
+def random_init_vision(vision) -> None:
+    """A usable random ViT: N(0, 0.02) weights (ViT/EVA style), zero biases, unit norms.
+
+    transformers initialises Blip2VisionModel with its config's initializer_range,
+    1e-10 (meant to be overwritten by pretrained weights): left as is, every image
+    gives the same features (std ~1e-9) and nothing can be learned from them.
+    """
+    with torch.no_grad():
+        for name, p in vision.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                torch.nn.init.trunc_normal_(p, std=0.02)
+
+
+def build_qformer(config: TrainConfig, vision_width: int):
+    from blip2_fast.text import from_bert
+
+    overrides = {"encoder_width": vision_width, **config.model.qformer}
+    if overrides["encoder_width"] != vision_width:
+        raise ValueError(
+            f"model.qformer.encoder_width ({overrides['encoder_width']}) must equal the ViT width ({vision_width})"
+        )
+    return from_bert(config.model.bert_path, **overrides)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """LAVIS' split: parameters with fewer than 2 dims (biases, norms, temperature) get no weight decay."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, optim: OptimSection, total: int) -> float:
+    """Linear warmup from warmup_lr to lr, then cosine decay to min_lr at the last step."""
+    if step < optim.warmup_steps:
+        return optim.warmup_lr + (optim.lr - optim.warmup_lr) * step / optim.warmup_steps
+    span = max(1, total - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / span)
+    return optim.min_lr + (optim.lr - optim.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def build_datasets(config: TrainConfig, image_size: int, rank: int = 0, world: int = 1):
+    """(train, held-out) ``ImageTextDataset``s; held-out may be None. Shards of a stream are split across ranks."""
+    from blip2_fast import data as D
+
+    d = config.data
+    train_tf = D.build_transform(image_size, train=d.augment)
+    eval_tf = D.build_transform(image_size, train=False)
+    if d.source == "synthetic":
+        train_src = D.SyntheticShapes(d.train_size, image_size=image_size, seed=config.train.seed)
+        # another seed, and ids offset so that they never collide with the training images
+        eval_src = D.SyntheticShapes(d.eval_size, image_size=image_size, seed=config.train.seed + 1_000_003)
+    elif d.source == "caption_json":
+        for key in ("annotation_file", "eval_annotation_file"):
+            if getattr(d, key) and not Path(getattr(d, key)).is_file():
+                raise FileNotFoundError(f"data.{key}: file not found: {getattr(d, key)}")
+        for key in ("image_root", "eval_image_root"):
+            if getattr(d, key) and not Path(getattr(d, key)).is_dir():
+                raise FileNotFoundError(f"data.{key}: folder not found: {getattr(d, key)}")
+        train_src = D.CaptionJSON(d.annotation_file, d.image_root)
+        eval_src = None
+        if d.eval_annotation_file:
+            eval_src = D.CaptionJSON(d.eval_annotation_file, d.eval_image_root or d.image_root)
+    else:
+        seed = config.train.seed
+        train_src = D.WebDatasetShards(
+            d.urls, rank=rank, world_size=world, shuffle=True, shuffle_buffer=1000, seed=seed
+        )
+        eval_src = D.WebDatasetShards(d.eval_urls) if d.eval_urls else None  # every rank reads all of it
+    seed = config.train.seed
+    train = D.ImageTextDataset(train_src, train_tf, max_words=d.max_words, seed=seed)
+    held_out = None if eval_src is None else D.ImageTextDataset(eval_src, eval_tf, max_words=d.max_words, seed=seed)
+    return train, held_out
+
+
+class GlobalBatches:
+    """Micro-batch ``k`` of a run is global positions [k*G, (k+1)*G) of a seeded per-epoch permutation.
+
+    Rank ``r`` takes rows [r*B, (r+1)*B) of each global batch, so the global
+    batch does not depend on the number of ranks, and the position in the data
+    is one integer (the micro-step), which makes resuming exact. Map-style
+    datasets are permuted per epoch (seed + epoch). A stream (tar shards) is
+    split across ranks by its reader and each rank batches its own share; a
+    resumed run reads the stream again up to its position. Samples that fail
+    to load (``None``) are replaced by the next loadable one and counted, so
+    every rank always has B rows (the losses gather equal shapes).
+    """
+
+    def __init__(self, dataset, batch_size: int, seed: int, rank: int, world: int, collate, num_workers: int = 0):
+        self.dataset, self.B, self.seed, self.rank, self.world = dataset, batch_size, seed, rank, world
+        self.G = batch_size * world
+        self.collate = collate
+        self.num_workers = num_workers
+        self.map_style = hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
+        if self.map_style and len(dataset) < self.G:
+            raise ValueError(f"the dataset has {len(dataset)} samples, fewer than one global batch ({self.G})")
+
+    @property
+    def per_epoch(self) -> int | None:
+        return len(self.dataset) // self.G if self.map_style else None
+
+    def _indices(self, micro_step: int) -> list[int]:
+        epoch, offset = divmod(micro_step, self.per_epoch)
+        perm = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch))
+        start = offset * self.G + self.rank * self.B
+        return perm[start : start + self.B].tolist()
+
+    def iterate(self, start_micro_step: int):
+        """Yield (micro_step, batch) from ``start_micro_step`` on, forever."""
+        if self.map_style:
+            yield from self._iterate_map(start_micro_step)
+        else:
+            yield from self._iterate_stream(start_micro_step)
+
+    def _iterate_map(self, start: int):
+        dataset, n = self.dataset, len(self.dataset)
+
+        class _Steps(torch.utils.data.Dataset):
+            def __len__(_):
+                return 1 << 40
+
+            def __getitem__(_, k):
+                samples, skipped = [], 0
+                if hasattr(dataset, "set_epoch"):
+                    dataset.set_epoch((start + k) // self.per_epoch)  # augmentation is seeded by (epoch, index)
+                for i in self._indices(start + k):
+                    for j in range(n):
+                        sample = dataset[(i + j) % n]
+                        if sample is not None:
+                            break
+                        skipped += 1
+                    else:
+                        raise RuntimeError("no sample of the dataset could be loaded")
+                    samples.append(sample)
+                return samples, skipped
+
+        loader = torch.utils.data.DataLoader(
+            _Steps(),
+            batch_size=None,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=lambda x: x,
+            generator=torch.Generator().manual_seed(self.seed),  # keeps the global RNG untouched
+            persistent_workers=False,
+        )
+        for k, (samples, skipped) in enumerate(loader):
+            batch = self.collate(samples)
+            batch["skipped"] = int(batch.get("skipped", 0)) + skipped
+            yield start + k, batch
+
+    def _iterate_stream(self, start: int):
+        micro_step, skipped, buffer, epoch = 0, 0, [], 0
+        while True:
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(epoch)
+            seen = 0
+            for sample in self.dataset:
+                seen += 1
+                if sample is None:
+                    skipped += 1
+                    continue
+                buffer.append(sample)
+                if len(buffer) == self.B:
+                    if micro_step >= start:
+                        batch = self.collate(buffer)
+                        batch["skipped"] = int(batch.get("skipped", 0)) + skipped
+                        skipped = 0
+                        yield micro_step, batch
+                    micro_step, buffer = micro_step + 1, []
+            if not seen:
+                raise ValueError("the training stream yielded no sample on this rank (too few shards or samples?)")
+            epoch += 1
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save_checkpoint(engine, folder: Path, step: int, micro_step: int, keep: int) -> Path:
+    """Atomic DeepSpeed checkpoint: write ``tmp-<tag>``, rename to ``<tag>``, then point ``latest`` at it."""
+    tag = f"step{step:08d}"
+    tmp = f"tmp-{tag}"
+    rank = distributed.get_rank()
+    if rank == 0 and (folder / tmp).exists():
+        shutil.rmtree(folder / tmp)  # leftover of a crash mid-save
+    distributed.barrier()
+    stage1 = engine.module
+    client = {"step": step, "micro_step": micro_step, "sampler": stage1.sampler.state_dict()}
+    engine.save_checkpoint(str(folder), tag=tmp, client_state=client, save_latest=False)
+    torch.save({**_rng_state(), "cuda": _cuda_rng()}, folder / tmp / f"rng_rank{rank:05d}.pt")
+    distributed.barrier()
+    if rank == 0:
+        if (folder / tag).exists():
+            shutil.rmtree(folder / tag)
+        os.replace(folder / tmp, folder / tag)
+        latest_tmp = folder / "latest.tmp"
+        latest_tmp.write_text(tag)
+        os.replace(latest_tmp, folder / "latest")  # the last thing: `latest` never names a half-written tag
+        tags = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name.startswith("step"))
+        for old in tags[:-keep]:
+            shutil.rmtree(folder / old, ignore_errors=True)
+    distributed.barrier()
+    return folder / tag
+
+
+def _cuda_rng():
+    return torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+
+
+def load_checkpoint(engine, folder: Path) -> tuple[int, int]:
+    """Restore weights, optimizer, schedule, RNG and sampler from ``folder/latest``; returns (step, micro_step)."""
+    latest = folder / "latest"
+    if not latest.is_file():
+        raise FileNotFoundError(f"train.resume: no checkpoint to resume from ({latest} does not exist)")
+    tag = latest.read_text().strip()
+    path, client = engine.load_checkpoint(str(folder), tag=tag)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint {folder / tag}")
+    engine.module.sampler.load_state_dict(client["sampler"])
+    rng_file = folder / tag / f"rng_rank{distributed.get_rank():05d}.pt"
+    if not rng_file.is_file():
+        raise FileNotFoundError(f"{rng_file} missing: was the checkpoint written by a run with another world size?")
+    rng = torch.load(rng_file, weights_only=False)
+    _set_rng_state(rng)
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return int(client["step"]), int(client["micro_step"])
+
+
+def export_trainable(engine, qformer_config: QFormerConfig, path: Path) -> Path | None:
+    """The Q-Former alone (no ViT) as safetensors, fp32, gathered from ZeRO-3 partitions if needed. Rank 0 writes."""
+    import deepspeed
+
+    from blip2_fast.qformer import QFormer
+
+    qformer = engine.module.qformer
+    params = list(qformer.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=_zero_stage(engine) == 3):
+        state = {k: v.detach().float().cpu().clone() for k, v in qformer.state_dict().items()}
+    if distributed.get_rank() != 0:
+        return None
+    plain = QFormer(qformer_config)
+    state["temp"] = state["temp"].reshape(plain.temp.shape)
+    plain.load_state_dict(state)
+    plain.tie_weights()
+    plain.ln_vision.eps = qformer.ln_vision.eps
+    return save_qformer(plain, path)
+
+
+def save_qformer(model, path: Path) -> Path:
+    try:
+        from blip2_fast.checkpoint import save_qformer as save
+    except ImportError:  # the interop module is optional: fall back to a plain safetensors file
+        from safetensors.torch import save_file
+
+        state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.decoder.weight"}
+        save_file(state, str(path), metadata={"qformer_config": json.dumps(model.config.to_dict())})
+        return path
+    return save(model, path)
+
+
+def _zero_stage(engine) -> int:
+    return int(engine.zero_optimization_stage())
+
+
+# ---------------------------------------------------------------------------- outputs
+
+
+CSV_FIELDS = ["step", "epoch", "lr", "loss", "itc", "itm", "itg", "temp", "skipped", "sec_per_step"]
+RECALL_FIELDS = ["txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"]
+
+
+class MetricsLog:
+    """metrics.csv (train and eval rows in one table), TensorBoard when installed; rank 0 only."""
+
+    def __init__(self, run_dir: Path, resume_step: int):
+        self.path = run_dir / "metrics.csv"
+        self.rows: list[dict[str, Any]] = []
+        if resume_step and self.path.is_file():
+            with self.path.open() as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        self._rewrite()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def _rewrite(self) -> None:
+        with self.path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS + RECALL_FIELDS)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=CSV_FIELDS + RECALL_FIELDS).writerow(row)
+        if self.tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, int(row["step"]))
+
+    def plot(self, path: Path) -> Path | None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("matplotlib is not installed: no curves.png (pip install matplotlib)")
+            return None
+
+        def series(key):
+            pts = [(int(r["step"]), float(r[key])) for r in self.rows if r.get(key) not in (None, "")]
+            return [p[0] for p in pts], [p[1] for p in pts]
+
+        fig, (ax_loss, ax_rec) = plt.subplots(1, 2, figsize=(11, 4))
+        for key in ("itc", "itm", "itg"):
+            ax_loss.plot(*series(key), label=key)
+        ax_loss.set_xlabel("step")
+        ax_loss.set_ylabel("loss")
+        ax_loss.legend()
+        ax_loss.set_title("stage-1 losses")
+        for key, label in (("txt_r1", "image->text R@1"), ("img_r1", "text->image R@1"), ("r_mean", "mean recall")):
+            ax_rec.plot(*series(key), marker="o", label=label)
+        ax_rec.set_xlabel("step")
+        ax_rec.set_ylabel("recall (%)")
+        ax_rec.legend()
+        ax_rec.set_title("held-out retrieval")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def run(config: TrainConfig) -> dict[str, Any]:
+    """Train (and evaluate) as ``config`` says; returns the per-step losses, the final metrics and the paths."""
+    import deepspeed
+    from tqdm import tqdm
+
+    from blip2_fast.losses import Stage1Loss
+
+    device = init_distributed()
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    t = config.train
+    run_dir = Path(t.output_dir) / t.name
+    ckpt_dir = run_dir / "checkpoints"
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    distributed.barrier()
+
+    # the same seed everywhere: the fresh weights (cross-attention, queries, heads, a random ViT) match on all ranks
+    torch.manual_seed(t.seed)
+    np.random.seed(t.seed)
+    random.seed(t.seed)
+    tokenizer = build_tokenizer(config)
+    vision = build_vision(config)
+    qformer = build_qformer(config, vision.config.hidden_size)
+    if len(tokenizer) > qformer.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the Q-Former vocab_size is {qformer.config.vocab_size}"
+        )
+    # DeepSpeed broadcasts parameters as bytes, which a 0-dim tensor cannot be viewed as: train the
+    # temperature as shape (1,) and give it back its 0-dim shape on export.
+    qformer.temp = torch.nn.Parameter(qformer.temp.detach().reshape(1))
+    stage1 = Stage1Loss(qformer, tokenizer.bos_token_id, seed=t.seed)
+    ds_config = deepspeed_config(config, device)
+    if ds_config["zero_optimization"]["stage"] == 3:
+        # methods other than forward read these root parameters; ZeRO-3 must gather them there too
+        for p in (qformer.query_tokens, qformer.temp):
+            deepspeed.zero.register_external_parameter(stage1, p)
+    vision = vision.to_device(device)
+    if rank == 0:
+        vision_path = run_dir / "vision.safetensors"
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in vision.state_dict().items()}, str(vision_path))
+
+    optimizer = torch.optim.AdamW(
+        param_groups(stage1, config.optim.weight_decay), lr=config.optim.lr, betas=tuple(config.optim.betas),
+        eps=config.optim.eps,
+    )  # fmt: skip
+    # LambdaLR multiplies the base lr, so the schedule is written as a ratio to optim.lr
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_at(s, config.optim, t.steps) / config.optim.lr
+    )
+    engine, _, _, _ = deepspeed.initialize(model=stage1, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    precision = "bf16" if ds_config["bf16"]["enabled"] else "fp16" if ds_config["fp16"]["enabled"] else "fp32"
+
+    step, micro_step = 0, 0
+    if t.resume:
+        step, micro_step = load_checkpoint(engine, ckpt_dir)
+        if rank == 0:
+            print(f"resumed from {ckpt_dir / (ckpt_dir / 'latest').read_text().strip()} at step {step}")
+    log = MetricsLog(run_dir, step) if rank == 0 else None
+
+    from blip2_fast import data as D
+
+    train_set, held_out = build_datasets(config, vision.config.image_size, rank, world)
+    max_len = config.model.max_text_length
+    batches = GlobalBatches(
+        train_set,
+        t.batch_size,
+        t.seed,
+        rank,
+        world,
+        lambda s: D.collate_batch(s, tokenizer, max_length=max_len),
+        config.data.num_workers,
+    )
+    end = t.stop_after or t.steps
+    history: list[dict[str, float]] = []
+    bar = tqdm(total=end, initial=step, desc=f"stage 1 ({world} rank{'s' if world > 1 else ''})", disable=rank != 0)
+    engine.train()
+    stream = batches.iterate(micro_step)
+    acc: dict[str, float] = {}
+    tic = time.perf_counter()
+    skipped = 0
+    while step < end:
+        micro_step, batch = next(stream)
+        skipped += int(batch["skipped"])
+        pixels = batch["pixels"].to(device)
+        image_embeds = vision(pixels)  # frozen, no_grad, half precision on GPU
+        out = engine(
+            image_embeds,
+            batch["input_ids"].to(device),
+            batch["attention_mask"].to(device),
+            torch.as_tensor(batch["image_ids"], device=device),
+        )
+        engine.backward(out.loss)
+        engine.step()
+        for key, value in out.scalars().items():
+            acc[key] = acc.get(key, 0.0) + value / t.grad_accum
+        micro_step += 1
+        if micro_step % t.grad_accum:
+            continue
+        step += 1
+        # losses averaged over ranks: what the global batch gave
+        values = torch.tensor([acc[k] for k in ("loss", "itc", "itm", "itg", "temp")] + [skipped], dtype=torch.float64)
+        distributed.all_reduce_sum(values)
+        values[:5] /= world
+        acc, skipped = {}, 0
+        record = dict(zip(("loss", "itc", "itm", "itg", "temp"), values[:5].tolist(), strict=True))
+        history.append(record)
+        bar.update(1)
+        bar.set_postfix(itc=f"{record['itc']:.3f}", itm=f"{record['itm']:.3f}", itg=f"{record['itg']:.3f}")
+        if rank == 0 and (step % t.log_every == 0 or step == end):
+            elapsed = time.perf_counter() - tic
+            tic = time.perf_counter()
+            epoch = micro_step / batches.per_epoch if batches.per_epoch else 0.0
+            log.log(
+                {
+                    "step": step,
+                    "epoch": round(epoch, 4),
+                    "lr": scheduler.get_last_lr()[0],
+                    **record,
+                    "skipped": int(values[5]),
+                    "sec_per_step": round(elapsed / t.log_every, 4),
+                }
+            )
+        if t.save_every and step % t.save_every == 0 and step < end:
+            save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints)
+    bar.close()
+    save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints)
+    model_path = run_dir / "model.safetensors"
+    export_trainable(engine, qformer.config, model_path)
+    distributed.barrier()
+
+    result: dict[str, Any] = {"history": history, "run_dir": run_dir, "model": model_path, "precision": precision}
+    if t.evaluate and step == t.steps and held_out is not None:
+        from blip2_fast.checkpoint import load_qformer
+        from blip2_fast.evaluate import evaluate_run
+
+        plain = load_qformer(model_path).to(device).eval()
+        metrics = evaluate_run(plain, vision, held_out, tokenizer, config, device)
+        result["eval"] = metrics
+        if rank == 0:
+            log.log({"step": step, **{k: round(metrics[k], 3) for k in RECALL_FIELDS}})
+    if rank == 0:
+        plot = log.plot(run_dir / "curves.png")
+        log.close()
+        _print_outputs(run_dir, ckpt_dir, model_path, plot, history, result.get("eval"))
+    return result
+
+
+def _print_outputs(run_dir, ckpt_dir, model_path, plot, history, metrics) -> None:
+    if history:
+        last = history[-1]
+        print(f"final losses: itc {last['itc']:.4f}  itm {last['itm']:.4f}  itg {last['itg']:.4f}")
+    if metrics:
+        print(
+            f"held-out retrieval ({metrics['n_images']} images, chance R@1 {100 / metrics['n_images']:.1f}%): "
+            f"image->text R@1 {metrics['txt_r1']:.1f}  R@5 {metrics['txt_r5']:.1f}  R@10 {metrics['txt_r10']:.1f} | "
+            f"text->image R@1 {metrics['img_r1']:.1f}  R@5 {metrics['img_r5']:.1f}  R@10 {metrics['img_r10']:.1f}"
+        )
+    print("outputs:")
+    print(f"  run folder      {run_dir.resolve()}")
+    print(f"  config          {(run_dir / 'config.yaml').resolve()}")
+    print(f"  metrics         {(run_dir / 'metrics.csv').resolve()}")
+    if plot:
+        print(f"  curves          {Path(plot).resolve()}")
+    print(f"  checkpoints     {ckpt_dir.resolve()} (latest: {(ckpt_dir / 'latest').read_text().strip()})")
+    print(f"  trainable model {model_path.resolve()}")
+    print(f"  evaluate again  python -m blip2_fast.evaluate --checkpoint {model_path}")
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
+    parser = argparse.ArgumentParser(
+        description="BLIP-2 Q-Former pre-training with DeepSpeed. Any config key can be overridden: "
+        "--train.steps 500 --optim.lr 1e-4 --model.qformer.num_hidden_layers 6",
+    )
+    parser.add_argument("--stage", type=int, choices=(1, 2), required=True, help="1: Q-Former pre-training")
+    parser.add_argument("--config", default=None, help="YAML/TOML training config (default: the embedded one)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args(argv)
+    overrides = []
+    i = 0
+    while i < len(rest):
+        token = rest[i]
+        if not token.startswith("--") or token == "--":
+            parser.error(f"unexpected argument {token!r}; overrides look like --section.key value")
+        if "=" in token:
+            key, value = token[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(rest):
+                parser.error(f"override {token} needs a value")
+            key, value = token[2:], rest[i + 1]
+            i += 2
+        overrides.append((key, value))
+    return args, overrides
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    args, overrides = parse_args(argv)
+    if args.stage == 2:
+        # dispatch point for stage 2 (generative pre-training with a frozen LLM)
+        try:
+            from blip2_fast import stage2
+        except ImportError:
+            stage2 = None
+        if stage2 is None or not hasattr(stage2, "main"):
+            raise SystemExit(
+                "--stage 2 is not available from this entry point yet: blip2_fast.stage2 provides the model "
+                "(Blip2Stage2) but no training command. Use --stage 1."
+            )
+        return stage2.main(sys.argv[1:] if argv is None else argv)
+    config = load_config(args.config, overrides)
+    return run(config)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Retrieval scoring (LAVIS compute_sim_matrix) and recall@K."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blip2_fast.config import QFormerConfig, VisionConfig
+from blip2_fast.evaluate import collect_split, recall_at_k, retrieval_scores
+from blip2_fast.losses import similarity
+from blip2_fast.qformer import QFormer
+from blip2_fast.train import random_init_vision
+from blip2_fast.vision import ImageEncoder
+
+
+def test_recall_at_k_by_hand():
+    # 3 images; image 0 has captions 0 and 1, image 1 has caption 2, image 2 has caption 3
+    txt2img = torch.tensor([0, 0, 1, 2])
+    s_i2t = torch.tensor(
+        [
+            [0.1, 0.9, 0.5, 0.0],  # caption 1 (true) first -> rank 0
+            [0.9, 0.8, 0.1, 0.7],  # caption 2 (true) last -> rank 3
+            [0.0, 0.9, 0.1, 0.5],  # caption 3 (true) second -> rank 1
+        ]
+    )
+    s_t2i = torch.tensor(
+        [
+            [0.9, 0.1, 0.0],  # true image 0 rank 0
+            [0.1, 0.9, 0.5],  # true image 0 rank 2
+            [0.1, 0.9, 0.0],  # true image 1 rank 0
+            [0.5, 0.1, 0.4],  # true image 2 rank 1
+        ]
+    )
+    r = recall_at_k(s_i2t, s_t2i, txt2img)
+    assert r["txt_r1"] == pytest.approx(100 / 3)
+    assert r["txt_r5"] == pytest.approx(100.0)
+    assert r["img_r1"] == pytest.approx(50.0)
+    assert r["img_r5"] == pytest.approx(100.0)
+    assert r["r_mean"] == pytest.approx((r["txt_r_mean"] + r["img_r_mean"]) / 2)
+
+
+@pytest.fixture(scope="module")
+def parts():
+    torch.manual_seed(0)
+    vision = ImageEncoder(VisionConfig.preset("tiny"))
+    random_init_vision(vision)
+    model = QFormer(QFormerConfig.preset("tiny", cross_attention_freq=1)).eval()
+    with torch.no_grad():  # a fresh init barely looks at the image: make images distinguishable (no ties)
+        for name, p in model.named_parameters():
+            if "cross_attn" in name and name.endswith("weight") and p.ndim == 2:
+                p.normal_(0, 0.5)
+    g = torch.Generator().manual_seed(2)
+    n_img, n_txt, T = 5, 7, 6
+    ids = torch.randint(1, 100, (n_txt, T), generator=g)
+    mask = torch.ones(n_txt, T, dtype=torch.bool)
+    mask[2, 4:] = False
+    split = {
+        "pixels": torch.randn(n_img, 3, 32, 32, generator=g),
+        "input_ids": ids.masked_fill(~mask, 0),
+        "attention_mask": mask,
+        "captions": [f"c{i}" for i in range(n_txt)],
+        "txt2img": torch.tensor([0, 1, 2, 3, 4, 0, 2]),
+    }
+    return vision, model, split
+
+
+def brute_force(vision, model, split):
+    """Every pair scored with ITM + ITC, one pair at a time."""
+    n_img, n_txt = split["pixels"].shape[0], split["input_ids"].shape[0]
+    with torch.no_grad():
+        embeds = vision(split["pixels"])
+        img = model.image_features(model.encode_image(embeds).hidden)
+        txt = model.text_features(model.encode_text(split["input_ids"], split["attention_mask"]))
+        sim = similarity(img, txt)
+        full = torch.empty(n_img, n_txt)
+        for i in range(n_img):
+            for t in range(n_txt):
+                h = model.match(embeds[i : i + 1], split["input_ids"][t : t + 1], split["attention_mask"][t : t + 1])
+                full[i, t] = model.itm_head(h[:, : model.config.num_query_tokens]).mean(1)[0, 1] + sim[i, t]
+    return sim, full
+
+
+def test_full_rerank_equals_itm_plus_itc_for_every_pair(parts):
+    vision, model, split = parts
+    s_i2t, s_t2i = retrieval_scores(model, vision, split, k_test=100, batch_size=2, device=torch.device("cpu"))
+    _, full = brute_force(vision, model, split)
+    torch.testing.assert_close(s_i2t, full, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s_t2i, full.t(), rtol=1e-4, atol=1e-4)
+
+
+def test_only_the_itc_top_k_are_reranked(parts):
+    vision, model, split = parts
+    k = 2
+    s_i2t, s_t2i = retrieval_scores(model, vision, split, k_test=k, batch_size=3, device=torch.device("cpu"))
+    sim, full = brute_force(vision, model, split)
+    for i in range(sim.shape[0]):
+        top = set(sim[i].topk(k).indices.tolist())
+        for t in range(sim.shape[1]):
+            want = full[i, t] if t in top else torch.tensor(-100.0)
+            torch.testing.assert_close(s_i2t[i, t], want, rtol=1e-4, atol=1e-4)
+    for t in range(sim.shape[1]):
+        top = set(sim[:, t].topk(k).indices.tolist())
+        assert {int(i) for i in (s_t2i[t] > -100).nonzero()} == top
+
+
+def test_collect_split_groups_captions_by_image_id():
+    class Tok:
+        def __call__(self, captions, **kw):
+            n = max(len(c.split()) for c in captions) + 1
+            ids = torch.tensor([[101] + [5] * len(c.split()) + [0] * (n - 1 - len(c.split())) for c in captions])
+            return {"input_ids": ids, "attention_mask": ids != 0}
+
+    from blip2_fast.data import collate_batch
+
+    samples = [
+        {"pixels": torch.full((3, 4, 4), float(i)), "caption": "a " * (i + 1), "image_id": iid, "index": i}
+        for i, iid in enumerate([10, 11, 10, 12])
+    ]
+    split = collect_split(samples + [None], lambda s: collate_batch(s, Tok()), batch_size=3)
+    assert split["pixels"].shape[0] == 3  # image 10 once
+    assert split["txt2img"].tolist() == [0, 1, 0, 2]
+    assert torch.equal(split["pixels"][0], torch.zeros(3, 4, 4))  # the first sample of image 10
+    assert split["input_ids"].shape == (4, 5) and split["attention_mask"].dtype == torch.bool

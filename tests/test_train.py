@@ -1,0 +1,356 @@
+"""Stage-1 training: config, schedule, data order, atomic checkpoints; DeepSpeed runs in subprocesses.
+
+The DeepSpeed runs (marked slow) use a tiny variant of the embedded default:
+one Q-Former layer from MiniLM, 4 queries, the tiny ViT, batches of 4.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from blip2_fast.train import (
+    GlobalBatches,
+    OptimSection,
+    TrainConfig,
+    build_datasets,
+    deepspeed_config,
+    load_config,
+    lr_at,
+    param_groups,
+    save_checkpoint,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = [
+    ("model.qformer.num_hidden_layers", "1"),
+    ("model.qformer.num_query_tokens", "4"),
+    ("model.qformer.hidden_dropout_prob", "0.0"),
+    ("model.qformer.attention_probs_dropout_prob", "0.0"),
+    ("model.vision", "{preset: tiny}"),
+    ("model.max_text_length", "16"),
+    ("data.train_size", "64"),
+    ("data.eval_size", "12"),
+    ("train.batch_size", "4"),
+    ("train.steps", "2"),
+    ("train.log_every", "1"),
+    ("train.precision", "fp32"),
+    ("eval.k_test", "3"),
+    ("eval.num_captions", "1"),
+    ("eval.num_beams", "2"),
+    ("eval.max_new_tokens", "4"),
+    ("eval.min_new_tokens", "1"),
+]
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_defaults_equal_the_shipped_default_yaml():
+    assert load_config(ROOT / "configs" / "stage1_default.yaml").to_dict() == TrainConfig().to_dict()
+
+
+def test_real_run_config_and_deepspeed_jsons_load():
+    config = load_config(ROOT / "configs" / "stage1_coco.yaml")
+    assert config.data.source == "caption_json" and config.model.qformer == {}
+    for stage in (1, 2, 3):
+        path = ROOT / "configs" / f"ds_zero{stage}.json"
+        config = load_config(None, [("train.deepspeed_config", str(path))])
+        ds = deepspeed_config(config, torch.device("cpu"))
+        assert ds["zero_optimization"]["stage"] == stage and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+        assert ds["train_micro_batch_size_per_gpu"] == config.train.batch_size
+    config = load_config(None, [("train.deepspeed_config", str(ROOT / "configs" / "ds_zero2_fp16.json"))])
+    ds = deepspeed_config(config, torch.device("cpu"))
+    assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0 and not ds["bf16"]["enabled"]
+    # explicit keys win over the JSON
+    config = load_config(
+        None,
+        [("train.deepspeed_config", str(ROOT / "configs" / "ds_zero3.json")), ("train.zero_stage", "1")]
+        + [("train.precision", "fp32")],
+    )
+    ds = deepspeed_config(config, torch.device("cpu"))
+    assert ds["zero_optimization"]["stage"] == 1 and not ds["bf16"]["enabled"]
+
+
+def test_unknown_keys_list_the_valid_ones(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown train key 'stepz'; valid keys: .*steps"):
+        load_config(None, [("train.stepz", "3")])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  steps: 3\n  lrr: 1\n")
+    with pytest.raises(ValueError, match=r"unknown TrainSection key\(s\) \['lrr'\] in train; valid keys:"):
+        load_config(bad)
+    bad.write_text("trian:\n  steps: 3\n")
+    with pytest.raises(ValueError, match="unknown section.*valid sections: model, data, optim, train, eval"):
+        load_config(bad)
+    with pytest.raises(ValueError, match="valid keys"):
+        load_config(None, [("model.qformer.num_layers", "2")])  # QFormerConfig's own check
+
+
+def test_overrides_are_typed():
+    config = load_config(
+        None,
+        [("optim.lr", "1e-4"), ("steps", "7"), ("train.resume", "true"), ("model.qformer.num_hidden_layers", "3")],
+    )
+    assert config.optim.lr == 1e-4 and isinstance(config.optim.lr, float)
+    assert config.train.steps == 7 and config.train.resume is True
+    assert config.model.qformer["num_hidden_layers"] == 3
+    with pytest.raises(ValueError, match="train.steps must be a int"):
+        load_config(None, [("train.steps", "many")])
+    with pytest.raises(ValueError, match="train.precision must be one of"):
+        load_config(None, [("train.precision", "fp8")])
+    with pytest.raises(ValueError, match="dotted key"):
+        load_config(None, [("nonsense", "1")])
+
+
+def test_missing_data_paths_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="data.source=caption_json needs data.annotation_file"):
+        load_config(None, [("data.source", "caption_json")])
+    config = load_config(
+        None,
+        [
+            ("data.source", "caption_json"),
+            ("data.annotation_file", str(tmp_path / "nope.json")),
+            ("data.image_root", str(tmp_path)),
+        ],
+    )
+    with pytest.raises(FileNotFoundError, match="data.annotation_file: file not found: .*nope.json"):
+        build_datasets(config, 32)
+    (tmp_path / "ann.json").write_text("[]")
+    config = load_config(
+        None,
+        [
+            ("data.source", "caption_json"),
+            ("data.annotation_file", str(tmp_path / "ann.json")),
+            ("data.image_root", str(tmp_path / "missing")),
+        ],
+    )
+    with pytest.raises(FileNotFoundError, match="data.image_root: folder not found"):
+        build_datasets(config, 32)
+
+
+# ------------------------------------------------------------------ optimisation
+
+
+def test_lr_warmup_then_cosine():
+    o = OptimSection(lr=1e-3, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=10)
+    assert lr_at(0, o, 110) == pytest.approx(1e-6)
+    assert lr_at(5, o, 110) == pytest.approx(1e-6 + (1e-3 - 1e-6) / 2)
+    assert lr_at(10, o, 110) == pytest.approx(1e-3)
+    assert lr_at(60, o, 110) == pytest.approx(1e-5 + (1e-3 - 1e-5) / 2)
+    assert lr_at(110, o, 110) == pytest.approx(1e-5)
+    values = [lr_at(s, o, 110) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_no_weight_decay_on_biases_norms_and_temperature():
+    from blip2_fast.config import QFormerConfig
+    from blip2_fast.qformer import QFormer
+
+    model = QFormer(QFormerConfig.preset("tiny"))
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    nd = {names[id(p)] for p in no_decay["params"]}
+    d = {names[id(p)] for p in decay["params"]}
+    assert "temp" in nd and "ln_vision.weight" in nd and "layers.0.self_attn.query.bias" in nd
+    assert "layers.0.self_attn.query.weight" in d and "query_tokens" in d  # LAVIS decays the queries
+    assert not nd & d and len(nd) + len(d) == len(list(model.parameters()))
+
+
+# ------------------------------------------------------------------ data order
+
+
+class Numbers(torch.utils.data.Dataset):
+    """Sample i is i; every index in ``broken`` fails to load (None)."""
+
+    def __init__(self, n, broken=()):
+        self.n, self.broken = n, set(broken)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return None if i in self.broken else i
+
+
+def collate(samples):
+    return {"ids": torch.tensor(samples), "skipped": 0}
+
+
+def take(batches, start, count):
+    it = batches.iterate(start)
+    return [next(it) for _ in range(count)]
+
+
+def test_global_batch_does_not_depend_on_the_number_of_ranks():
+    one = take(GlobalBatches(Numbers(40), 8, 3, 0, 1, collate), 0, 12)  # 5 batches per epoch: crosses epochs
+    parts = [take(GlobalBatches(Numbers(40), 4, 3, r, 2, collate), 0, 12) for r in range(2)]
+    for k in range(12):
+        assert one[k][0] == k
+        joined = torch.cat([parts[0][k][1]["ids"], parts[1][k][1]["ids"]])
+        assert torch.equal(one[k][1]["ids"], joined)
+    first_epoch = torch.cat([one[k][1]["ids"] for k in range(5)])
+    assert sorted(first_epoch.tolist()) == list(range(40))  # a permutation
+    second = torch.cat([one[k][1]["ids"] for k in range(5, 10)])
+    assert not torch.equal(first_epoch, second)  # reshuffled per epoch
+
+
+def test_resuming_the_data_stream_is_exact():
+    batches = GlobalBatches(Numbers(30), 4, 0, 0, 1, collate)
+    full = take(batches, 0, 9)
+    resumed = take(GlobalBatches(Numbers(30), 4, 0, 0, 1, collate), 4, 5)
+    for a, b in zip(full[4:], resumed, strict=True):
+        assert a[0] == b[0] and torch.equal(a[1]["ids"], b[1]["ids"])
+
+
+def test_broken_samples_are_replaced_and_counted():
+    batches = take(GlobalBatches(Numbers(16, broken={1, 2, 9}), 16, 0, 0, 1, collate), 0, 1)
+    batch = batches[0][1]
+    assert batch["ids"].shape == (16,) and batch["skipped"] == 4  # 1 -> 2 -> 3, 2 -> 3, 9 -> 10
+    assert not {1, 2, 9} & set(batch["ids"].tolist())
+
+
+# ------------------------------------------------------------------ atomic checkpoints
+
+
+class FakeEngine:
+    """What save_checkpoint needs of a DeepSpeed engine; ``fail`` breaks the write midway."""
+
+    def __init__(self, fail=False):
+        from blip2_fast.losses import HardNegativeSampler
+
+        self.module = type("M", (), {"sampler": HardNegativeSampler(0)})()
+        self.fail = fail
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        assert not save_latest
+        (Path(save_dir) / tag).mkdir(parents=True)
+        (Path(save_dir) / tag / "model.pt").write_text("half")
+        if self.fail:
+            raise OSError("disk full")
+
+
+def test_checkpoint_is_atomic_and_pruned(tmp_path):
+    save_checkpoint(FakeEngine(), tmp_path, 1, 1, keep=2)
+    assert (tmp_path / "latest").read_text() == "step00000001"
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(FakeEngine(fail=True), tmp_path, 2, 2, keep=2)
+    assert (tmp_path / "latest").read_text() == "step00000001"  # never names the broken tag
+    assert not (tmp_path / "step00000002").exists()
+    for step in (2, 3, 4):
+        save_checkpoint(FakeEngine(), tmp_path, step, step, keep=2)
+    assert (tmp_path / "latest").read_text() == "step00000004"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step00000003", "step00000004"]
+    assert (tmp_path / "step00000004" / "rng_rank00000.pt").is_file()
+
+
+# ------------------------------------------------------------------ DeepSpeed runs
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _args(pairs):
+    return [f"--{k}={v}" for k, v in pairs]
+
+
+def _losses(run_dir: Path) -> list[dict[str, float]]:
+    with (run_dir / "metrics.csv").open() as f:
+        return [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+
+
+@pytest.mark.slow
+def test_resume_equals_uninterrupted(tmp_path):
+    """4 steps == 2 steps, checkpoint, restart, 2 steps (ZeRO-1, dropout on: the RNG must be restored)."""
+    common = TINY + [
+        ("train.steps", "4"),
+        ("train.zero_stage", "1"),
+        ("train.output_dir", str(tmp_path)),
+        ("train.evaluate", "false"),
+        ("model.qformer.hidden_dropout_prob", "0.1"),
+        ("model.qformer.attention_probs_dropout_prob", "0.1"),
+    ]
+    script = textwrap.dedent(
+        f"""
+        import json
+        from blip2_fast.train import load_config, run
+        common = {common!r}
+        full = run(load_config(None, common + [("train.name", "full")]))
+        first = run(load_config(None, common + [("train.name", "split"), ("train.stop_after", "2")]))
+        second = run(load_config(None, common + [("train.name", "split"), ("train.resume", "true")]))
+        print("RESULT", json.dumps([full["history"], first["history"], second["history"]]))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
+    full, first, second = json.loads(line.removeprefix("RESULT "))
+    assert len(full) == 4 and len(first) == 2 and len(second) == 2
+    for a, b in zip(full, first + second, strict=True):
+        for key in ("loss", "itc", "itm", "itg"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), (key, full, first + second)
+    assert full[0]["loss"] != full[3]["loss"]
+    split = tmp_path / "split"
+    assert (split / "checkpoints" / "latest").read_text() == "step00000004"
+    assert [r["step"] for r in _losses(split)] == [1, 2, 3, 4]  # the resumed run continues the CSV
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_rank(tmp_path):
+    """Same global batch (8), seeded hard negatives: 2 ranks (ZeRO-3, torchrun) == 1 rank (ZeRO-2), 2 steps.
+
+    The second step checks the gradients too (they made the first update), and the
+    end-of-training retrieval, sharded across the 2 ranks, must match.
+    """
+    one = TINY + [("train.batch_size", "8"), ("train.zero_stage", "2"), ("train.name", "one")]
+    two = TINY + [("train.batch_size", "4"), ("train.zero_stage", "3"), ("train.name", "two")]
+    common = [("train.output_dir", str(tmp_path))]
+    train = str(ROOT / "blip2_fast" / "train.py")
+    proc = subprocess.run(
+        [sys.executable, train, "--stage", "1", *_args(one + common)],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from blip2_fast.train import _free_port
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    proc2 = subprocess.run(
+        [*torchrun, train, "--stage", "1", *_args(two + common)],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc2.returncode == 0, proc2.stdout[-3000:] + proc2.stderr[-3000:]
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    steps_a = [r for r in a if "loss" in r]
+    steps_b = [r for r in b if "loss" in r]
+    assert len(steps_a) == len(steps_b) == 2
+    for ra, rb in zip(steps_a, steps_b, strict=True):
+        for key in ("loss", "itc", "itm", "itg"):
+            assert ra[key] == pytest.approx(rb[key], abs=2e-5), (key, ra, rb)
+    eval_a = next(r for r in a if "txt_r1" in r)
+    eval_b = next(r for r in b if "txt_r1" in r)
+    for key in ("txt_r1", "txt_r5", "img_r1", "img_r5", "r_mean"):
+        assert eval_a[key] == pytest.approx(eval_b[key], abs=1e-6)
+    assert "outputs:" in proc2.stdout and (tmp_path / "two" / "model.safetensors").is_file()
