@@ -29,6 +29,7 @@ import math
 import os
 import re
 import tarfile
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,26 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "CaptionJSON",
+    "FeatureCache",
+    "ImageTextDataset",
+    "ImageTransform",
+    "IterableImageTextDataset",
+    "SyntheticShapes",
+    "WebDatasetShards",
+    "build_transform",
+    "clean_caption",
+    "collate_batch",
+    "expand_urls",
+    "load_image",
+    "module_fingerprint",
+    "random_resized_crop_box",
+    "sample_seed",
+]
 
 log = logging.getLogger(__name__)
 
@@ -806,8 +827,9 @@ class FeatureCache:
     is built in a temporary file and moved into place (``os.replace``) once every
     index is filled, after the old sidecar is removed, so a crash never leaves a
     sidecar describing other features. Progress short of a full pass is not kept
-    across runs. With several ranks, give each rank its own ``path`` unless all
-    ranks read the same indices.
+    across runs (its temporary file is removed with the cache object). With
+    several ranks, give each rank its own ``path`` unless all ranks read the same
+    indices.
     """
 
     def __init__(
@@ -857,11 +879,13 @@ class FeatureCache:
 
     def _start(self, feature_shape: tuple[int, ...]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f"{self.path.stem}.tmp-{os.getpid()}.npy")
+        self._tmp = self.path.with_name(f"{self.path.stem}.tmp-{os.getpid()}-{id(self):x}.npy")
         self._array = np.lib.format.open_memmap(
             self._tmp, mode="w+", dtype=np.float16, shape=(self.num_samples, *feature_shape)
         )
         self._filled = np.zeros(self.num_samples, dtype=bool)
+        # An unfinished pass is not resumable: its file goes when the cache does (or at exit).
+        weakref.finalize(self, self._tmp.unlink, missing_ok=True)
 
     def _finish(self) -> None:
         assert self._array is not None and self._tmp is not None

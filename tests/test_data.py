@@ -1,3 +1,4 @@
+import gc
 import io
 import json
 import math
@@ -564,6 +565,13 @@ def test_feature_cache_is_only_published_when_complete(tmp_path):
     assert path.exists() and cache.complete and encoder.calls == 2
     with pytest.raises(ValueError, match=r"\.npy"):
         FeatureCache(tmp_path / "feats.bin", 4, encoder, "fp")
+    # An unfinished pass leaves nothing behind once its cache object is gone.
+    partial = FeatureCache(tmp_path / "other.npy", 4, encoder, "fp")
+    partial(torch.tensor([0, 1]), pixels)
+    assert len(list(tmp_path.glob("other.tmp-*.npy"))) == 1
+    del partial
+    gc.collect()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["feats.npy", "feats.npy.json"]
 
 
 def test_transform_scale_default_matches_blip2():
