@@ -516,11 +516,15 @@ class WebDatasetShards(IterableDataset):
     ``{"image": bytes or None, "caption": str or None, "image_id": int, "key": str}``;
     a missing image or caption is left for ``ImageTextDataset`` to skip and count.
 
-    Splitting: shards go round-robin to the ``world_size * num_workers`` readers
-    (rank-major). With fewer shards than readers, every reader opens every shard
-    and keeps every ``world_size * num_workers``-th sample instead, so no reader
-    idles and no sample is read twice. ``shuffle`` reorders shards per epoch
-    (``set_epoch``) and, with ``shuffle_buffer > 0``, samples within a buffer.
+    Splitting (``split``): ``"shard"`` gives shards round-robin to the
+    ``world_size * num_workers`` readers (rank-major): no shard is read twice,
+    but ranks get unequal shares when shards differ in size. ``"sample"`` has
+    every reader open every shard and keep every ``world_size * num_workers``-th
+    sample: shares equal to one sample, at the cost of reading all the bytes on
+    every reader. ``"auto"`` (default) is ``"shard"`` when there are at least as
+    many shards as readers, else ``"sample"``. ``shuffle`` reorders shards per
+    epoch (``set_epoch``; the same order on every reader) and, with
+    ``shuffle_buffer > 0``, samples within a buffer.
     """
 
     def __init__(
@@ -532,7 +536,10 @@ class WebDatasetShards(IterableDataset):
         shuffle: bool = False,
         shuffle_buffer: int = 0,
         seed: int = 0,
+        split: str = "auto",
     ):
+        if split not in ("auto", "shard", "sample"):
+            raise ValueError(f"split must be 'auto', 'shard' or 'sample', got {split!r}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if shuffle_buffer < 0:
@@ -543,6 +550,7 @@ class WebDatasetShards(IterableDataset):
                 raise FileNotFoundError(f"tar shard not found: {url}")
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
+        self.split = split
         self.epoch = 0
         self.shard_errors = 0
 
@@ -560,7 +568,7 @@ class WebDatasetShards(IterableDataset):
         if self.shuffle:
             generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch))
             urls = [urls[i] for i in torch.randperm(len(urls), generator=generator).tolist()]
-        if len(urls) >= readers:
+        if self.split == "shard" or (self.split == "auto" and len(urls) >= readers):
             stream = (s for url in urls[reader::readers] for s in self._read_shard(url))
         else:
             every = (s for url in urls for s in self._read_shard(url))

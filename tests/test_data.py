@@ -405,9 +405,13 @@ def test_tar_shards_round_trip_and_split(tmp_path):
     # Across ranks: disjoint, together everything (shard-level with 3 shards and 2 ranks).
     parts = [[s["key"] for s in WebDatasetShards(pattern, rank=r, world_size=2)] for r in range(2)]
     assert not set(parts[0]) & set(parts[1]) and set(parts[0]) | set(parts[1]) == set(expected)
+    assert [len(p) for p in parts] == [8, 4]  # whole shards: 0 and 2 to rank 0, 1 to rank 1
     # More readers than shards: sample-level split, still disjoint and complete.
     parts = [[s["key"] for s in WebDatasetShards(pattern, rank=r, world_size=5)] for r in range(5)]
     assert sum(map(len, parts)) == len(expected) and set().union(*parts) == set(expected)
+    # Forced sample-level split: equal shares (the shard split above gives 8 and 4), disjoint.
+    parts = [[s["key"] for s in WebDatasetShards(pattern, rank=r, world_size=2, split="sample")] for r in range(2)]
+    assert [len(p) for p in parts] == [6, 6] and set().union(*parts) == set(expected)
     # Across dataloader workers.
     loader = DataLoader(WebDatasetShards(pattern), batch_size=None, num_workers=2)
     assert sorted(s["key"] for s in loader) == sorted(expected)
