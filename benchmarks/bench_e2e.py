@@ -1,0 +1,153 @@
+"""End to end at the BLIP-2 size (BERT-base Q-Former, 32 queries, 35 text tokens, 257 x 1408 image features;
+the CPU ``--quick`` set uses the ``minilm`` preset, hidden 384 x 6 layers, to fit its time budget).
+
+- ``stage-1 step``: ITC + ITM + ITG forward, backward and an AdamW step, per
+  backend, through ``blip2_fast.losses.Stage1Loss`` (the training objective).
+- ``qformer forward``: the query pass over an image (``encode_image``) per
+  backend, and transformers' ``Blip2QFormerModel`` forward on the same weights,
+  the outside baseline. The two are checked to agree before they are timed.
+
+The ratio of the reference stage-1 step to the transformers forward is the CPU
+figure anyone can reproduce (``benchmarks/report.py`` prints it).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from benchutil import CUDA, DEVICE, DTYPE_NAMES, measure, require_backend, sizes
+
+from blip2_fast import QFormer, QFormerConfig
+
+N_IMAGE, N_TEXT, CLS = 257, 35, 101
+
+# transformers Blip2QFormerModel layer names -> ours, first match wins (so "output." comes after "attention.output.")
+_LAYER_NAMES = (
+    ("attention.attention.", "self_attn."),
+    ("attention.output.LayerNorm.", "self_attn.output.norm."),
+    ("attention.output.dense.", "self_attn.output.dense."),
+    ("crossattention.attention.", "cross_attn."),
+    ("crossattention.output.LayerNorm.", "cross_attn.output.norm."),
+    ("crossattention.output.dense.", "cross_attn.output.dense."),
+    ("intermediate_query.dense.", "ffn_query.up."),
+    ("output_query.LayerNorm.", "ffn_query.norm."),
+    ("output_query.dense.", "ffn_query.down."),
+    ("intermediate.dense.", "ffn_text.up."),
+    ("output.LayerNorm.", "ffn_text.norm."),
+    ("output.dense.", "ffn_text.down."),
+)
+
+
+def our_name(key: str) -> str:
+    if key.startswith("layernorm."):
+        return "embeddings.norm." + key.removeprefix("layernorm.")
+    if key.startswith("encoder.layer."):
+        index, rest = key.removeprefix("encoder.layer.").split(".", 1)
+        for theirs, ours in _LAYER_NAMES:
+            if rest.startswith(theirs):
+                return f"layers.{index}.{ours}{rest.removeprefix(theirs)}"
+    raise ValueError(f"transformers Q-Former tensor {key!r} has no counterpart in blip2_fast.QFormer")
+
+
+def transformers_twin(model: QFormer) -> torch.nn.Module:
+    """transformers' Blip2QFormerModel with ``model``'s weights (query pass only: no text embeddings)."""
+    from transformers import Blip2QFormerConfig, Blip2QFormerModel
+
+    c = model.config
+    hf = Blip2QFormerModel(
+        Blip2QFormerConfig(
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
+            intermediate_size=c.intermediate_size,
+            hidden_act="gelu",
+            hidden_dropout_prob=c.hidden_dropout_prob,
+            attention_probs_dropout_prob=c.attention_probs_dropout_prob,
+            max_position_embeddings=c.max_position_embeddings,
+            layer_norm_eps=c.layer_norm_eps,
+            cross_attention_frequency=c.cross_attention_freq,
+            encoder_hidden_size=c.encoder_width,
+        )
+    )
+    ours = model.state_dict()
+    hf.load_state_dict({key: ours[our_name(key)] for key in hf.state_dict()})
+    return hf.to(DEVICE, next(model.parameters()).dtype).eval()
+
+
+def qformer(request: pytest.FixtureRequest, dtype: torch.dtype, backend: str) -> QFormer:
+    torch.manual_seed(0)
+    return QFormer(QFormerConfig.preset(sizes(request.config).e2e_preset, backend=backend)).to(DEVICE, dtype)
+
+
+def text_batch(batch: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(1000, vocab - 1, (batch, N_TEXT), device=DEVICE)
+    ids[:, 0] = CLS
+    lengths = torch.randint(8, N_TEXT + 1, (batch,), device=DEVICE)
+    lengths[0] = N_TEXT
+    mask = torch.arange(N_TEXT, device=DEVICE)[None, :] < lengths[:, None]
+    return ids.masked_fill(~mask, 0), mask
+
+
+def test_stage1_step(benchmark, request, rounds, backend, dtype, e2e_batch):
+    require_backend(request, backend, backward=True)
+    try:
+        from blip2_fast.losses import Stage1Loss
+    except ImportError as exc:
+        pytest.skip(f"blip2_fast.losses does not import: {exc}")
+    model = qformer(request, dtype, backend).train()
+    cfg = model.config
+    objective = Stage1Loss(model, bos_token_id=cfg.vocab_size - 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05)
+    image = torch.randn(e2e_batch, N_IMAGE, cfg.encoder_width, device=DEVICE, dtype=dtype)
+    ids, mask = text_batch(e2e_batch, cfg.vocab_size)
+    image_ids = torch.arange(e2e_batch, device=DEVICE)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        out = objective(image, ids, mask, image_ids)
+        out.loss.backward()
+        optimizer.step()
+        return out.loss
+
+    ms = measure(
+        benchmark,
+        step,
+        case=f"stage-1 step {sizes(request.config).e2e_preset} B={e2e_batch} {DTYPE_NAMES[dtype]}",
+        backend=backend,
+        rounds=rounds if CUDA else min(rounds, 3),
+        warmup=1,
+        batch=e2e_batch,
+    )
+    benchmark.extra_info["samples_per_s"] = e2e_batch / (ms * 1e-3)
+
+
+@pytest.mark.parametrize("impl", ["transformers", "ours"])
+def test_qformer_forward(benchmark, request, rounds, impl, backend, dtype, e2e_batch):
+    """The query pass; ``transformers`` runs once per size (its own attention), listed under backend 'reference'."""
+    if impl == "transformers" and backend != "reference":
+        pytest.skip("transformers' Q-Former has no attention backend switch: measured once, beside 'reference'")
+    require_backend(request, backend)
+    model = qformer(request, dtype, backend).eval()
+    image = torch.randn(e2e_batch, N_IMAGE, model.config.encoder_width, device=DEVICE, dtype=dtype)
+    hf = transformers_twin(model)
+    queries = model.query_tokens.expand(e2e_batch, -1, -1)
+
+    @torch.no_grad()
+    def theirs():
+        return hf(query_embeds=queries, encoder_hidden_states=model.ln_vision(image)).last_hidden_state
+
+    @torch.no_grad()
+    def ours():
+        return model.encode_image(image).hidden
+
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(ours(), theirs(), rtol=tol, atol=tol)  # same weights, same numbers: else no baseline
+    measure(
+        benchmark,
+        theirs if impl == "transformers" else ours,
+        case=f"qformer forward {sizes(request.config).e2e_preset} B={e2e_batch} {DTYPE_NAMES[dtype]}",
+        backend="transformers" if impl == "transformers" else backend,
+        rounds=rounds,
+        batch=e2e_batch,
+    )

@@ -1,0 +1,71 @@
+"""KV-cache path: Q-Former captioning, greedy, at the BLIP-2 size.
+
+``cached``: the query pass's K/V cache is grown one token at a time
+(``QFormer.decode`` over the returned cache). ``recompute``: every step decodes
+the whole text so far again over the query cache (the queries themselves are
+never recomputed in either mode: BLIP-2 caches them in both). The image side
+(ln_vision, cross-attention K/V, the query pass) runs once, outside the timing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from benchutil import CUDA, DEVICE, DTYPE_NAMES, measure, require_backend
+
+from blip2_fast import QFormer, QFormerConfig
+from blip2_fast.qformer import KVCache
+
+N_IMAGE = 257
+_MODELS: dict[torch.dtype, QFormer] = {}
+
+
+def blip2_qformer(dtype: torch.dtype) -> QFormer:
+    """One BLIP-2-sized Q-Former per dtype for the whole session (building it dominates a quick run)."""
+    if dtype not in _MODELS:
+        torch.manual_seed(0)
+        _MODELS[dtype] = QFormer(QFormerConfig.preset("blip2")).to(DEVICE, dtype).eval()
+    return _MODELS[dtype]
+
+
+def generate(model: QFormer, cache: KVCache, bos: torch.Tensor, n_tokens: int, use_cache: bool) -> torch.Tensor:
+    ids = bos
+    if use_cache:
+        logits, grown = model.decode(ids, None, cache)
+        for _ in range(n_tokens - 1):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+            logits, grown = model.decode(nxt, None, grown)
+    else:
+        for _ in range(n_tokens):
+            logits, _ = model.decode(ids, None, cache)
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("mode", ["cached", "recompute"])
+def test_caption_decode(benchmark, request, rounds, backend, dtype, decode_batch, decode_tokens, mode):
+    require_backend(request, backend)
+    if backend == "flex" and not CUDA:
+        pytest.skip("flex: every new text length compiles again; too slow for a CPU run")
+    model = blip2_qformer(dtype).set_backend(backend)
+    cfg = model.config
+    image = torch.randn(decode_batch, N_IMAGE, cfg.encoder_width, device=DEVICE, dtype=dtype)
+    with torch.no_grad():
+        cache = model.encode_image(image).cache
+    bos = torch.full((decode_batch, 1), cfg.vocab_size - 1, device=DEVICE, dtype=torch.long)  # [DEC]
+
+    @torch.no_grad()
+    def call():
+        return generate(model, cache, bos, decode_tokens, use_cache=mode == "cached")
+
+    ms = measure(
+        benchmark,
+        call,
+        case=f"caption {decode_tokens} tokens B={decode_batch} {DTYPE_NAMES[dtype]}",
+        backend=f"{backend}/{mode}",
+        rounds=rounds,
+        mode=mode,
+        attention_backend=backend,
+    )
+    benchmark.extra_info["tokens_per_s"] = decode_batch * decode_tokens / (ms * 1e-3)
