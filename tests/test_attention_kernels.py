@@ -111,7 +111,7 @@ def test_cross_attention_with_image_padding(n_rows, n_keys):
 SMALL = AttnConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
 
 
-@pytest.mark.parametrize("shape", [(32, 67, 67), (32, 35, 67), (20, 45, 45)], ids=str)
+@pytest.mark.parametrize("shape", [(32, 67, 67), (32, 35, 67), (32, 20, 67), (20, 45, 45)], ids=str)
 @pytest.mark.parametrize("kind", list(MaskKind), ids=lambda k: k.name)
 def test_small_tiles_parity(kind, shape):
     n_query, n_rows, n_keys = shape
