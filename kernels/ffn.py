@@ -316,10 +316,10 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def bias_gelu(u: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """GELU(u + bias) for a contiguous (rows, I) ``u``."""
+def bias_gelu(u: torch.Tensor, bias: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """GELU(u + bias) for a contiguous (rows, I) ``u``; ``out`` may be ``u`` itself."""
     rows, cols = u.shape
-    out = torch.empty_like(u)
+    out = torch.empty_like(u) if out is None else out
     grid = (triton.cdiv(rows, _EW_BLOCK_R), triton.cdiv(cols, EW_BLOCK_C))
     _bias_gelu_fwd_kernel[grid](u, bias, out, rows, cols, BLOCK_R=_EW_BLOCK_R, BLOCK_C=EW_BLOCK_C, num_warps=4)
     return out
@@ -472,6 +472,15 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]).contiguous()
 
 
+def _under_autocast(x: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Under ``torch.autocast`` run in the autocast dtype (fp32 master weights get cast, grads flow back)."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return [t.to(dtype) for t in tensors]
+
+
 def _new_seed(seed: int | None) -> int:
     # Drawn from torch's CPU generator: reproducible under torch.manual_seed and no device sync.
     if seed is None:
@@ -494,8 +503,8 @@ class ResidualNormFunction(torch.autograd.Function):
             y, bias, res2, norm_weight, norm_bias, eps, dropout_p, seed, store_mask
         )
         del y
-        ctx.save_for_backward(x2, weight, norm_weight, pre, mean, rstd)
-        ctx.cfg = (dropout_p, seed, x.shape, residual.shape)
+        ctx.save_for_backward(x, weight, norm_weight, pre, mean, rstd)  # x, not x2: views keep sharing storage
+        ctx.cfg = (dropout_p, seed, residual.shape)
         out = out.view(residual.shape)
         if mask is None:
             return out, None
@@ -504,11 +513,12 @@ class ResidualNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dmask):
-        x2, weight, norm_weight, pre, mean, rstd = ctx.saved_tensors
-        dropout_p, seed, x_shape, res_shape = ctx.cfg
+        x, weight, norm_weight, pre, mean, rstd = ctx.saved_tensors
+        dropout_p, seed, res_shape = ctx.cfg
+        x2 = _rows(x)
         dout2 = _rows(dout)
         dres, dz, dnw, dnb = res_norm_backward(dout2, pre, mean, rstd, norm_weight, dropout_p, seed)
-        dx = (dz @ weight).view(x_shape)
+        dx = (dz @ weight).view(x.shape)
         dw = dz.t() @ x2
         db = dz.sum(0, dtype=torch.float32).to(dz.dtype)
         dt = norm_weight.dtype
@@ -517,22 +527,32 @@ class ResidualNormFunction(torch.autograd.Function):
 
 class FFNFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, up_w, up_b, down_w, down_b, norm_w, norm_b, eps, dropout_p, chunk_size, seed, store_mask):
+    def forward(
+        ctx, x, up_w, up_b, down_w, down_b, norm_w, norm_b, eps, dropout_p, chunk_size, seed, store_mask, recompute
+    ):
         x2 = _rows(x)
         rows, hidden = x2.shape
         # chunk_size counts sequence positions, as in BERT: a chunk is batch * chunk_size rows.
         seq_len = x.shape[-2]
         chunk_rows = rows if chunk_size <= 0 or chunk_size >= seq_len else (rows // seq_len) * chunk_size
+        # Without recompute the pre-activation (rows, I) is kept for the backward, saving one GEMM there.
+        kept = None if recompute else torch.empty((rows, up_w.shape[0]), device=x.device, dtype=x.dtype)
         y = torch.empty_like(x2)
         for r0 in range(0, rows, chunk_rows):
             xc = x2[r0 : r0 + chunk_rows]
-            act = bias_gelu(xc @ up_w.t(), up_b)  # the only 4H-wide tensors; freed after each chunk
+            if kept is None:
+                u = xc @ up_w.t()
+                act = bias_gelu(u, up_b, out=u)  # in place: with recompute nothing 4H wide outlives the chunk
+            else:
+                u = torch.matmul(xc, up_w.t(), out=kept[r0 : r0 + chunk_rows])
+                act = bias_gelu(u, up_b)
             torch.matmul(act, down_w.t(), out=y[r0 : r0 + chunk_rows])
-            del act
+            del act, u
         out, pre, mean, rstd, mask = res_norm_forward(y, down_b, x2, norm_w, norm_b, eps, dropout_p, seed, store_mask)
         del y
-        ctx.save_for_backward(x2, up_w, up_b, down_w, norm_w, pre, mean, rstd)
-        ctx.cfg = (dropout_p, seed, chunk_rows, x.shape)
+        # x itself, not its (rows, H) copy: a view such as x[:, :32] shares the caller's storage.
+        ctx.save_for_backward(x, up_w, up_b, down_w, norm_w, pre, mean, rstd, kept)
+        ctx.cfg = (dropout_p, seed, chunk_rows)
         out = out.view(x.shape)
         if mask is None:
             return out, None
@@ -541,8 +561,9 @@ class FFNFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dmask):
-        x2, up_w, up_b, down_w, norm_w, pre, mean, rstd = ctx.saved_tensors
-        dropout_p, seed, chunk_rows, x_shape = ctx.cfg
+        x, up_w, up_b, down_w, norm_w, pre, mean, rstd, kept = ctx.saved_tensors
+        dropout_p, seed, chunk_rows = ctx.cfg
+        x2 = _rows(x)
         rows = x2.shape[0]
         # LayerNorm + dropout backward does not need the 4H activation: one launch over all rows.
         dres, dz, dnw, dnb = res_norm_backward(_rows(dout), pre, mean, rstd, norm_w, dropout_p, seed)
@@ -556,7 +577,7 @@ class FFNFunction(torch.autograd.Function):
         for r0 in range(0, rows, chunk_rows):
             xc = x2[r0 : r0 + chunk_rows]
             dzc = dz[r0 : r0 + chunk_rows]
-            u = xc @ up_w.t()  # recompute: the forward kept no 4H-wide tensor
+            u = xc @ up_w.t() if kept is None else kept[r0 : r0 + chunk_rows]
             act = bias_gelu(u, up_b)
             if single:
                 d_down_w = dzc.t() @ act
@@ -574,20 +595,8 @@ class FFNFunction(torch.autograd.Function):
             del du
         dt = x2.dtype
         d_down_b = dz.sum(0, dtype=torch.float32).to(dt)
-        return (
-            dx.view(x_shape),
-            d_up_w.to(dt),
-            d_up_b.to(dt),
-            d_down_w.to(dt),
-            d_down_b,
-            dnw.to(dt),
-            dnb.to(dt),
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        grads = (dx.view(x.shape), d_up_w.to(dt), d_up_b.to(dt), d_down_w.to(dt), d_down_b, dnw.to(dt), dnb.to(dt))
+        return (*grads, None, None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------- functional API
@@ -608,10 +617,18 @@ def residual_norm(
 ):
     """Fused ``residual_norm_ref``: LayerNorm(residual + dropout(x @ weight.T + bias)).
 
+    Every tensor has one dtype (fp32, fp16 or bf16), except under ``torch.autocast``
+    where all are cast to the autocast dtype and so is the output (eager autocast
+    would return fp32 from its LayerNorm).
+
     x: (..., K); residual: (..., N) with the same leading dims; weight: (N, K);
     bias, norm_weight, norm_bias: (N,). ``seed`` fixes the dropout pattern (drawn
     from torch's generator when None). With ``return_mask`` returns (out, keep mask).
     """
+    if isinstance(x, torch.Tensor):
+        x, residual, weight, bias, norm_weight, norm_bias = _under_autocast(
+            x, [x, residual, weight, bias, norm_weight, norm_bias]
+        )
     _check_common(x, residual.shape[-1] if isinstance(residual, torch.Tensor) else 0, eps, dropout_p)
     if not isinstance(residual, torch.Tensor) or residual.shape[:-1] != x.shape[:-1]:
         got = tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__
@@ -623,9 +640,19 @@ def residual_norm(
     _check_dtype_device("weight", weight, x.dtype, x.device)
     for name, t in (("bias", bias), ("norm_weight", norm_weight), ("norm_bias", norm_bias)):
         _check_vec(name, t, n, x.dtype, x.device)
-    out, mask = ResidualNormFunction.apply(
-        x, residual, weight, bias, norm_weight, norm_bias, float(eps), float(dropout_p), _new_seed(seed), return_mask
-    )
+    with torch.autocast(x.device.type, enabled=False):
+        out, mask = ResidualNormFunction.apply(
+            x,
+            residual,
+            weight,
+            bias,
+            norm_weight,
+            norm_bias,
+            float(eps),
+            float(dropout_p),
+            _new_seed(seed),
+            return_mask,
+        )
     return (out, mask) if return_mask else out
 
 
@@ -643,6 +670,7 @@ def ffn(
     *,
     seed: int | None = None,
     return_mask: bool = False,
+    recompute: bool = True,
 ):
     """Fused, chunked ``ffn_ref``: LayerNorm(x + dropout(GELU(x @ up.T + up_b) @ down.T + down_b)).
 
@@ -650,8 +678,14 @@ def ffn(
     product); up_weight: (I, H); up_bias: (I,); down_weight: (H, I); down_bias,
     norm_weight, norm_bias: (H,). ``chunk_size`` sequence positions per chunk of
     the 4H-wide activation, 0 for one chunk. ``seed`` / ``return_mask`` as in
-    :func:`residual_norm`.
+    :func:`residual_norm`. ``recompute=False`` keeps the (rows, I) pre-activation
+    for the backward instead of recomputing ``x @ up.T`` there: one GEMM less, 4H
+    more saved per token. Dtypes as in :func:`residual_norm` (autocast included).
     """
+    if isinstance(x, torch.Tensor):
+        x, up_weight, up_bias, down_weight, down_bias, norm_weight, norm_bias = _under_autocast(
+            x, [x, up_weight, up_bias, down_weight, down_bias, norm_weight, norm_bias]
+        )
     hidden = x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() else 0
     _check_common(x, hidden, eps, dropout_p)
     if not isinstance(chunk_size, int) or chunk_size < 0:
@@ -668,18 +702,20 @@ def ffn(
     _check_vec("up_bias", up_bias, inter, x.dtype, x.device)
     for name, t in (("down_bias", down_bias), ("norm_weight", norm_weight), ("norm_bias", norm_bias)):
         _check_vec(name, t, hidden, x.dtype, x.device)
-    out, mask = FFNFunction.apply(
-        x,
-        up_weight,
-        up_bias,
-        down_weight,
-        down_bias,
-        norm_weight,
-        norm_bias,
-        float(eps),
-        float(dropout_p),
-        chunk_size,
-        _new_seed(seed),
-        return_mask,
-    )
+    with torch.autocast(x.device.type, enabled=False):
+        out, mask = FFNFunction.apply(
+            x,
+            up_weight,
+            up_bias,
+            down_weight,
+            down_bias,
+            norm_weight,
+            norm_bias,
+            float(eps),
+            float(dropout_p),
+            chunk_size,
+            _new_seed(seed),
+            return_mask,
+            bool(recompute),
+        )
     return (out, mask) if return_mask else out
