@@ -67,6 +67,7 @@ class AOTJob:
     arch: int
     num_warps: int = 4
     num_stages: int = 2
+    aligned: tuple[str, ...] = ()  # args a launch sees as multiples of 16 (pointers, sizes): Triton specialises on it
 
     @classmethod
     def of(
@@ -77,6 +78,7 @@ class AOTJob:
         arch: int,
         num_warps: int = 4,
         num_stages: int = 2,
+        aligned: Sequence[str] = (),
     ) -> AOTJob:
         fn = getattr(kernel, "fn", None)
         if fn is None or not callable(fn):
@@ -90,6 +92,9 @@ class AOTJob:
                 raise ValueError(f"constexpr {key!r} must be a bool, int, float or str, got {type(value).__name__}")
             if signature.get(key) != "constexpr":
                 raise ValueError(f"constexpr {key!r} must appear in the signature as 'constexpr'")
+        for name in aligned:
+            if signature.get(name, "constexpr") == "constexpr":
+                raise ValueError(f"aligned arg {name!r} must be a non-constexpr argument in the signature")
         return cls(
             module=fn.__module__,
             name=fn.__name__,
@@ -98,6 +103,7 @@ class AOTJob:
             arch=arch,
             num_warps=num_warps,
             num_stages=num_stages,
+            aligned=tuple(aligned),
         )
 
 
@@ -168,7 +174,10 @@ def _compile_here(job: AOTJob) -> KernelResources:
     target_name = f"{job.module}.{job.name} for sm_{job.arch}"
     log = io.StringIO()
     try:
-        src = triton.compiler.ASTSource(fn=kernel, signature=dict(job.signature), constexprs=dict(job.constexprs))
+        attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in job.aligned}
+        src = triton.compiler.ASTSource(
+            fn=kernel, signature=dict(job.signature), constexprs=dict(job.constexprs), attrs=attrs
+        )
         # Triton runs ptxas -v itself; with this knob it prints the log (spill counts included) to stdout.
         with _ptxas_log_knob(), contextlib.redirect_stdout(log):
             compiled = triton.compile(
@@ -250,6 +259,7 @@ def _child_main() -> None:
             arch=j["arch"],
             num_warps=j["num_warps"],
             num_stages=j["num_stages"],
+            aligned=tuple(j["aligned"]),
         )
         for j in json.loads(sys.stdin.read())
     ]
@@ -285,11 +295,14 @@ def compile_for_arch(
     arch: int,
     num_warps: int = 4,
     num_stages: int = 2,
+    aligned: Sequence[str] = (),
 ) -> KernelResources:
     """Compile ``kernel`` for ``sm_<arch>`` and report its resources.
 
     ``signature`` maps every argument name to a Triton type (``"*fp16"``, ``"i32"``,
     ``"fp32"``, ``"constexpr"``); ``constexprs`` gives the value of each constexpr.
+    ``aligned`` names the arguments a real launch passes as multiples of 16 (16-byte
+    aligned pointers, sizes such as 768), which Triton compiles a specialised kernel for.
     Raises :class:`AOTCompileError` when the kernel does not compile.
     """
-    return compile_many([AOTJob.of(kernel, signature, constexprs, arch, num_warps, num_stages)])[0]
+    return compile_many([AOTJob.of(kernel, signature, constexprs, arch, num_warps, num_stages, aligned)])[0]

@@ -38,6 +38,7 @@ small next to the GEMMs. The backward returns grads for every tensor argument.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -154,6 +155,7 @@ def _res_norm_bwd_kernel(
     dz_ptr,  # (R, N) grad of the dense output (after dropout backward)
     dw_part_ptr,  # (P, N) fp32 partial LayerNorm weight grads, one row per program
     db_part_ptr,  # (P, N) fp32
+    dbias_part_ptr,  # (P, N) fp32 partial grads of the dense bias (sum of dz)
     n_rows,
     n_cols,
     rows_per_prog,
@@ -170,6 +172,7 @@ def _res_norm_bwd_kernel(
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dbias_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     row_start = pid * rows_per_prog
     row_end = tl.minimum(row_start + rows_per_prog, n_rows)
     for r0 in range(row_start, row_end, BLOCK_M):
@@ -195,8 +198,10 @@ def _res_norm_bwd_kernel(
         tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
         dw_acc += dout * xhat
         db_acc += dout
+        dbias_acc += dz
     tl.store(dw_part_ptr + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
     tl.store(db_part_ptr + pid * n_cols + cols, tl.sum(db_acc, axis=0), mask=col_ok)
+    tl.store(dbias_part_ptr + pid * n_cols + cols, tl.sum(dbias_acc, axis=0), mask=col_ok)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -224,10 +229,12 @@ def _norm_config(n_cols: int, interpret: bool = _INTERPRET) -> dict[str, int]:
 _HIDDEN_SIZES = (384, 768, 1024)  # MiniLM init, BERT-base, ViT-L-sized Q-Formers
 
 
-def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], int]]:
-    """Every (kernel, signature, constexprs, num_warps) the launchers use for the supported hidden sizes.
+def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], int, tuple[str, ...]]]:
+    """Every (kernel, signature, constexprs, num_warps, aligned args) the launchers use for hidden 384/768/1024.
 
-    Used by the AOT test to compile each one for sm_80 and sm_90.
+    Used by the AOT test to compile each one for sm_80 and sm_90. Those hidden and intermediate sizes are
+    multiples of 16 and torch allocations are 16-byte aligned, so a launch gets Triton's divisibility
+    specialisation on every pointer and on ``n_cols``: ``aligned`` lists them.
     """
     out = []
     for dt in ("fp32", "fp16", "bf16"):
@@ -296,6 +303,7 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
                     "dz_ptr": ptr,
                     "dw_part_ptr": "*fp32",
                     "db_part_ptr": "*fp32",
+                    "dbias_part_ptr": "*fp32",
                     "n_rows": "i32",
                     "n_cols": "i32",
                     "rows_per_prog": "i32",
@@ -308,7 +316,11 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
                 }
                 if not store_mask:
                     out.append((_res_norm_bwd_kernel, bwd_sig, {"HAS_DROPOUT": dropout} | tile, cfg["num_warps"]))
-    return out
+    return [(k, sig, const, warps, _aligned(sig)) for k, sig, const, warps in out]
+
+
+def _aligned(signature: dict[str, str]) -> tuple[str, ...]:
+    return tuple(name for name, ty in signature.items() if ty.startswith("*") or name == "n_cols")
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -383,9 +395,14 @@ def res_norm_forward(
     return out, pre, mean, rstd, mask
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _num_programs(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count * 4
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * 4
     return 8  # the interpreter runs programs one after another: few, long programs are fastest there
 
 
@@ -397,8 +414,8 @@ def res_norm_backward(
     norm_weight: torch.Tensor,
     dropout_p: float,
     seed: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad of residual, grad of dense output, LayerNorm weight grad, LayerNorm bias grad)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad of residual, grad of dense output, LayerNorm weight, LayerNorm bias and dense bias grads (fp32))."""
     rows, cols = pre.shape
     cfg = _norm_config(cols)
     block_m = cfg["BLOCK_M"]
@@ -409,6 +426,7 @@ def res_norm_backward(
     dz = torch.empty_like(pre)
     dw_part = torch.empty((n_prog, cols), device=pre.device, dtype=torch.float32)
     db_part = torch.empty((n_prog, cols), device=pre.device, dtype=torch.float32)
+    dbias_part = torch.empty((n_prog, cols), device=pre.device, dtype=torch.float32)
     _res_norm_bwd_kernel[(n_prog,)](
         dout,
         pre,
@@ -419,6 +437,7 @@ def res_norm_backward(
         dz,
         dw_part,
         db_part,
+        dbias_part,
         rows,
         cols,
         rows_per_prog,
@@ -430,7 +449,7 @@ def res_norm_backward(
         BLOCK_N=cfg["BLOCK_N"],
         num_warps=cfg["num_warps"],
     )
-    return dres, dz, dw_part.sum(0), db_part.sum(0)
+    return dres, dz, dw_part.sum(0), db_part.sum(0), dbias_part.sum(0)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -515,14 +534,14 @@ class ResidualNormFunction(torch.autograd.Function):
     def backward(ctx, dout, _dmask):
         x, weight, norm_weight, pre, mean, rstd = ctx.saved_tensors
         dropout_p, seed, res_shape = ctx.cfg
-        x2 = _rows(x)
+        x2 = _rows(x) if ctx.needs_input_grad[2] else None
         dout2 = _rows(dout)
-        dres, dz, dnw, dnb = res_norm_backward(dout2, pre, mean, rstd, norm_weight, dropout_p, seed)
-        dx = (dz @ weight).view(x.shape)
-        dw = dz.t() @ x2
-        db = dz.sum(0, dtype=torch.float32).to(dz.dtype)
+        dres, dz, dnw, dnb, db = res_norm_backward(dout2, pre, mean, rstd, norm_weight, dropout_p, seed)
+        # Skip the GEMMs whose grads nobody asked for (a frozen dense layer, an input without grad).
+        dx = (dz @ weight).view(x.shape) if ctx.needs_input_grad[0] else None
+        dw = dz.t() @ x2 if ctx.needs_input_grad[2] else None
         dt = norm_weight.dtype
-        return dx, dres.view(res_shape), dw, db, dnw.to(dt), dnb.to(dt), None, None, None, None
+        return dx, dres.view(res_shape), dw, db.to(dt), dnw.to(dt), dnb.to(dt), None, None, None, None
 
 
 class FFNFunction(torch.autograd.Function):
@@ -566,7 +585,7 @@ class FFNFunction(torch.autograd.Function):
         x2 = _rows(x)
         rows = x2.shape[0]
         # LayerNorm + dropout backward does not need the 4H activation: one launch over all rows.
-        dres, dz, dnw, dnb = res_norm_backward(_rows(dout), pre, mean, rstd, norm_w, dropout_p, seed)
+        dres, dz, dnw, dnb, d_down_b = res_norm_backward(_rows(dout), pre, mean, rstd, norm_w, dropout_p, seed)
         single = chunk_rows >= rows
         # Weight grads summed over chunks in fp32, so fp16/bf16 chunking does not add rounding per chunk.
         acc = None if single else torch.float32
@@ -594,8 +613,15 @@ class FFNFunction(torch.autograd.Function):
             dx[r0 : r0 + chunk_rows].addmm_(du, up_w)
             del du
         dt = x2.dtype
-        d_down_b = dz.sum(0, dtype=torch.float32).to(dt)
-        grads = (dx.view(x.shape), d_up_w.to(dt), d_up_b.to(dt), d_down_w.to(dt), d_down_b, dnw.to(dt), dnb.to(dt))
+        grads = (
+            dx.view(x.shape),
+            d_up_w.to(dt),
+            d_up_b.to(dt),
+            d_down_w.to(dt),
+            d_down_b.to(dt),
+            dnw.to(dt),
+            dnb.to(dt),
+        )
         return (*grads, None, None, None, None, None, None)
 
 

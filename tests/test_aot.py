@@ -13,7 +13,11 @@ _SIG |= {"BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
 @pytest.fixture(scope="module")
 def shipped():
     """Every kernel config the FFN launchers use on a GPU, compiled for sm_80 and sm_90 in one child process."""
-    jobs = [aot.AOTJob.of(k, sig, const, arch, warps) for k, sig, const, warps in kernel_configs() for arch in ARCHS]
+    jobs = [
+        aot.AOTJob.of(k, sig, const, arch, warps, aligned=aligned)
+        for k, sig, const, warps, aligned in kernel_configs()
+        for arch in ARCHS
+    ]
     return list(zip(jobs, aot.compile_many(jobs), strict=True))
 
 
