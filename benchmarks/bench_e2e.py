@@ -115,7 +115,7 @@ def test_stage1_step(benchmark, request, rounds, backend, dtype, e2e_batch):
         step,
         case=f"stage-1 step {sizes(request.config).e2e_preset} B={e2e_batch} {DTYPE_NAMES[dtype]}",
         backend=backend,
-        rounds=rounds if CUDA else min(rounds, 3),
+        rounds=rounds if CUDA else 2,
         warmup=1,
         batch=e2e_batch,
     )
@@ -148,6 +148,6 @@ def test_qformer_forward(benchmark, request, rounds, impl, backend, dtype, e2e_b
         theirs if impl == "transformers" else ours,
         case=f"qformer forward {sizes(request.config).e2e_preset} B={e2e_batch} {DTYPE_NAMES[dtype]}",
         backend="transformers" if impl == "transformers" else backend,
-        rounds=rounds,
+        rounds=rounds if CUDA else 3,
         batch=e2e_batch,
     )

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# The GPU check, in one command, from the repository root of a machine with a CUDA GPU and no network:
+#
+#   bash benchmarks/gpu_check.sh            # ~6-8 minutes on an H100: installs, parity, benchmarks
+#
+# 1. installs what the machine's Python lacks from benchmarks/wheels/ (filled beforehand by
+#    benchmarks/fetch_wheels.sh) and the project itself, editable, so blip2_fast.kernels resolves;
+# 2. GPU parity: `pytest -m gpu tests/` (bf16 included), then the kernel test files on CUDA;
+# 3. the benchmark suite (--quick unless BENCH_SIZE=full) with --benchmark-json;
+# 4. writes benchmarks/results/<device>-<date>.json and .md (report.py: ratios of triton to every
+#    other backend), and copies them, with the logs, to $OUT when it is set.
+#
+# Without a GPU it stops at once with one line on stderr and exit status 2. Every step has a time
+# limit, so it never hangs. Environment: PYTHON (default python3), BENCH_SIZE (quick|full),
+# PARITY_TIMEOUT / KERNEL_TIMEOUT / BENCH_TIMEOUT (seconds), KERNEL_TESTS (test files to run on CUDA).
+set -uo pipefail
+
+cd "$(dirname "$0")/.." || exit 2
+python=${PYTHON:-python3}
+wheels=benchmarks/wheels
+results=benchmarks/results
+parity_timeout=${PARITY_TIMEOUT:-150}
+kernel_timeout=${KERNEL_TIMEOUT:-120}
+bench_timeout=${BENCH_TIMEOUT:-240}
+kernel_tests=${KERNEL_TESTS:-tests/test_attention_kernels.py tests/test_ffn_kernels.py tests/test_backends.py}
+
+fail() {
+    echo "gpu_check: $*" >&2
+    exit 2
+}
+say() { echo "gpu_check: $*"; }
+
+# ---------------------------------------------------------------- 0. a GPU, or stop now
+command -v "$python" >/dev/null || fail "no $python on PATH (set PYTHON)"
+probe=$(timeout 60 "$python" -c "import torch; print(int(torch.cuda.is_available()))" 2>&1 | tail -1)
+case "$probe" in
+    1) ;;
+    0) fail "no CUDA device: torch.cuda.is_available() is False (this check needs a GPU)" ;;
+    *) fail "torch does not import or hangs under $python: $probe" ;;
+esac
+export BLIP2_FAST_GPU_TESTS=1 # tests/conftest.py then leaves TRITON_INTERPRET unset: real kernels
+unset TRITON_INTERPRET
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+device=$("$python" -c "import torch; print(torch.cuda.get_device_name())")
+slug=$(echo "$device" | tr '[:upper:]' '[:lower:]' | sed -E 's/^nvidia //; s/[^a-z0-9]+/-/g; s/^-+|-+$//g')
+stamp=$(date -u +%Y%m%d-%H%M)
+name="$slug-$stamp"
+logs=$(mktemp -d)
+say "device: $device; results as $results/$name.*"
+
+# ---------------------------------------------------------------- 1. install what is missing
+has() { "$python" -c "import $1" >/dev/null 2>&1; }
+install() {
+    [ -d "$wheels" ] && ls "$wheels"/*.whl >/dev/null 2>&1 ||
+        fail "$1 is missing and $wheels/ has no wheels: run benchmarks/fetch_wheels.sh where there is network"
+    timeout 180 "$python" -m pip install --quiet --no-index --find-links "$wheels" "$@" ||
+        fail "pip could not install $* from $wheels/"
+}
+has pytest || install pytest
+has pytest_benchmark || install pytest-benchmark
+if ! has blip2_fast.kernels; then
+    # an editable install maps blip2_fast.kernels onto kernels/ (pyproject's package-dir); it needs
+    # setuptools >= 70.1, which older interpreters lack
+    "$python" -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 71)" 2>/dev/null ||
+        install "setuptools>=70.1"
+    timeout 180 "$python" -m pip install --quiet --no-deps --no-build-isolation --no-index -e . ||
+        fail "editable install of the project failed"
+fi
+# DeepSpeed only serves the training tests; install it when its wheel is at hand, never fatally.
+has deepspeed || DS_BUILD_OPS=0 timeout 180 "$python" -m pip install --quiet --no-index --find-links "$wheels" \
+    deepspeed >/dev/null 2>&1 || say "DeepSpeed not installed (no wheel in $wheels/?): the GPU check does not need it"
+versions=$("$python" -c "import torch, triton; print(f'torch {torch.__version__}, triton {triton.__version__}')")
+say "$versions"
+
+# ---------------------------------------------------------------- 2. GPU parity
+status=0
+run_step() { # name, timeout, command...
+    local step=$1 limit=$2
+    shift 2
+    say "$step (limit ${limit}s)"
+    timeout --kill-after=10 "$limit" "$@" >"$logs/$step.log" 2>&1
+    local rc=$?
+    tail -n 15 "$logs/$step.log"
+    [ $rc -eq 124 ] && say "$step: timed out after ${limit}s"
+    [ $rc -ne 0 ] && [ $rc -ne 5 ] && status=1 # 5: nothing collected
+    return 0
+}
+run_step parity "$parity_timeout" "$python" -m pytest tests -m gpu -q -p no:cacheprovider
+# shellcheck disable=SC2086  # a list of files on purpose
+run_step kernels "$kernel_timeout" "$python" -m pytest $kernel_tests -q -p no:cacheprovider
+
+# ---------------------------------------------------------------- 3. benchmarks
+mkdir -p "$results"
+size_flag=--quick
+[ "${BENCH_SIZE:-quick}" = full ] && size_flag=
+run_step benchmarks "$bench_timeout" "$python" -m pytest benchmarks/ --benchmark-only $size_flag -q \
+    -p no:cacheprovider --benchmark-json="$results/$name.json" --benchmark-columns=median,rounds
+
+# ---------------------------------------------------------------- 4. summary
+if [ -s "$results/$name.json" ]; then
+    {
+        echo "# GPU check: $device, $stamp UTC"
+        echo
+        echo "$versions. Parity and kernel tests: $(grep -hE '(passed|failed|error)' "$logs"/parity.log "$logs"/kernels.log | tail -2 | tr '\n' ';')"
+        echo
+        "$python" benchmarks/report.py "$results/$name.json"
+    } >"$results/$name.md"
+    say "wrote $results/$name.json and $results/$name.md"
+else
+    say "the benchmark run left no JSON"
+    status=1
+fi
+if [ -n "${OUT:-}" ]; then
+    cp "$logs"/*.log "$OUT"/ 2>/dev/null
+    cp "$results/$name".* "$OUT"/ 2>/dev/null
+fi
+exit $status

@@ -1,0 +1,161 @@
+"""Turn a pytest-benchmark JSON of this suite into markdown: the README performance table and the ratios.
+
+    python benchmarks/report.py                      # newest benchmarks/results/*.json -> stdout
+    python benchmarks/report.py RESULTS.json --out benchmarks/results/README_table.md
+
+Every result carries ``extra_info['case']`` (what is compared) and
+``extra_info['backend']``; ``extra_info['ms']`` is the time ratios use (CUDA
+events on a GPU, the pytest-benchmark median on CPU). Ratios are speed-ups:
+other backend's time / this backend's time, so > 1 means faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def newest(folder: Path = RESULTS) -> Path:
+    """The results file written last, by the date pytest-benchmark records inside it."""
+    files = sorted(folder.glob("*.json"))
+    if not files:
+        raise SystemExit(f"no results file (*.json) in {folder}")
+    return max(files, key=lambda p: (json.loads(p.read_text()).get("datetime", ""), p.name))
+
+
+def load(path: Path) -> tuple[dict, dict[str, dict[str, dict]]]:
+    """(environment of the run, {case: {backend: extra_info}})."""
+    data = json.loads(path.read_text())
+    cases: dict[str, dict[str, dict]] = defaultdict(dict)
+    env: dict = {"datetime": data.get("datetime", "?")}
+    for bench in data.get("benchmarks", []):
+        info = dict(bench.get("extra_info", {}))
+        if "case" not in info:
+            continue
+        info.setdefault("ms", bench["stats"]["median"] * 1e3)
+        cases[info["case"]][info["backend"]] = info
+        env.setdefault("device", info.get("device"))
+        env.setdefault("torch", info.get("torch"))
+        env.setdefault("triton", info.get("triton"))
+    return env, dict(cases)
+
+
+def _mem(info: dict) -> str:
+    value = info.get("peak_mem_bytes", info.get("saved_for_backward_bytes"))
+    return "" if value is None else f"{value / 2**20:.1f}"
+
+
+def _rate(info: dict) -> str:
+    if "tflops" in info:
+        return f"{info['tflops']:.3g} TFLOP/s"
+    if "tokens_per_s" in info:
+        return f"{info['tokens_per_s']:.3g} tok/s"
+    if "samples_per_s" in info:
+        return f"{info['samples_per_s']:.3g} samples/s"
+    return ""
+
+
+def baseline_of(backends: dict[str, dict]) -> str | None:
+    for name in ("reference", "eager", "reference/recompute", "transformers"):
+        if name in backends:
+            return name
+    return None
+
+
+def table(cases: dict[str, dict[str, dict]]) -> list[str]:
+    mem_kind = "peak MiB" if any("peak_mem_bytes" in i for b in cases.values() for i in b.values()) else "saved MiB"
+    lines = [
+        f"| case | backend | ms | speed-up vs baseline | throughput | {mem_kind} |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for case in sorted(cases):
+        backends = cases[case]
+        base = baseline_of(backends)
+        for name in sorted(backends, key=lambda n: backends[n]["ms"]):
+            info = backends[name]
+            ratio = f"{backends[base]['ms'] / info['ms']:.2f}x vs {base}" if base and name != base else ""
+            graph = f" (graph {info['cuda_graph_ms'] * 1e3:.1f} us)" if "cuda_graph_ms" in info else ""
+            lines.append(f"| {case} | {name} | {info['ms']:.4g}{graph} | {ratio} | {_rate(info)} | {_mem(info)} |")
+    return lines
+
+
+def fused_ratios(cases: dict[str, dict[str, dict]]) -> list[str]:
+    """Speed-up of the fused backend (triton) over every other backend, per case."""
+    lines = []
+    for case in sorted(cases):
+        backends = cases[case]
+        fused = [n for n in backends if n.split("/")[0] == "triton"]
+        for name in fused:
+            suffix = name.partition("/")[2]
+            others = [n for n in backends if n.split("/")[0] != "triton" and n.partition("/")[2] == suffix]
+            parts = [f"{backends[o]['ms'] / backends[name]['ms']:.2f}x vs {o}" for o in sorted(others)]
+            if parts:
+                lines.append(f"- {case}, {name}: " + ", ".join(parts))
+    return lines or ["- no triton results in this file (the triton backend did not run here)"]
+
+
+def step_vs_transformers(cases: dict[str, dict[str, dict]]) -> list[str]:
+    """The reproducible figure: reference stage-1 step / transformers' Q-Former forward at the same size."""
+    lines = []
+    for case, backends in sorted(cases.items()):
+        if not case.startswith("stage-1 step "):
+            continue
+        forward = cases.get("qformer forward " + case.removeprefix("stage-1 step "), {})
+        theirs = forward.get("transformers")
+        for name in sorted(backends):
+            if theirs is None:
+                continue
+            ratio = backends[name]["ms"] / theirs["ms"]
+            lines.append(
+                f"- {case}: {name} step {backends[name]['ms'] / 1e3:.3g} s = {ratio:.2f} x transformers' "
+                f"Blip2QFormerModel forward ({theirs['ms'] / 1e3:.3g} s)"
+            )
+        ours = forward.get("reference")
+        if theirs and ours:
+            lines.append(
+                f"- {case.replace('stage-1 step', 'qformer forward')}: reference forward / transformers forward "
+                f"= {ours['ms'] / theirs['ms']:.2f}"
+            )
+    return lines
+
+
+def render(path: Path) -> str:
+    env, cases = load(path)
+    out = [
+        f"Device: {env.get('device')}; torch {env.get('torch')}, triton {env.get('triton')}; "
+        f"run {env['datetime'][:19]} UTC; file `{path.name}`.",
+        "",
+        *table(cases),
+        "",
+        "Triton speed-ups (other backend's time / triton's time):",
+        "",
+        *fused_ratios(cases),
+    ]
+    e2e = step_vs_transformers(cases)
+    if e2e:
+        out += ["", "Stage-1 step vs transformers' Q-Former forward (same config, same weights):", "", *e2e]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="?", type=Path, help="pytest-benchmark JSON (default: newest in results/)")
+    parser.add_argument("--out", type=Path, help="write the markdown here as well as to stdout")
+    args = parser.parse_args(argv)
+    path = args.results or newest()
+    if not path.is_file():
+        raise SystemExit(f"results file not found: {path}")
+    text = render(path)
+    sys.stdout.write(text)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
