@@ -194,6 +194,19 @@ def test_non_contiguous_inputs_are_read_in_place():
     assert got[0].transpose(1, 2).is_contiguous()
 
 
+def test_decode_reads_a_preallocated_cache_in_place():
+    """A cache buffer with room to grow, viewed up to its current length: no concatenation, no copy."""
+    gen = torch.Generator().manual_seed(15)
+    k_buf = torch.full((B, H, 80, 32), float("nan"))  # unwritten slots must never be read
+    v_buf = torch.full((B, H, 80, 32), float("nan"))
+    k_buf[:, :, :68], v_buf[:, :, :68] = torch.randn(2, B, H, 68, 32, generator=gen)
+    q = torch.randn(B, H, 1, 32, generator=gen)
+    lengths = torch.tensor([68, 60])  # sequence 1 has padded text in the cache
+    kw = dict(mask_kind=MaskKind.MULTIMODAL_CAUSAL, n_query=32, key_lengths=lengths)
+    out = attention(q, k_buf[:, :, :68], v_buf[:, :, :68], **kw)
+    torch.testing.assert_close(out, attention_ref(q, k_buf[:, :, :68], v_buf[:, :, :68], **kw), atol=2e-5, rtol=0)
+
+
 def test_backend_switch_reaches_the_kernel():
     from blip2_fast.attention import attention as functional
 
