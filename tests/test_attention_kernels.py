@@ -254,6 +254,21 @@ def test_fp16_two_x_rule(kind, d, padding, shape):
         assert err <= budget, f"{name}: fp16 kernel error {err:.2e} exceeds 2x eager fp16 error + 1e-4 = {budget:.2e}"
 
 
+def test_bf16_runs_under_the_interpreter():
+    """The upcast-after-load path: bf16 inputs give bf16 results within the 2x rule (stores truncate here)."""
+    gen = torch.Generator().manual_seed(16)
+    q, k, v = qkv(67, 67, 64, torch.bfloat16, gen)
+    g = torch.randn(B, H, 67, 64, generator=gen).bfloat16()
+    kw = dict(mask_kind=MaskKind.MULTIMODAL_CAUSAL, n_query=32, key_lengths=torch.tensor([67, 45]))
+    want = run_with_grads(attention_ref, q.float(), k.float(), v.float(), g.float(), **kw)
+    got = run_with_grads(attention, q, k, v, g, **kw)
+    eager = run_with_grads(eager_low_precision, q, k, v, g, **kw)
+    for name, a, e, w in zip(("out", "dq", "dk", "dv"), got, eager, want, strict=True):
+        assert a.dtype == torch.bfloat16
+        err, budget = (a.float() - w).abs().max().item(), 2 * (e.float() - w).abs().max().item() + 1e-3
+        assert err <= budget, f"{name}: bf16 kernel error {err:.2e} exceeds {budget:.2e}"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 parity needs a GPU: the interpreter misreads bf16")
 @pytest.mark.parametrize("d", [32, 64, 128])
