@@ -25,7 +25,7 @@ vocabulary and similarities divided by a temperature of 0.001 overflow fp16.
 
 from __future__ import annotations
 
-import dataclasses
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +38,9 @@ TEMP_MIN, TEMP_MAX = 0.001, 0.5  # LAVIS clamps the learnable temperature to thi
 LABEL_SMOOTHING = 0.1
 
 
-@dataclasses.dataclass
-class Stage1Output:
+class Stage1Output(NamedTuple):
+    """A named tuple, not a dataclass: ZeRO-3 hooks backward only onto tensors it finds in tuples and dicts."""
+
     loss: torch.Tensor  # itc + itm + itg, fp32 scalar
     itc: torch.Tensor
     itm: torch.Tensor
@@ -233,14 +234,23 @@ def itg_loss(
     bos_token_id: int,
     label_smoothing: float = LABEL_SMOOTHING,
 ) -> torch.Tensor:
-    """LM loss of the caption over the cached query K/V: [DEC] replaces [CLS], pads ignored, shifted by one."""
+    """LM loss of the caption over the cached query K/V: [DEC] replaces [CLS], pads ignored, shifted by one.
+
+    The mean is over the tokens of the *global* batch: each rank divides its sum
+    by the global count / world, so that the average over ranks (what
+    data-parallel training optimises) is the loss of the whole batch, whatever
+    the split. A per-rank mean would weight the tokens of short-caption ranks more.
+    """
     ids = input_ids.clone()
     ids[:, 0] = bos_token_id
-    labels = ids.masked_fill(~mask, -100)
+    labels = ids.masked_fill(~mask, -100)[:, 1:]
     logits, _ = model.decode(ids, mask, cache)
-    return F.cross_entropy(
+    total = F.cross_entropy(
         logits[:, :-1].float().flatten(0, 1),
-        labels[:, 1:].flatten(),
+        labels.flatten(),
         ignore_index=-100,
         label_smoothing=label_smoothing,
+        reduction="sum",
     )
+    count = distributed.all_reduce_sum((labels != -100).sum().float().detach())
+    return total / (count / distributed.get_world_size()).clamp(min=1.0)

@@ -409,6 +409,29 @@ def build_qformer(config: TrainConfig, vision_width: int):
     return from_bert(config.model.bert_path, **overrides)
 
 
+def register_zero3_external_parameters(stage1: torch.nn.Module) -> None:
+    """Tell ZeRO-3 about parameters read outside their own module's ``forward``.
+
+    ZeRO-3 gathers a partitioned parameter only around the forward (and backward)
+    of the module that owns it. The fused blocks (``ResidualNorm``,
+    ``FeedForward``) hand their children's weights to one function instead of
+    calling the children, and ``query_tokens`` / ``temp`` are read by methods of
+    the Q-Former other than ``forward``: each is registered with the module that
+    reads it.
+    """
+    import deepspeed
+
+    from blip2_fast.layers import FeedForward, ResidualNorm
+
+    for module in stage1.modules():
+        if isinstance(module, (ResidualNorm, FeedForward)):
+            for p in module.parameters():
+                deepspeed.zero.register_external_parameter(module, p)
+    qformer = stage1.qformer
+    for p in (qformer.query_tokens, qformer.temp):
+        deepspeed.zero.register_external_parameter(stage1, p)
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """LAVIS' split: parameters with fewer than 2 dims (biases, norms, temperature) get no weight decay."""
     decay, no_decay = [], []
@@ -776,9 +799,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     stage1 = Stage1Loss(qformer, tokenizer.bos_token_id, seed=t.seed)
     ds_config = deepspeed_config(config, device)
     if ds_config["zero_optimization"]["stage"] == 3:
-        # methods other than forward read these root parameters; ZeRO-3 must gather them there too
-        for p in (qformer.query_tokens, qformer.temp):
-            deepspeed.zero.register_external_parameter(stage1, p)
+        register_zero3_external_parameters(stage1)
     vision = vision.to_device(device)
     if rank == 0:
         vision_path = run_dir / "vision.safetensors"

@@ -312,13 +312,16 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_equal_one_rank(tmp_path):
-    """Same global batch (8), seeded hard negatives: 2 ranks (ZeRO-3, torchrun) == 1 rank (ZeRO-2), 2 steps.
+    """Same global batch (8), seeded hard negatives: 2 ranks (ZeRO-3, torchrun) == 1 rank (ZeRO-2), one step.
 
-    The second step checks the gradients too (they made the first update), and the
-    end-of-training retrieval, sharded across the 2 ranks, must match.
+    Only the first step can match: ITC gives no gradient to other ranks' features
+    (LAVIS), so the updates differ by design. The step's learning rate is 0 (the
+    warmup starts there), so both runs end with the initial weights and the
+    end-of-training retrieval, sharded across the 2 ranks, must match too.
     """
-    one = TINY + [("train.batch_size", "8"), ("train.zero_stage", "2"), ("train.name", "one")]
-    two = TINY + [("train.batch_size", "4"), ("train.zero_stage", "3"), ("train.name", "two")]
+    lr0 = [("train.steps", "1"), ("optim.warmup_lr", "0"), ("optim.warmup_steps", "5")]
+    one = TINY + lr0 + [("train.batch_size", "8"), ("train.zero_stage", "2"), ("train.name", "one")]
+    two = TINY + lr0 + [("train.batch_size", "4"), ("train.zero_stage", "3"), ("train.name", "two")]
     common = [("train.output_dir", str(tmp_path))]
     train = str(ROOT / "blip2_fast" / "train.py")
     proc = subprocess.run(
@@ -345,7 +348,7 @@ def test_two_ranks_equal_one_rank(tmp_path):
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     steps_a = [r for r in a if "loss" in r]
     steps_b = [r for r in b if "loss" in r]
-    assert len(steps_a) == len(steps_b) == 2
+    assert len(steps_a) == len(steps_b) == 1
     for ra, rb in zip(steps_a, steps_b, strict=True):
         for key in ("loss", "itc", "itm", "itg"):
             assert ra[key] == pytest.approx(rb[key], abs=2e-5), (key, ra, rb)
