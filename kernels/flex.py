@@ -82,7 +82,8 @@ def clear_block_mask_cache() -> None:
 def _compiled():
     global _compiled_flex
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        # shapes vary across the passes (queries, text, match, decode steps): let dynamo go dynamic on recompiles
+        _compiled_flex = torch.compile(flex_attention)
     return _compiled_flex
 
 
