@@ -663,7 +663,8 @@ def attention(
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     seed = 0 if seed is None else int(seed)
     if Lq == 0 or Lk == 0 or B * H == 0:
-        out = q.new_zeros(q.shape) + 0.0 * (k.sum() + v.sum())  # keeps the graph connected for autograd
+        # nothing to attend (or no row): zeros, still connected to the inputs so autograd sees them used
+        out = q.new_zeros(q.shape) + 0.0 * (q.sum() + k.sum() + v.sum())
     else:
         out = AttentionFunction.apply(q, k, v, mask_kind, n_query, pad, float(dropout_p), seed, scale, config)
     if not return_dropout_mask:

@@ -179,6 +179,22 @@ def test_rows_that_see_nothing_are_zero_with_zero_grads():
     assert_parity((out, dq, dk, dv), run_with_grads(attention_ref, q, k, v, g, **kw), 2e-5)
 
 
+@pytest.mark.parametrize("n_rows, n_keys", [(0, 12), (5, 0)])
+def test_empty_rows_or_keys(n_rows, n_keys):
+    q, k, v = qkv(n_rows, n_keys, 32)
+    g = torch.randn(B, H, n_rows, 32)
+    kw = dict(mask_kind=MaskKind.BIDIRECTIONAL)
+    got = run_with_grads(attention, q, k, v, g, **kw)
+    assert_parity(got, run_with_grads(attention_ref, q, k, v, g, **kw), 0.0)
+
+
+def test_key_lengths_outside_zero_to_lk_are_clamped_like_the_reference():
+    q, k, v = qkv(12, 12, 32)
+    g = torch.randn(B, H, 12, 32)
+    kw = dict(mask_kind=MaskKind.MULTIMODAL_CAUSAL, n_query=7, key_lengths=torch.tensor([100, -3]))
+    assert_parity(run_with_grads(attention, q, k, v, g, **kw), run_with_grads(attention_ref, q, k, v, g, **kw), 2e-5)
+
+
 def test_non_contiguous_inputs_are_read_in_place():
     """The Q-Former hands (B, L, H, D) storage viewed as (B, H, L, D); also a strided head dim."""
     gen = torch.Generator().manual_seed(7)
