@@ -615,6 +615,57 @@ def stage1_configs(init: str | Path) -> tuple[QFormerConfig, VisionConfig | None
     return qformer, vision, model_file, vision_file if vision_file.is_file() else None
 
 
+TRAINABLE_FORMAT = "blip2_fast.stage2"
+
+
+def save_trainable(model: Blip2Stage2, path: str | Path) -> Path:
+    """The trained part alone (``qformer.*``, ``llm_proj.*``) as safetensors, fp32 or as held, with the
+    QFormerConfig, ``ln_vision`` eps and the LLM's config as JSON metadata (the frozen parts are not written)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"save_trainable writes a .safetensors file, got {path}")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state_dict().items()}
+    metadata = {
+        "format": TRAINABLE_FORMAT,
+        "qformer_config": json.dumps(model.qformer.config.to_dict(), sort_keys=True),
+        "ln_vision_eps": repr(float(model.qformer.ln_vision.eps)),
+        "llm_config": model.llm.config.to_json_string(use_diff=False),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def load_trainable(model: Blip2Stage2, path: str | Path) -> None:
+    """Load a :func:`save_trainable` file into ``model``: exactly its trainable tensors, same shapes."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"stage-2 checkpoint not found: {path}")
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") != TRAINABLE_FORMAT:
+        raise ValueError(
+            f"{path}: expected a {TRAINABLE_FORMAT} safetensors file, got format {metadata.get('format')!r}"
+        )
+    sd = load_file(str(path))
+    own = model.trainable_state_dict()
+    if sd.keys() != own.keys():
+        raise ValueError(
+            f"{path}: tensors differ from the model's trainable ones: missing {sorted(own.keys() - sd.keys())[:8]}, "
+            f"unexpected {sorted(sd.keys() - own.keys())[:8]}"
+        )
+    for key, value in sd.items():
+        if value.shape != own[key].shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}")
+    model.load_state_dict(sd, strict=False)
+    model.qformer.ln_vision.eps = float(metadata.get("ln_vision_eps", model.qformer.ln_vision.eps))
+
+
 # -------------------------------------------------------------------- the embedded default
 
 

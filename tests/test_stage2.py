@@ -24,6 +24,8 @@ from blip2_fast.stage2 import (
     encode_prompts,
     generation_kwargs,
     load_stage1,
+    load_trainable,
+    save_trainable,
 )
 
 
@@ -270,6 +272,22 @@ def test_stage1_checkpoint_initialises_the_query_path(tmp_path):
     del partial["layers.1.ffn_query.up.weight"]
     with pytest.raises(ValueError, match="lacks"):
         load_stage1(model, partial)
+
+
+def test_trainable_checkpoint_round_trip_is_bitwise(default, tmp_path):
+    model, _ = default
+    path = save_trainable(model, tmp_path / "stage2.safetensors")
+    torch.manual_seed(123)
+    other, _ = default_stage2_model()
+    assert not torch.equal(other.llm_proj.weight, model.llm_proj.weight)
+    load_trainable(other, path)
+    mine, theirs = model.trainable_state_dict(), other.trainable_state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    smaller, _ = default_stage2_model(
+        qformer_config=QFormerConfig.preset("tiny", num_hidden_layers=1, encoder_width=48)
+    )
+    with pytest.raises(ValueError, match="missing|unexpected"):
+        load_trainable(smaller, path)
 
 
 # ------------------------------------------------------------------ the embedded default
