@@ -10,7 +10,8 @@ Design: the matrix products stay on cuBLAS (``torch.matmul``); everything betwee
 and after them is a fused Triton epilogue:
 
 * ``_bias_gelu_fwd_kernel``: bias + GELU(erf) on the (rows, I) up projection.
-* ``_gelu_bwd_kernel``: GELU'(u + b) * grad, in place.
+* ``_gelu_fwd_bwd_kernel``: in the backward, GELU(u + b) and GELU'(u + b) * grad
+  from one read of the recomputed u.
 * ``_res_norm_fwd_kernel``: bias + dropout + residual + LayerNorm, saving the
   pre-norm sum and fp32 (mean, rstd) per row.
 * ``_res_norm_bwd_kernel``: LayerNorm backward + dropout backward, giving the
@@ -82,8 +83,13 @@ def _bias_gelu_fwd_kernel(u_ptr, bias_ptr, out_ptr, n_rows, n_cols, BLOCK_R: tl.
 
 
 @triton.jit
-def _gelu_bwd_kernel(grad_ptr, u_ptr, bias_ptr, out_ptr, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out = grad * GELU'(u + bias); out may alias grad."""
+def _gelu_fwd_bwd_kernel(
+    u_ptr, bias_ptr, grad_ptr, act_ptr, du_ptr, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
+):
+    """act = GELU(u + bias) and du = grad * GELU'(u + bias) in one pass; act may alias u, du may alias grad.
+
+    The backward needs both (act for the down-projection weight grad, du for the rest): one read of u serves both.
+    """
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
@@ -93,8 +99,9 @@ def _gelu_bwd_kernel(grad_ptr, u_ptr, bias_ptr, out_ptr, n_rows, n_cols, BLOCK_R
     b = tl.load(bias_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
     x = u + b[None, :]
     cdf = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
-    pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
-    tl.store(out_ptr + offs, (g * (cdf + x * pdf)).to(out_ptr.dtype.element_ty), mask=mask)
+    pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327  # 1 / sqrt(2 pi)
+    tl.store(act_ptr + offs, (x * cdf).to(act_ptr.dtype.element_ty), mask=mask)
+    tl.store(du_ptr + offs, (g * (cdf + x * pdf)).to(du_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -258,8 +265,9 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
         )
         out.append(
             (
-                _gelu_bwd_kernel,
-                {"grad_ptr": ptr, "u_ptr": ptr, "bias_ptr": ptr, "out_ptr": ptr, "n_rows": "i32", "n_cols": "i32"}
+                _gelu_fwd_bwd_kernel,
+                {"u_ptr": ptr, "bias_ptr": ptr, "grad_ptr": ptr, "act_ptr": ptr, "du_ptr": ptr}
+                | {"n_rows": "i32", "n_cols": "i32"}
                 | {k: "constexpr" for k in ew},
                 ew,
                 EW_NUM_WARPS,
@@ -340,16 +348,22 @@ def bias_gelu(u: torch.Tensor, bias: torch.Tensor, out: torch.Tensor | None = No
     rows, cols = u.shape
     out = torch.empty_like(u) if out is None else out
     grid = (triton.cdiv(rows, _EW_BLOCK_R), triton.cdiv(cols, EW_BLOCK_C))
-    _bias_gelu_fwd_kernel[grid](u, bias, out, rows, cols, BLOCK_R=_EW_BLOCK_R, BLOCK_C=EW_BLOCK_C, num_warps=4)
+    _bias_gelu_fwd_kernel[grid](
+        u, bias, out, rows, cols, BLOCK_R=_EW_BLOCK_R, BLOCK_C=EW_BLOCK_C, num_warps=EW_NUM_WARPS
+    )
     return out
 
 
-def gelu_backward_(grad: torch.Tensor, u: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """grad * GELU'(u + bias), written into ``grad``."""
+def gelu_forward_backward_(
+    u: torch.Tensor, bias: torch.Tensor, grad: torch.Tensor, act: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(GELU(u + bias) into ``act``, grad * GELU'(u + bias) into ``grad``); ``act`` may be ``u``."""
     rows, cols = grad.shape
     grid = (triton.cdiv(rows, _EW_BLOCK_R), triton.cdiv(cols, EW_BLOCK_C))
-    _gelu_bwd_kernel[grid](grad, u, bias, grad, rows, cols, BLOCK_R=_EW_BLOCK_R, BLOCK_C=EW_BLOCK_C, num_warps=4)
-    return grad
+    _gelu_fwd_bwd_kernel[grid](
+        u, bias, grad, act, grad, rows, cols, BLOCK_R=_EW_BLOCK_R, BLOCK_C=EW_BLOCK_C, num_warps=EW_NUM_WARPS
+    )
+    return act, grad
 
 
 def res_norm_forward(
@@ -604,14 +618,14 @@ class FFNFunction(torch.autograd.Function):
             xc = x2[r0 : r0 + chunk_rows]
             dzc = dz[r0 : r0 + chunk_rows]
             u = xc @ up_w.t() if kept is None else kept[r0 : r0 + chunk_rows]
-            act = bias_gelu(u, up_b)
+            # The recomputed u is overwritten by the activation; a kept one belongs to the graph (retain_graph).
+            act, du = gelu_forward_backward_(u, up_b, dzc @ down_w, u if kept is None else torch.empty_like(u))
+            del u
             if single:
                 d_down_w = dzc.t() @ act
             else:
                 d_down_w += (dzc.t() @ act).float()
             del act
-            du = gelu_backward_(dzc @ down_w, u, up_b)
-            del u
             d_up_b += du.sum(0, dtype=torch.float32)
             if single:
                 d_up_w = du.t() @ xc

@@ -26,7 +26,7 @@ def test_every_shipped_ffn_config_compiles_without_spills(shipped):
     assert dtypes == {"*fp32", "*fp16", "*bf16"}
     assert {job.name for job, _ in shipped} == {
         "_bias_gelu_fwd_kernel",
-        "_gelu_bwd_kernel",
+        "_gelu_fwd_bwd_kernel",
         "_res_norm_fwd_kernel",
         "_res_norm_bwd_kernel",
     }

@@ -142,10 +142,15 @@ def test_ffn_without_recompute_matches_recompute():
     for name, a, b in zip(FFN_GRADS, b_g, a_g, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"grad {name}")
     ref_out, ref_g = _grads(lambda *t: ffn_ref(*t, EPS), params, dout)
-    out, g = _grads(lambda *t: ffn(*t, EPS, recompute=False), params, dout)
+    leaves = [t.clone().requires_grad_() for t in params]
+    out = ffn(*leaves, EPS, recompute=False)
+    # Twice over one graph: the backward must leave the kept pre-activation intact.
+    g = torch.autograd.grad(out, leaves, dout, retain_graph=True)
+    g2 = torch.autograd.grad(out, leaves, dout)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
-    for name, a, b in zip(FFN_GRADS, g, ref_g, strict=True):
+    for name, a, a2, b in zip(FFN_GRADS, g, g2, ref_g, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"grad {name}")
+        torch.testing.assert_close(a2, a, rtol=0, atol=0, msg=f"second backward, grad {name}")
 
 
 def test_autocast_runs_in_the_autocast_dtype():
