@@ -1,4 +1,4 @@
-"""KV-cache path: Q-Former captioning, greedy, at the BLIP-2 size.
+"""KV-cache path: Q-Former captioning, greedy, at the BLIP-2 size (``minilm`` in the CPU ``--quick`` set).
 
 ``cached``: the query pass's K/V cache is grown one token at a time
 (``QFormer.decode`` over the returned cache). ``recompute``: every step decodes
@@ -11,21 +11,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from benchutil import CUDA, DEVICE, DTYPE_NAMES, measure, require_backend
+from benchutil import CUDA, DEVICE, DTYPE_NAMES, measure, require_backend, sizes
 
 from blip2_fast import QFormer, QFormerConfig
 from blip2_fast.qformer import KVCache
 
 N_IMAGE = 257
-_MODELS: dict[torch.dtype, QFormer] = {}
+_MODELS: dict[tuple[str, torch.dtype], QFormer] = {}
 
 
-def blip2_qformer(dtype: torch.dtype) -> QFormer:
-    """One BLIP-2-sized Q-Former per dtype for the whole session (building it dominates a quick run)."""
-    if dtype not in _MODELS:
+def shared_qformer(preset: str, dtype: torch.dtype) -> QFormer:
+    """One Q-Former per preset and dtype for the whole session (building it dominates a quick run)."""
+    if (preset, dtype) not in _MODELS:
         torch.manual_seed(0)
-        _MODELS[dtype] = QFormer(QFormerConfig.preset("blip2")).to(DEVICE, dtype).eval()
-    return _MODELS[dtype]
+        _MODELS[preset, dtype] = QFormer(QFormerConfig.preset(preset)).to(DEVICE, dtype).eval()
+    return _MODELS[preset, dtype]
 
 
 def generate(model: QFormer, cache: KVCache, bos: torch.Tensor, n_tokens: int, use_cache: bool) -> torch.Tensor:
@@ -48,7 +48,8 @@ def test_caption_decode(benchmark, request, rounds, backend, dtype, decode_batch
     require_backend(request, backend)
     if backend == "flex" and not CUDA:
         pytest.skip("flex: every new text length compiles again; too slow for a CPU run")
-    model = blip2_qformer(dtype).set_backend(backend)
+    preset = sizes(request.config).model_preset
+    model = shared_qformer(preset, dtype).set_backend(backend)
     cfg = model.config
     image = torch.randn(decode_batch, N_IMAGE, cfg.encoder_width, device=DEVICE, dtype=dtype)
     with torch.no_grad():
@@ -62,9 +63,9 @@ def test_caption_decode(benchmark, request, rounds, backend, dtype, decode_batch
     ms = measure(
         benchmark,
         call,
-        case=f"caption {decode_tokens} tokens B={decode_batch} {DTYPE_NAMES[dtype]}",
+        case=f"caption {preset} {decode_tokens} tokens B={decode_batch} {DTYPE_NAMES[dtype]}",
         backend=f"{backend}/{mode}",
-        rounds=rounds,
+        rounds=rounds if CUDA else 3,
         mode=mode,
         attention_backend=backend,
     )

@@ -46,12 +46,13 @@ class Sizes:
     decode_tokens: tuple[int, ...]  # tokens generated per call
     e2e_batch: tuple[int, ...]  # stage-1 step and Q-Former forward
     rounds: int  # pytest-benchmark rounds per measurement
-    # QFormerConfig preset of the end-to-end group: a BLIP-2-sized step takes ~20 s on 2 CPU cores
-    e2e_preset: str = "blip2"
+    # QFormerConfig preset of the whole-model groups (end to end, captioning): a BLIP-2-sized
+    # stage-1 step takes ~20 s on 2 CPU cores
+    model_preset: str = "blip2"
 
 
 SIZE_SETS = {
-    ("cpu", True): Sizes((torch.float32,), (2,), (2,), (2,), (1, 8), (2,), rounds=5, e2e_preset="minilm"),
+    ("cpu", True): Sizes((torch.float32,), (2,), (2,), (2,), (1, 8), (2,), rounds=5, model_preset="minilm"),
     ("cpu", False): Sizes((torch.float32,), (8,), (8,), (4,), (1, 8, 32), (4,), rounds=5),
     ("cuda", True): Sizes((torch.bfloat16,), (64,), (64,), (16,), (1, 32), (32,), rounds=10),
     ("cuda", False): Sizes(

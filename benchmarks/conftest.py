@@ -26,6 +26,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Triton reads TRITON_INTERPRET when it is first imported, which importing blip2_fast already does:
+# the choice is made here, from the command line, before benchutil is imported.
+INTERPRET = "--triton-interpret" in sys.argv or os.environ.get("BLIP2_FAST_BENCH_INTERPRET") == "1"
+if INTERPRET and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from benchutil import BACKENDS, CUDA, DTYPE_NAMES, sizes  # noqa: E402
 
@@ -42,10 +47,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if config.getoption("triton_interpret") and not CUDA:
-        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-            raise pytest.UsageError("--triton-interpret: triton was imported before TRITON_INTERPRET could be set")
-        os.environ["TRITON_INTERPRET"] = "1"
+    if config.getoption("triton_interpret") and not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+        raise pytest.UsageError("--triton-interpret: pass it on the command line (or set BLIP2_FAST_BENCH_INTERPRET=1)")
     if CUDA and os.environ.get("TRITON_INTERPRET") == "1":
         raise pytest.UsageError("TRITON_INTERPRET=1 is set on a CUDA machine: GPU timings would be meaningless")
 
