@@ -43,7 +43,7 @@ import triton.language as tl
 from blip2_fast.attention import MaskKind, _check_qkv, key_valid_mask
 
 LOG2E = 1.4426950408889634
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false")
 
 # KEY_PAD modes
 _PAD_NONE, _PAD_LENGTHS, _PAD_VECTOR = 0, 1, 2
@@ -62,7 +62,8 @@ def _tile_mask(pos, cols, n_query, kv_end, pad_row, stride_pn, MASK_KIND: tl.con
         ok = ok & (valid != 0)[None, :]
     if MASK_KIND == 0:  # UNIMODAL: queries see queries, text sees text
         ok = ok & ((pos[:, None] < n_query) == (cols[None, :] < n_query))
-    elif MASK_KIND == 2:  # MULTIMODAL_CAUSAL: a query row never reaches col <= pos >= n_query, so one rule does
+    elif MASK_KIND == 2:  # MULTIMODAL_CAUSAL
+        # for a query row (pos < n_query), col <= pos already implies col < n_query: the text rule serves both
         ok = ok & ((cols[None, :] < n_query) | (cols[None, :] <= pos[:, None]))
     return ok
 
