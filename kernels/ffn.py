@@ -521,10 +521,12 @@ def _under_autocast(x: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.
     return [t.to(dtype) for t in tensors]
 
 
-def _new_seed(seed: int | None) -> int:
-    # Drawn from torch's CPU generator: reproducible under torch.manual_seed and no device sync.
+def _new_seed(seed: int | None, dropout_p: float) -> int:
+    # Drawn from torch's CPU generator: reproducible under torch.manual_seed, no device sync, and restored by
+    # torch.utils.checkpoint (which stashes the CPU RNG state) so a recomputed forward drops the same elements.
+    # Without dropout nothing is drawn: eval passes leave the generator as the reference path does.
     if seed is None:
-        return int(torch.randint(0, 2**31 - 1, (1,)).item())
+        return int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0.0 else 0
     if not isinstance(seed, int) or not 0 <= seed < 2**31:
         raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
     return seed
@@ -697,7 +699,7 @@ def residual_norm(
             norm_bias,
             float(eps),
             float(dropout_p),
-            _new_seed(seed),
+            _new_seed(seed, dropout_p),
             return_mask,
         )
     return (out, mask) if return_mask else out
@@ -761,7 +763,7 @@ def ffn(
             float(eps),
             float(dropout_p),
             chunk_size,
-            _new_seed(seed),
+            _new_seed(seed, dropout_p),
             return_mask,
             bool(recompute),
         )

@@ -219,6 +219,13 @@ def test_dropout_rng():
     a = ffn(*params, EPS, p)
     torch.manual_seed(3)
     torch.testing.assert_close(ffn(*params, EPS, p), a, rtol=0, atol=0)
+    # ...and only when there is dropout: eval passes leave torch's generator where the reference leaves it.
+    state = torch.get_rng_state()
+    ffn(*params, EPS, 0.0)
+    residual_norm(*_rn_params(2, 3, 80, 96), EPS, 0.0)
+    assert torch.equal(torch.get_rng_state(), state)
+    ffn(*params, EPS, p)
+    assert not torch.equal(torch.get_rng_state(), state)
 
 
 def test_modules_dispatch_to_the_kernels():
