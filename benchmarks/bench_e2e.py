@@ -81,8 +81,9 @@ def qformer(request: pytest.FixtureRequest, dtype: torch.dtype, backend: str) ->
 
 
 def text_batch(batch: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.randint(1000, vocab - 1, (batch, N_TEXT), device=DEVICE)
-    ids[:, 0] = CLS
+    # ordinary word pieces (ids >= 1000 in BERT's vocabulary), [CLS] first; small test vocabularies shrink both
+    ids = torch.randint(min(1000, vocab // 2), vocab - 1, (batch, N_TEXT), device=DEVICE)
+    ids[:, 0] = CLS if CLS < vocab - 1 else 1
     lengths = torch.randint(8, N_TEXT + 1, (batch,), device=DEVICE)
     lengths[0] = N_TEXT
     mask = torch.arange(N_TEXT, device=DEVICE)[None, :] < lengths[:, None]
