@@ -228,6 +228,21 @@ def test_dropout_rng():
     assert not torch.equal(torch.get_rng_state(), state)
 
 
+def test_activation_checkpointing_replays_the_same_dropout():
+    # torch.utils.checkpoint reruns the forward in the backward; the seed must come out the same there.
+    from torch.utils.checkpoint import checkpoint
+
+    params = _ffn_params(2, 9, 96, 384)
+    dout = torch.randn(2, 9, 96)
+    torch.manual_seed(4)
+    plain_out, plain_g = _grads(lambda *t: ffn(*t, EPS, 0.3), params, dout)
+    torch.manual_seed(4)
+    ckpt_out, ckpt_g = _grads(lambda *t: checkpoint(ffn, *t, EPS, 0.3, use_reentrant=False), params, dout)
+    torch.testing.assert_close(ckpt_out, plain_out, rtol=0, atol=0)
+    for name, a, b in zip(FFN_GRADS, ckpt_g, plain_g, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"grad {name}")
+
+
 def test_modules_dispatch_to_the_kernels():
     torch.manual_seed(0)
     ff = FeedForward(96, 384, EPS, dropout=0.1, chunk_size=16).eval()
