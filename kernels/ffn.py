@@ -39,8 +39,10 @@ blocks; the configs for 384, 768 and 1024 are the ones compiled ahead of time fo
 sm_80/sm_90 in the tests, see :func:`kernel_configs`); rows * hidden < 2**31 (the
 RNG counter is 32-bit).
 Inputs may be non-contiguous views such as ``x[:, :32]`` (the query rows of a
-Q-Former sequence): they are copied once to (rows, H) contiguous, H wide, which is
-small next to the GEMMs. The backward returns grads for every tensor argument.
+Q-Former sequence): cuBLAS wants (rows, H) rows, so they are copied to that layout
+in the forward and again in the backward (H wide, small next to the GEMMs); what
+is saved is the caller's view, so no copy is kept alive between the two. The
+backward returns grads for every tensor argument.
 """
 
 from __future__ import annotations
