@@ -99,6 +99,18 @@ def test_residual_norm_parity(dtype, seq):
         _check_2x(f"grad {name}", a, e, b, 1e-3 * max(1.0, b.abs().max().item()))
 
 
+@pytest.mark.parametrize("n", [1024, 1100])
+def test_residual_norm_wide_rows(n):
+    # 1024 fills the block exactly (no masked columns); 1100 takes the next, 2048-wide block.
+    params = _rn_params(1, 5, 64, n)
+    dout = torch.randn(1, 5, n)
+    ref_out, ref_g = _grads(lambda *t: residual_norm_ref(*t, EPS, 0.0), params, dout)
+    out, g = _grads(lambda *t: residual_norm(*t, EPS, 0.0), params, dout)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(RN_GRADS, g, ref_g, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"grad {name}")
+
+
 def test_non_contiguous_query_and_text_rows():
     # The Q-Former runs the query FFN on x[:, :32] and the text FFN on x[:, 32:], both views of one tensor.
     params = _ffn_params(2, 40, 96, 384)
