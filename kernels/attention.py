@@ -32,6 +32,7 @@ products (no TF32), so fp32 parity is tight.
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 from dataclasses import dataclass
@@ -150,7 +151,7 @@ def _attn_fwd_kernel(
 
     kv_end = n_keys
     if KEY_PAD != 0:
-        kv_end = tl.minimum(tl.load(LENS + b), n_keys)
+        kv_end = tl.minimum(tl.maximum(tl.load(LENS + b), 0), n_keys)
     pos_lo = pid_m * BLOCK_M + offset
     pos_hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, n_rows) - 1 + offset
     lo, hi = _key_range(pos_lo, pos_hi, n_query, kv_end, MASK_KIND, BLOCK_N)
@@ -244,7 +245,7 @@ def _attn_bwd_dkdv_kernel(
 
     kv_end = n_keys
     if KEY_PAD != 0:
-        kv_end = tl.minimum(tl.load(LENS + b), n_keys)
+        kv_end = tl.minimum(tl.maximum(tl.load(LENS + b), 0), n_keys)
     kv_mask = (cols < kv_end)[:, None] & dim_ok[None, :]
     k = tl.load(
         K + b * stride_kb + h * stride_kh + cols[:, None] * stride_kn + dims[None, :] * stride_kd,
@@ -355,7 +356,7 @@ def _attn_bwd_dq_kernel(
 
     kv_end = n_keys
     if KEY_PAD != 0:
-        kv_end = tl.minimum(tl.load(LENS + b), n_keys)
+        kv_end = tl.minimum(tl.maximum(tl.load(LENS + b), 0), n_keys)
     pos_lo = pid_m * BLOCK_M + offset
     pos_hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, n_rows) - 1 + offset
     lo, hi = _key_range(pos_lo, pos_hi, n_query, kv_end, MASK_KIND, BLOCK_N)
@@ -473,25 +474,50 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}")
 
 
+_LENGTHS_CACHE_SIZE = 8
+_vector_lengths: collections.OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = collections.OrderedDict()
+
+
+def _last_valid_plus_one(key_padding: torch.Tensor) -> torch.Tensor:
+    """(B,) int32: one past each sequence's last valid key; it bounds the key loop so a padded tail is never read.
+
+    Every layer of a Q-Former pass gets the same padding tensor, so the result is cached per tensor (and
+    version, so an in-place change is seen) instead of being recomputed by three small launches per layer.
+    """
+    key = (id(key_padding), key_padding._version, key_padding.device)
+    hit = _vector_lengths.get(key)
+    if hit is not None and hit[0] is key_padding:
+        return hit[1]
+    n_keys = key_padding.shape[1]
+    idx = torch.arange(1, n_keys + 1, device=key_padding.device, dtype=torch.int32)
+    lengths = (key_padding.to(torch.int32) * idx).amax(dim=1).to(torch.int32)
+    _vector_lengths[key] = (key_padding, lengths)
+    while len(_vector_lengths) > _LENGTHS_CACHE_SIZE:
+        _vector_lengths.popitem(last=False)
+    return lengths
+
+
 def _padding_args(
     q: torch.Tensor, n_keys: int, key_padding: torch.Tensor | None, key_lengths: torch.Tensor | None
 ) -> tuple[int, torch.Tensor, torch.Tensor, int, int]:
     """(KEY_PAD mode, lengths (B,) int32, padding (B, Lk) uint8, its strides); dummies where unused."""
     B = q.shape[0]
-    key_valid_mask(B, n_keys, key_padding, key_lengths, q.device)  # validates shapes and dtypes
+    dummy = torch.empty(1, dtype=torch.uint8, device=q.device)
     if key_padding is not None:
+        key_valid_mask(B, n_keys, key_padding, key_lengths, q.device)  # validates; computes nothing for a vector
         if key_padding.device != q.device:
             raise ValueError(f"key_padding must be on {q.device}, got {key_padding.device}")
         pad = key_padding.view(torch.uint8)
-        # the last valid key + 1 bounds the key loop, so a padded tail is never read
-        idx = torch.arange(1, n_keys + 1, device=q.device, dtype=torch.int32)
-        lengths = (pad.to(torch.int32) * idx).amax(dim=1).to(torch.int32)
-        return _PAD_VECTOR, lengths, pad, pad.stride(0), pad.stride(1)
-    dummy = torch.empty(1, dtype=torch.uint8, device=q.device)
+        return _PAD_VECTOR, _last_valid_plus_one(key_padding), pad, pad.stride(0), pad.stride(1)
     if key_lengths is not None:
+        if key_lengths.shape != (B,) or key_lengths.is_floating_point() or key_lengths.dtype == torch.bool:
+            raise ValueError(
+                f"key_lengths must be an integer tensor of shape (B,) = ({B},), "
+                f"got {key_lengths.dtype} {tuple(key_lengths.shape)}"
+            )
         if key_lengths.device != q.device:
             raise ValueError(f"key_lengths must be on {q.device}, got {key_lengths.device}")
-        return _PAD_LENGTHS, key_lengths.to(torch.int32).clamp(min=0), dummy, 0, 0
+        return _PAD_LENGTHS, key_lengths.to(torch.int32), dummy, 0, 0  # clamped to [0, Lk] in the kernels
     return _PAD_NONE, torch.empty(1, dtype=torch.int32, device=q.device), dummy, 0, 0
 
 

@@ -23,6 +23,10 @@ SHAPES = [(32, 67, 67), (32, 1, 67), (7, 12, 12)]
 SHAPE_IDS = ["full67", "decode1", "q7t5"]
 
 
+def param_id(x) -> str:
+    return x.name if isinstance(x, MaskKind) else str(x)
+
+
 def make_padding(kind: str, n_query: int, n_keys: int, gen: torch.Generator) -> dict:
     if kind == "none":
         return {}
@@ -94,7 +98,7 @@ def test_fp32_parity_itg_rows_over_a_query_cache(kind, padding):
         (MaskKind.MULTIMODAL_CAUSAL, 16),
         (MaskKind.MULTIMODAL_CAUSAL, 128),
     ],
-    ids=str,
+    ids=param_id,
 )
 def test_fp32_parity_head_dims(kind, d):
     gen = torch.Generator().manual_seed(2)
@@ -195,6 +199,17 @@ def test_key_lengths_outside_zero_to_lk_are_clamped_like_the_reference():
     assert_parity(run_with_grads(attention, q, k, v, g, **kw), run_with_grads(attention_ref, q, k, v, g, **kw), 2e-5)
 
 
+def test_padding_vector_changed_in_place_is_seen():
+    """The loop bound derived from a padding vector is cached per tensor; an in-place edit must not go stale."""
+    q, k, v = qkv(12, 40, 32)
+    valid = torch.ones(B, 40, dtype=torch.bool)
+    valid[1, 5:] = False
+    kw = dict(mask_kind=MaskKind.BIDIRECTIONAL, key_padding=valid)
+    torch.testing.assert_close(attention(q, k, v, **kw), attention_ref(q, k, v, **kw), atol=2e-5, rtol=0)
+    valid[1, 30] = True  # a valid key past the cached bound: it must be read
+    torch.testing.assert_close(attention(q, k, v, **kw), attention_ref(q, k, v, **kw), atol=2e-5, rtol=0)
+
+
 def test_non_contiguous_inputs_are_read_in_place():
     """The Q-Former hands (B, L, H, D) storage viewed as (B, H, L, D); also a strided head dim."""
     gen = torch.Generator().manual_seed(7)
@@ -252,7 +267,7 @@ def eager_low_precision(q, k, v, *, mask_kind, n_query, key_lengths=None, key_pa
         (MaskKind.MULTIMODAL_CAUSAL, 64, "vector", (32, 67, 67)),
         (MaskKind.MULTIMODAL_CAUSAL, 128, "lengths", (32, 35, 67)),
     ],
-    ids=str,
+    ids=param_id,
 )
 def test_fp16_two_x_rule(kind, d, padding, shape):
     n_query, n_rows, n_keys = shape
