@@ -29,16 +29,39 @@ from blip2_fast.layers import FeedForward, ResidualNorm
 
 
 @dataclasses.dataclass
+class CacheBuffer:
+    """Preallocated K/V storage for generation: keys[i], values[i] are (B, nh, capacity, hd).
+
+    The first ``filled`` positions hold data. Decoding writes new K/V in place and
+    hands the attention strided views of the filled part, so a step never copies
+    the cache it grows.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    filled: int
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def views(self, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(k[:, :, :length], v[:, :, :length]) for k, v in zip(self.keys, self.values, strict=True)]
+
+
+@dataclasses.dataclass
 class KVCache:
     """Per-layer self-attention K/V of the rows seen so far: [queries ; text].
 
     layers[i] = (k, v), each (B, nh, L, hd). ``n_query`` leading positions are
     query tokens; ``valid`` (B, L) marks keys that may be attended (None = all).
+    ``buffer``, set by :meth:`reserve`, lets decoding grow the cache in place.
     """
 
     layers: list[tuple[torch.Tensor, torch.Tensor]]
     n_query: int
     valid: torch.Tensor | None = None
+    buffer: CacheBuffer | None = None
 
     @property
     def length(self) -> int:
@@ -48,10 +71,37 @@ class KVCache:
     def batch_size(self) -> int:
         return self.layers[0][0].shape[0]
 
+    def reserve(self, extra: int) -> KVCache:
+        """The same cache in preallocated storage with room for ``extra`` more positions (generation)."""
+        L = self.length
+        keys, values = [], []
+        for k, v in self.layers:
+            B, nh, _, hd = k.shape
+            keys.append(k.new_empty(B, nh, L + extra, hd))
+            values.append(v.new_empty(B, nh, L + extra, hd))
+            keys[-1][:, :, :L] = k
+            values[-1][:, :, :L] = v
+        buffer = CacheBuffer(keys, values, L)
+        return KVCache(buffer.views(L), self.n_query, self.valid, buffer)
+
+    def can_grow_in_place(self, new: int) -> bool:
+        # Only the newest cache of a buffer may write into it (an older one would overwrite
+        # what a later step already holds), only without autograd, and only while room is left.
+        b = self.buffer
+        if b is None or torch.is_grad_enabled():
+            return False
+        return b.filled == self.length and self.length + new <= b.capacity
+
     def index_select(self, index: torch.Tensor) -> KVCache:
         """Rows of the batch picked by ``index`` (beam search, repeated prompts)."""
-        layers = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.layers]
         valid = None if self.valid is None else self.valid.index_select(0, index)
+        if self.buffer is not None:
+            b = self.buffer
+            keys = [k.index_select(0, index) for k in b.keys]
+            values = [v.index_select(0, index) for v in b.values]
+            buffer = CacheBuffer(keys, values, self.length)
+            return KVCache(buffer.views(self.length), self.n_query, valid, buffer)
+        layers = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.layers]
         return KVCache(layers, self.n_query, valid)
 
 
@@ -199,6 +249,7 @@ class Layer(nn.Module):
         n_query_rows: int,
         mask_kind: MaskKind,
         past: tuple[torch.Tensor, torch.Tensor] | None,
+        storage: tuple[torch.Tensor, torch.Tensor] | None,
         n_query_keys: int,
         key_padding: torch.Tensor | None,
         image_kv: tuple[torch.Tensor, torch.Tensor] | None,
@@ -207,7 +258,12 @@ class Layer(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """hidden: (B, L, H), its first ``n_query_rows`` rows are queries. Returns (B, L, H) and this layer's K/V."""
         k, v = self.self_attn.project_kv(hidden)
-        if past is not None:
+        if storage is not None:  # grow a preallocated cache in place
+            start, end = past[0].shape[2], past[0].shape[2] + k.shape[2]
+            storage[0][:, :, start:end] = k
+            storage[1][:, :, start:end] = v
+            k, v = storage[0][:, :, :end], storage[1][:, :, :end]
+        elif past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         x = self.self_attn(
             hidden, k, v, mask_kind=mask_kind, n_query=n_query_keys, key_padding=key_padding, backend=backend
@@ -343,6 +399,7 @@ class QFormer(nn.Module):
             old = past.valid if past.valid is not None else hidden.new_ones(B, past.length, dtype=torch.bool)
             new = row_valid if row_valid is not None else hidden.new_ones(B, L, dtype=torch.bool)
             key_valid = torch.cat([old, new], dim=1)
+        buffer = past.buffer if past is not None and past.can_grow_in_place(hidden.shape[1]) else None
         layers = []
         for i, layer in enumerate(self.layers):
             hidden, kv = layer(
@@ -350,6 +407,7 @@ class QFormer(nn.Module):
                 n_query_rows=n_query_rows,
                 mask_kind=mask_kind,
                 past=None if past is None else past.layers[i],
+                storage=None if buffer is None else (buffer.keys[i], buffer.values[i]),
                 n_query_keys=n_query_keys,
                 key_padding=key_valid,
                 image_kv=None if image is None else image.kv[i],
@@ -357,7 +415,9 @@ class QFormer(nn.Module):
                 backend=self.backend,
             )
             layers.append(kv)
-        return hidden, KVCache(layers, n_query_keys, key_valid)
+        if buffer is not None:
+            buffer.filled = layers[0][0].shape[2]
+        return hidden, KVCache(layers, n_query_keys, key_valid, buffer)
 
     def _queries(self, batch: int) -> torch.Tensor:
         return self.query_tokens.expand(batch, -1, -1)

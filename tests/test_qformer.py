@@ -125,6 +125,40 @@ def test_token_by_token_generation_with_cache_equals_recomputation(model, inputs
 
 
 @torch.no_grad()
+def test_preallocated_cache_grows_in_place_and_matches_concatenation(model, inputs):
+    image, _, _ = inputs
+    query_cache = model.encode_image(image).cache
+    grown, plain = query_cache.reserve(4), query_cache
+    storage = grown.buffer.keys[0]
+    tokens = torch.randint(1, model.config.vocab_size, (B, 4))
+    for t in range(4):
+        step = tokens[:, t : t + 1]
+        a, grown = model.decode(step, None, grown)
+        b, plain = model.decode(step, None, plain)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        assert grown.layers[0][0].data_ptr() == storage.data_ptr()  # a view of the buffer, no copy
+    assert grown.buffer.filled == grown.length == query_cache.length + 4
+    # the buffer is full and an older cache must not overwrite the newer one: both fall back to copies
+    c, extra = model.decode(tokens[:, :1], None, grown)
+    assert extra.buffer is None and extra.length == grown.length + 1
+    again, _ = model.decode(tokens[:, :1], None, query_cache.reserve(4))
+    torch.testing.assert_close(again, model.decode(tokens[:, :1], None, query_cache)[0], rtol=0, atol=1e-6)
+    beams, plain_beams = grown.index_select(torch.tensor([1, 1, 0])), plain.index_select(torch.tensor([1, 1, 0]))
+    for (k, v), (k2, v2) in zip(beams.layers, plain_beams.layers, strict=True):
+        torch.testing.assert_close((k, v), (k2, v2), rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+def test_branching_from_an_older_cache_never_overwrites_a_newer_one(model, inputs):
+    image, _, _ = inputs
+    start = model.encode_image(image).cache.reserve(3)
+    _, first = model.decode(torch.full((B, 1), 7), None, start)
+    kept = first.layers[-1][0].clone()
+    model.decode(torch.full((B, 1), 9), None, start)  # a second branch from the same older cache
+    torch.testing.assert_close(first.layers[-1][0], kept, rtol=0, atol=0)
+
+
+@torch.no_grad()
 def test_image_context_is_reusable_and_selectable(model, inputs):
     image, ids, mask = inputs
     ctx = model.image_context(image)
