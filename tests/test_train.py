@@ -357,3 +357,18 @@ def test_two_ranks_equal_one_rank(tmp_path):
     for key in ("txt_r1", "txt_r5", "img_r1", "img_r5", "r_mean"):
         assert eval_a[key] == pytest.approx(eval_b[key], abs=1e-6)
     assert "outputs:" in proc2.stdout and (tmp_path / "two" / "model.safetensors").is_file()
+    # the exported model (no ViT inside) + the run's config and ViT give the same retrieval again
+    proc3 = subprocess.run(
+        [sys.executable, "-m", "blip2_fast.evaluate", "--checkpoint", str(tmp_path / "two" / "model.safetensors")],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc3.returncode == 0, proc3.stdout[-3000:] + proc3.stderr[-3000:]
+    line = next(x for x in proc3.stdout.splitlines() if x.startswith("retrieval on"))
+    words = line.split(": ", 1)[1].split()
+    figures = dict(zip(words[0::2], map(float, words[1::2]), strict=True))
+    for key in ("txt_r1", "txt_r5", "img_r1", "img_r5"):
+        assert figures[key] == pytest.approx(eval_b[key], abs=0.01), (key, line)
