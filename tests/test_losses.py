@@ -256,3 +256,46 @@ def test_bad_inputs_are_clear_errors():
     stage2 = QFormer(QFormerConfig.preset("tiny", text_input=False))
     with pytest.raises(ValueError, match="text_input"):
         Stage1Loss(stage2, BOS)
+
+
+# ------------------------------------------------------------------ collectives
+
+
+def _gather_worker(rank: int, world: int, port: int, out: dict) -> None:
+    import torch.distributed as dist
+
+    from blip2_fast import distributed
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        x = torch.full((2, 3), float(rank + 1), requires_grad=True)
+        g = distributed.all_gather_with_grad(x)
+        # rank r weights slice s by (r + 1) * (s + 1): the owner of slice s gets sum_r (r + 1) * (s + 1)
+        weights = torch.cat([torch.full((2, 3), float((rank + 1) * (s + 1))) for s in range(world)])
+        (g * weights).sum().backward()
+        y = torch.full((2, 3), float(rank + 1), requires_grad=True)
+        h = distributed.all_gather_no_grad(y)
+        (h * weights).sum().backward()
+        out[rank] = (g.detach().clone(), x.grad.clone(), h.detach().clone(), y.grad.clone())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_gathers_across_two_ranks():
+    import torch.multiprocessing as mp
+
+    from blip2_fast.train import _free_port
+
+    world, port = 2, _free_port()
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_gather_worker, args=(world, port, out), nprocs=world, join=True)
+    expected = torch.cat([torch.full((2, 3), 1.0), torch.full((2, 3), 2.0)])
+    for rank in range(world):
+        gathered, grad, gathered_ng, grad_ng = out[rank]
+        assert torch.equal(gathered, expected) and torch.equal(gathered_ng, expected)
+        # with grad: every rank's weight on my slice, summed (1 + 2) * (rank + 1)
+        assert torch.equal(grad, torch.full((2, 3), 3.0 * (rank + 1)))
+        # without grad: only my own weight on my own slice
+        assert torch.equal(grad_ng, torch.full((2, 3), float((rank + 1) * (rank + 1))))
