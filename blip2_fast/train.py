@@ -279,11 +279,8 @@ def load_config(path: str | Path | None = None, overrides: list[tuple[str, str]]
                 continue
             if not isinstance(values, dict):
                 raise ValueError(f"{path}: section {section!r} must be a mapping")
-            for key, value in values.items():
-                if key in ("qformer", "vision") and section == "model" and isinstance(value, dict):
-                    data[section][key] = value  # a file's model dicts replace the defaults, not merge
-                else:
-                    data[section][key] = value
+            # key by key: a file's model.qformer / model.vision dicts replace the defaults, not merge
+            data[section].update(values)
     for key, raw in overrides:
         apply_override(data, key, raw)
     return TrainConfig.from_dict(data)
