@@ -84,10 +84,13 @@ def _backend_problem(name: str, *, backward: bool, interpret: bool) -> str | Non
     module = {"flex": "blip2_fast.kernels.flex", "xformers": "blip2_fast.kernels.xformers"}.get(
         name, "blip2_fast.kernels.attention"
     )
-    try:
-        importlib.import_module(module)
-    except Exception as exc:  # any import failure is a reason to report, not to hide
-        return f"{module} does not import: {type(exc).__name__}: {exc}"
+    # the xformers backend imports xformers itself only when called
+    modules = [module, "xformers.ops"] if name == "xformers" else [module]
+    for mod in modules:
+        try:
+            importlib.import_module(mod)
+        except Exception as exc:  # any import failure is a reason to report, not to hide
+            return f"{mod} does not import: {type(exc).__name__}: {exc}"
     return None
 
 
