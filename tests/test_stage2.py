@@ -293,6 +293,14 @@ def test_trainable_checkpoint_round_trip_is_bitwise(default, tmp_path):
 # ------------------------------------------------------------------ the embedded default
 
 
+def test_default_model_sees_the_image(default):
+    model, _ = default
+    with torch.no_grad():
+        queries = model.query_embeds(_pixels(4, seed=12))  # (4, Q, D)
+    spread = (queries.std(dim=0).mean() / queries.std()).item()  # across images, relative to all values
+    assert spread > 1e-4, f"the soft prompt barely depends on the image ({spread:.2g})"
+
+
 def test_default_model_learns_a_fixed_batch(default):
     _, tok = default
     torch.manual_seed(0)
