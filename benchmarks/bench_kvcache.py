@@ -1,9 +1,11 @@
 """KV-cache path: Q-Former captioning, greedy, at the BLIP-2 size (``minilm`` in the CPU ``--quick`` set).
 
 ``cached``: the query pass's K/V cache is grown one token at a time
-(``QFormer.decode`` over the returned cache). ``recompute``: every step decodes
+(``QFormer.decode`` over the returned cache, concatenating). ``preallocated``: the
+same, in storage reserved up front (``KVCache.reserve``: decoding writes in place;
+the reservation, a copy of the query K/V, is timed too). ``recompute``: every step decodes
 the whole text so far again over the query cache (the queries themselves are
-never recomputed in either mode: BLIP-2 caches them in both). The image side
+never recomputed in any mode: BLIP-2 caches them). The image side
 (ln_vision, cross-attention K/V, the query pass) runs once, outside the timing.
 """
 
@@ -28,9 +30,11 @@ def shared_qformer(preset: str, dtype: torch.dtype) -> QFormer:
     return _MODELS[preset, dtype]
 
 
-def generate(model: QFormer, cache: KVCache, bos: torch.Tensor, n_tokens: int, use_cache: bool) -> torch.Tensor:
+def generate(model: QFormer, cache: KVCache, bos: torch.Tensor, n_tokens: int, mode: str) -> torch.Tensor:
     ids = bos
-    if use_cache:
+    if mode == "preallocated":
+        cache = cache.reserve(n_tokens)
+    if mode != "recompute":
         logits, grown = model.decode(ids, None, cache)
         for _ in range(n_tokens - 1):
             nxt = logits[:, -1].argmax(-1, keepdim=True)
@@ -43,9 +47,11 @@ def generate(model: QFormer, cache: KVCache, bos: torch.Tensor, n_tokens: int, u
     return ids
 
 
-@pytest.mark.parametrize("mode", ["cached", "recompute"])
+@pytest.mark.parametrize("mode", ["cached", "preallocated", "recompute"])
 def test_caption_decode(benchmark, request, rounds, backend, dtype, decode_batch, decode_tokens, mode):
     require_backend(request, backend)
+    if mode == "preallocated" and not hasattr(KVCache, "reserve"):
+        pytest.skip("preallocated: this QFormer's KVCache has no reserve()")
     if backend == "flex" and not CUDA:
         pytest.skip("flex: every new text length compiles again; too slow for a CPU run")
     preset = sizes(request.config).model_preset
@@ -58,7 +64,7 @@ def test_caption_decode(benchmark, request, rounds, backend, dtype, decode_batch
 
     @torch.no_grad()
     def call():
-        return generate(model, cache, bos, decode_tokens, use_cache=mode == "cached")
+        return generate(model, cache, bos, decode_tokens, mode)
 
     ms = measure(
         benchmark,
