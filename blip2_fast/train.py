@@ -62,7 +62,10 @@ class ModelSection:
     # QFormerConfig keys on top of the BERT's. The default keeps all 6 MiniLM layers: its [CLS] output
     # only tells captions apart after the last ones (across captions its std is 4e-4 after 2 layers,
     # 0.19 after 6), and ITC reads [CLS]. 8 queries instead of 32 keep the run within CPU minutes.
-    qformer: dict = dataclasses.field(default_factory=lambda: {"num_query_tokens": 8})
+    # initializer_range reaches only the fresh parts (cross-attention, queries, heads; BERT's weights are
+    # copied over them): at BERT's 0.02 the queries barely see the image and ITC sits at chance for
+    # hundreds of steps; 0.08 lets a few-minute run learn.
+    qformer: dict = dataclasses.field(default_factory=lambda: {"num_query_tokens": 8, "initializer_range": 0.08})
     vision: dict = dataclasses.field(default_factory=lambda: {"preset": "small"})  # VisionConfig keys or a preset
     # safetensors of the frozen ViT (Blip2VisionModel layout); None = random init from train.seed
     vision_weights: str | None = None
