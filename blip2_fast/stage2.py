@@ -519,6 +519,33 @@ def answer(
     return caption(model, tokenizer, pixels, image_embeds, prompts, method=method, **options)
 
 
+def shapes_caption_scores(captions: Sequence[str], scenes: Sequence[Any]) -> dict[str, float]:
+    """How often a caption's first "<colour> <shape>" names an object of its ``SyntheticShapes`` scene.
+
+    ``scenes``: :meth:`blip2_fast.data.SyntheticShapes.scene` results, one per caption. Returns
+    the fraction of captions whose first named colour / shape / (colour, shape) pair belongs to
+    one of the two objects, and the fraction with any such phrase. Scoring the same captions
+    against shuffled scenes gives the chance level of a model that ignores the image.
+    """
+    from blip2_fast.data import COLOURS, SHAPES
+
+    if len(captions) != len(scenes) or not captions:
+        raise ValueError(f"need one scene per caption, got {len(captions)} captions and {len(scenes)} scenes")
+    colour = shape = pair = parsed = 0
+    for text, scene in zip(captions, scenes, strict=True):
+        words = text.split()
+        named = [(a, b) for a, b in zip(words[:-1], words[1:], strict=True) if a in COLOURS and b in SHAPES]
+        if not named:
+            continue
+        truth = {(scene.first.colour, scene.first.shape), (scene.second.colour, scene.second.shape)}
+        parsed += 1
+        colour += named[0][0] in {c for c, _ in truth}
+        shape += named[0][1] in {s for _, s in truth}
+        pair += named[0] in truth
+    n = len(captions)
+    return {"colour": colour / n, "shape": shape / n, "pair": pair / n, "parsed": parsed / n}
+
+
 # -------------------------------------------------------------------- stage-1 init
 
 # stage-1 Q-Former keys with no stage-2 counterpart: the text side and the stage-1 heads

@@ -26,6 +26,7 @@ from blip2_fast.stage2 import (
     load_stage1,
     load_trainable,
     save_trainable,
+    shapes_caption_scores,
 )
 
 
@@ -383,3 +384,18 @@ def test_triton_backend_matches_reference_on_loss_and_qformer_grads(default):
         else:
             # measured ~4e-6 relative; a 1e-4 relative change of one attention output breaks it
             assert diff <= 3e-5 * want.abs().max(), f"{name}: relative grad error {diff / want.abs().max():.3g}"
+
+
+def test_shapes_caption_scores():
+    from blip2_fast.data import COLOURS, SyntheticShapes
+
+    data = SyntheticShapes(3, image_size=32, seed=0)
+    scenes = [data.scene(i) for i in range(3)]
+    truth = [s.caption for s in scenes]
+    assert shapes_caption_scores(truth, scenes) == {"colour": 1.0, "shape": 1.0, "pair": 1.0, "parsed": 1.0}
+    first = scenes[0].first
+    wrong_colour = next(c for c in COLOURS if c not in (first.colour, scenes[0].second.colour))
+    got = shapes_caption_scores([f"a {wrong_colour} {first.shape}", "nothing here", truth[2]], scenes)
+    assert got == {"colour": 1 / 3, "shape": 2 / 3, "pair": 1 / 3, "parsed": 2 / 3}
+    with pytest.raises(ValueError, match="one scene per caption"):
+        shapes_caption_scores(truth, scenes[:2])
