@@ -1,5 +1,5 @@
 """End to end at the BLIP-2 size (BERT-base Q-Former, 32 queries, 35 text tokens, 257 x 1408 image features;
-the CPU ``--quick`` set uses the ``minilm`` preset, hidden 384 x 6 layers, to fit its time budget).
+the CPU ``--quick`` set uses the ``minilm`` preset cut to 2 layers, hidden 384, to fit its time budget).
 
 - ``stage-1 step``: ITC + ITM + ITG forward, backward and an AdamW step, per
   backend, through ``blip2_fast.losses.Stage1Loss`` (the training objective).
@@ -17,7 +17,7 @@ import pytest
 import torch
 from benchutil import CUDA, DEVICE, DTYPE_NAMES, measure, require_backend, sizes
 
-from blip2_fast import QFormer, QFormerConfig
+from blip2_fast import QFormer
 
 N_IMAGE, N_TEXT, CLS = 257, 35, 101
 
@@ -77,7 +77,7 @@ def transformers_twin(model: QFormer) -> torch.nn.Module:
 
 def qformer(request: pytest.FixtureRequest, dtype: torch.dtype, backend: str) -> QFormer:
     torch.manual_seed(0)
-    return QFormer(QFormerConfig.preset(sizes(request.config).model_preset, backend=backend)).to(DEVICE, dtype)
+    return QFormer(sizes(request.config).qformer_config(backend=backend)).to(DEVICE, dtype)
 
 
 def text_batch(batch: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +114,7 @@ def test_stage1_step(benchmark, request, rounds, backend, dtype, e2e_batch):
     ms = measure(
         benchmark,
         step,
-        case=f"stage-1 step {sizes(request.config).model_preset} B={e2e_batch} {DTYPE_NAMES[dtype]}",
+        case=f"stage-1 step {sizes(request.config).model_label} B={e2e_batch} {DTYPE_NAMES[dtype]}",
         backend=backend,
         rounds=rounds if CUDA else 2,
         warmup=1,
@@ -150,7 +150,7 @@ def test_qformer_forward(benchmark, request, rounds, impl, backend, dtype, e2e_b
     measure(
         benchmark,
         theirs if impl == "transformers" else ours,
-        case=f"qformer forward {sizes(request.config).model_preset} B={e2e_batch} {DTYPE_NAMES[dtype]}",
+        case=f"qformer forward {sizes(request.config).model_label} B={e2e_batch} {DTYPE_NAMES[dtype]}",
         backend="transformers" if impl == "transformers" else backend,
         rounds=rounds if CUDA else 3,
         batch=e2e_batch,

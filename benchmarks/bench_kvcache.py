@@ -1,4 +1,4 @@
-"""KV-cache path: Q-Former captioning, greedy, at the BLIP-2 size (``minilm`` in the CPU ``--quick`` set).
+"""KV-cache path: Q-Former captioning, greedy, at the BLIP-2 size (MiniLM-sized, 2 layers, in the CPU ``--quick`` set).
 
 ``cached``: the query pass's K/V cache is grown one token at a time
 (``QFormer.decode`` over the returned cache, concatenating). ``preallocated``: the
@@ -22,12 +22,12 @@ N_IMAGE = 257
 _MODELS: dict[tuple[str, torch.dtype], QFormer] = {}
 
 
-def shared_qformer(preset: str, dtype: torch.dtype) -> QFormer:
-    """One Q-Former per preset and dtype for the whole session (building it dominates a quick run)."""
-    if (preset, dtype) not in _MODELS:
+def shared_qformer(config: QFormerConfig, label: str, dtype: torch.dtype) -> QFormer:
+    """One Q-Former per size and dtype for the whole session (building it dominates a quick run)."""
+    if (label, dtype) not in _MODELS:
         torch.manual_seed(0)
-        _MODELS[preset, dtype] = QFormer(QFormerConfig.preset(preset)).to(DEVICE, dtype).eval()
-    return _MODELS[preset, dtype]
+        _MODELS[label, dtype] = QFormer(config).to(DEVICE, dtype).eval()
+    return _MODELS[label, dtype]
 
 
 def generate(model: QFormer, cache: KVCache, bos: torch.Tensor, n_tokens: int, mode: str) -> torch.Tensor:
@@ -54,8 +54,8 @@ def test_caption_decode(benchmark, request, rounds, backend, dtype, decode_batch
         pytest.skip("preallocated: this QFormer's KVCache has no reserve()")
     if backend == "flex" and not CUDA:
         pytest.skip("flex: every new text length compiles again; too slow for a CPU run")
-    preset = sizes(request.config).model_preset
-    model = shared_qformer(preset, dtype).set_backend(backend)
+    preset = sizes(request.config).model_label
+    model = shared_qformer(sizes(request.config).qformer_config(), preset, dtype).set_backend(backend)
     cfg = model.config
     image = torch.randn(decode_batch, N_IMAGE, cfg.encoder_width, device=DEVICE, dtype=dtype)
     with torch.no_grad():

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from blip2_fast import QFormerConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -46,13 +48,25 @@ class Sizes:
     decode_tokens: tuple[int, ...]  # tokens generated per call
     e2e_batch: tuple[int, ...]  # stage-1 step and Q-Former forward
     rounds: int  # pytest-benchmark rounds per measurement
-    # QFormerConfig preset of the whole-model groups (end to end, captioning): a BLIP-2-sized
-    # stage-1 step takes ~20 s on 2 CPU cores
+    # QFormerConfig preset of the whole-model groups (end to end, captioning), and a layer count
+    # overriding the preset's: a BLIP-2-sized stage-1 step takes ~20 s on 2 idle CPU cores
     model_preset: str = "blip2"
+    model_layers: int | None = None
+
+    @property
+    def model_label(self) -> str:
+        return self.model_preset + (f"-{self.model_layers}L" if self.model_layers else "")
+
+    def qformer_config(self, **overrides: object) -> QFormerConfig:
+        if self.model_layers:
+            overrides["num_hidden_layers"] = self.model_layers
+        return QFormerConfig.preset(self.model_preset, **overrides)
 
 
 SIZE_SETS = {
-    ("cpu", True): Sizes((torch.float32,), (2,), (2,), (2,), (1, 8), (2,), rounds=5, model_preset="minilm"),
+    ("cpu", True): Sizes(
+        (torch.float32,), (2,), (2,), (2,), (1, 8), (2,), rounds=5, model_preset="minilm", model_layers=2
+    ),
     ("cpu", False): Sizes((torch.float32,), (8,), (8,), (4,), (1, 8, 32), (4,), rounds=5),
     ("cuda", True): Sizes((torch.bfloat16,), (64,), (64,), (16,), (1, 32), (32,), rounds=10),
     ("cuda", False): Sizes(
@@ -176,7 +190,7 @@ def measure(
     nbytes: float | None = None,
     graph: bool = False,
     memory_of: Callable[[], object] | None = None,
-    warmup: int = 2,
+    warmup: int | None = None,
     **extra: object,
 ) -> float:
     """Time ``fn`` (warm-up first, synchronised) and record the result; returns the time in ms used for ratios.
@@ -189,6 +203,7 @@ def measure(
     info.update(environment())
     info.update(case=case, backend=backend, **extra)
     benchmark.group = case
+    warmup = warmup if warmup is not None else (2 if CUDA else 1)
     for _ in range(warmup):  # compile / autotune / allocator warm-up, outside any timing
         fn()
     sync()
