@@ -39,7 +39,24 @@ class ImageEncoder(nn.Module):
         self.config = config
         self.vit = Blip2VisionModel(hf_vision_config(config))
         self.vit.post_layernorm = nn.Identity()
+        self.reset_parameters()
         self.freeze()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """A usable random ViT: N(0, 0.02) weights, zero biases, unit norms.
+
+        transformers starts Blip2VisionModel at its initializer_range, 1e-10 (meant to be
+        overwritten by pretrained weights), where every image gives the same features.
+        Loading weights replaces all of this.
+        """
+        for name, p in self.vit.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                nn.init.trunc_normal_(p, std=0.02)
 
     def freeze(self) -> ImageEncoder:
         self.requires_grad_(False)
