@@ -5,7 +5,7 @@
 
 Every result carries ``extra_info['case']`` (what is compared) and
 ``extra_info['backend']``; ``extra_info['ms']`` is the time ratios use (CUDA
-events on a GPU, the pytest-benchmark median on CPU). Ratios are speed-ups:
+events on a GPU, the fastest round on CPU). Ratios are speed-ups:
 other backend's time / this backend's time, so > 1 means faster.
 """
 
@@ -60,6 +60,10 @@ def _rate(info: dict) -> str:
     return ""
 
 
+def _x(ratio: float) -> str:
+    return f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.2g}x"
+
+
 def baseline_of(backends: dict[str, dict]) -> str | None:
     for name in ("reference", "eager", "reference/recompute", "transformers"):
         if name in backends:
@@ -78,7 +82,7 @@ def table(cases: dict[str, dict[str, dict]]) -> list[str]:
         base = baseline_of(backends)
         for name in sorted(backends, key=lambda n: backends[n]["ms"]):
             info = backends[name]
-            ratio = f"{backends[base]['ms'] / info['ms']:.2f}x vs {base}" if base and name != base else ""
+            ratio = f"{_x(backends[base]['ms'] / info['ms'])} vs {base}" if base and name != base else ""
             graph = f" (graph {info['cuda_graph_ms'] * 1e3:.1f} us)" if "cuda_graph_ms" in info else ""
             lines.append(f"| {case} | {name} | {info['ms']:.4g}{graph} | {ratio} | {_rate(info)} | {_mem(info)} |")
     return lines
@@ -93,7 +97,7 @@ def fused_ratios(cases: dict[str, dict[str, dict]]) -> list[str]:
         for name in fused:
             suffix = name.partition("/")[2]
             others = [n for n in backends if n.split("/")[0] != "triton" and n.partition("/")[2] == suffix]
-            parts = [f"{backends[o]['ms'] / backends[name]['ms']:.2f}x vs {o}" for o in sorted(others)]
+            parts = [f"{_x(backends[o]['ms'] / backends[name]['ms'])} vs {o}" for o in sorted(others)]
             if parts:
                 lines.append(f"- {case}, {name}: " + ", ".join(parts))
     return lines or ["- no triton results in this file (the triton backend did not run here)"]
