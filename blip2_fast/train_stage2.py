@@ -1,0 +1,609 @@
+"""Stage-2 training: the Q-Former's queries as a soft prompt of a frozen LLM, with DeepSpeed ZeRO.
+
+    deepspeed blip2_fast/train.py --stage 2                          # the embedded default, any machine
+    python blip2_fast/train.py --stage 2                             # same, one process, no launcher
+    deepspeed blip2_fast/train.py --stage 2 --init runs/stage1-default --train.steps 500
+    deepspeed blip2_fast/train.py --stage 2 --config configs/stage2_opt.yaml --model.llm /models/opt-2.7b
+
+The embedded default (the defaults of :class:`Stage2Config`) needs nothing from
+the network: a small randomly initialised OPT over the shipped WordPiece
+vocabulary (:func:`blip2_fast.stage2.default_stage2_model`), procedurally
+drawn shapes, and the stage-1 default's output (``runs/stage1-default``) as
+the Q-Former's start when it exists, else a fresh tiny Q-Former over a random
+frozen ViT. Only ``qformer`` and ``llm_proj`` train: the optimizer (torch
+AdamW) holds them alone, so the frozen LLM and ViT carry no optimizer state.
+
+A run folder ``<train.output_dir>/<train.name>/`` receives the resolved config
+(``config.yaml``), ``metrics.csv``, ``loss.png``, atomic DeepSpeed checkpoints
+under ``checkpoints/`` (train.py's), the trainable part as
+``model.safetensors`` (:func:`blip2_fast.stage2.save_trainable`), the whole
+model in the transformers ``Blip2ForConditionalGeneration`` layout under
+``transformers/``, and ``captions.json``: greedy captions of held-out images
+and, on synthetic shapes, how often they name the right colour / shape against
+the same captions scored on shuffled scenes (the chance level).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Run as a script, Python puts blip2_fast/ first on sys.path, where our data.py would shadow
+# packages of the same name; put the repository root there instead.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
+    sys.path[0] = os.path.dirname(_HERE)
+
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from blip2_fast import distributed  # noqa: E402
+from blip2_fast.config import QFormerConfig, VisionConfig, from_dict, load_file  # noqa: E402
+from blip2_fast.train import (  # noqa: E402
+    DataSection,
+    OptimSection,
+    TrainSection,
+    _coerce,
+    build_datasets,
+    deepspeed_config,
+    init_distributed,
+    load_checkpoint,
+    lr_at,
+    param_groups,
+    save_checkpoint,
+)
+
+DEFAULT_INIT = "runs/stage1-default"
+LLM_FAMILIES = ("auto", "decoder", "encoder_decoder")
+
+# ---------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass
+class Stage2ModelSection:
+    # "auto": runs/stage1-default when it exists (the stage-1 default's output), else a fresh Q-Former;
+    # a stage-1 run folder or its model.safetensors; null: always fresh
+    init: str | None = "auto"
+    # a local transformers LLM folder (OPT, FlanT5, ...); null: the tiny random OPT of default_stage2_model
+    llm: str | None = None
+    llm_family: str = "auto"  # auto: from the LLM config's is_encoder_decoder
+    # the tiny OPT (llm: null): 2 layers of width 128 keep a step at CPU milliseconds
+    llm_layers: int = 2
+    llm_hidden: int = 128
+    llm_heads: int = 4
+    # a fresh Q-Former / ViT (no stage-1 init): QFormerConfig / VisionConfig keys or a preset;
+    # encoder_width follows the ViT
+    qformer: dict = dataclasses.field(default_factory=lambda: {"preset": "tiny"})
+    vision: dict = dataclasses.field(default_factory=lambda: {"preset": "tiny"})
+    max_text_length: int = 24
+    # the LLM's input: BLIP-2 pre-trains with an empty prompt (captions follow the queries directly)
+    prompt: str = ""
+
+    def __post_init__(self) -> None:
+        if self.llm_family not in LLM_FAMILIES:
+            raise ValueError(f"model.llm_family must be one of {', '.join(LLM_FAMILIES)}, got {self.llm_family!r}")
+        for key in ("llm_layers", "llm_hidden", "llm_heads"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"model.{key} must be >= 1, got {getattr(self, key)}")
+        if self.llm_hidden % self.llm_heads:
+            raise ValueError(f"model.llm_hidden ({self.llm_hidden}) must be divisible by llm_heads ({self.llm_heads})")
+        QFormerConfig.from_dict({k: v for k, v in self.qformer.items() if k != "encoder_width"})
+        VisionConfig.from_dict(self.vision)
+        if self.max_text_length < 2:
+            raise ValueError(f"model.max_text_length must be >= 2 (a word + EOS), got {self.max_text_length}")
+
+
+@dataclasses.dataclass
+class Stage2EvalSection:
+    num_images: int = 64  # held-out images captioned (greedy) and scored at the end
+    batch_size: int = 32
+    max_new_tokens: int = 12
+    shuffles: int = 20  # shuffled-scene scorings averaged into the chance level
+    show: int = 8  # captions printed
+
+    def __post_init__(self) -> None:
+        for key in ("num_images", "batch_size", "max_new_tokens", "shuffles"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"eval.{key} must be >= 1, got {getattr(self, key)}")
+        if self.show < 0:
+            raise ValueError(f"eval.show must be >= 0, got {self.show}")
+
+
+def _stage2_train() -> TrainSection:
+    # a random frozen LLM needs a larger step than stage 1 for the soft prompt to steer it
+    return TrainSection(name="stage2-default", steps=120, batch_size=16)
+
+
+def _stage2_optim() -> OptimSection:
+    return OptimSection(lr=1e-3, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=10)
+
+
+def _stage2_data() -> DataSection:
+    return DataSection(train_size=4000, eval_size=64)
+
+
+SECTIONS: dict[str, type] = {
+    "model": Stage2ModelSection,
+    "data": DataSection,
+    "optim": OptimSection,
+    "train": TrainSection,
+    "eval": Stage2EvalSection,
+}
+
+
+@dataclasses.dataclass
+class Stage2Config:
+    model: Stage2ModelSection = dataclasses.field(default_factory=Stage2ModelSection)
+    data: DataSection = dataclasses.field(default_factory=_stage2_data)
+    optim: OptimSection = dataclasses.field(default_factory=_stage2_optim)
+    train: TrainSection = dataclasses.field(default_factory=_stage2_train)
+    eval: Stage2EvalSection = dataclasses.field(default_factory=Stage2EvalSection)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Stage2Config:
+        unknown = sorted(set(data) - set(SECTIONS))
+        if unknown:
+            raise ValueError(f"unknown Stage2Config section(s) {unknown}; valid sections: {', '.join(SECTIONS)}")
+        parts = {}
+        for name, section in SECTIONS.items():
+            value = data.get(name) or {}
+            if not isinstance(value, dict):
+                raise ValueError(f"config section {name!r} must be a mapping, got {type(value).__name__}")
+            parts[name] = from_dict(section, _coerce(section, value, name), where=name)
+        return cls(**parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def apply_override(data: dict[str, Any], key: str, raw: str) -> None:
+    """Set ``key`` (``section.field``, ``section.dict.entry``, or a field name unique across sections)."""
+    parts = key.split(".")
+    if len(parts) == 1:
+        owners = [s for s, cls in SECTIONS.items() if key in {f.name for f in dataclasses.fields(cls)}]
+        if len(owners) != 1:
+            where = f"found in sections {owners}" if owners else "no section has it"
+            raise ValueError(f"override --{key}: use a dotted key section.field ({where})")
+        parts = [owners[0], key]
+    section, rest = parts[0], parts[1:]
+    if section not in SECTIONS:
+        raise ValueError(f"override --{key}: unknown section {section!r}; valid sections: {', '.join(SECTIONS)}")
+    fields = {f.name for f in dataclasses.fields(SECTIONS[section])}
+    if rest[0] not in fields:
+        raise ValueError(
+            f"override --{key}: unknown {section} key {rest[0]!r}; valid keys: {', '.join(sorted(fields))}"
+        )
+    node = data.setdefault(section, {})
+    for name in rest[:-1]:
+        if node.get(name) is None:
+            node[name] = {}
+        elif not isinstance(node[name], dict):
+            raise ValueError(f"override --{key}: {name} is not a mapping")
+        node = node[name]
+    node[rest[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[tuple[str, str]] = ()) -> Stage2Config:
+    """Defaults <- YAML/TOML file <- ``--key value`` overrides, validated."""
+    data = Stage2Config().to_dict()
+    if path is not None:
+        loaded = load_file(path)
+        unknown = sorted(set(loaded) - set(SECTIONS))
+        if unknown:
+            raise ValueError(f"{path}: unknown section(s) {unknown}; valid sections: {', '.join(SECTIONS)}")
+        for section, values in loaded.items():
+            if values is None:
+                continue
+            if not isinstance(values, dict):
+                raise ValueError(f"{path}: section {section!r} must be a mapping")
+            data[section].update(values)  # a file's model.qformer / model.vision dicts replace the defaults
+    for key, raw in overrides:
+        apply_override(data, key, raw)
+    return Stage2Config.from_dict(data)
+
+
+def resolve_init(init: str | None) -> Path | None:
+    """The stage-1 output to start from: ``auto`` is the stage-1 default's folder when it holds a model."""
+    if init is None or init in ("", "none", "fresh"):
+        return None
+    if init == "auto":
+        return Path(DEFAULT_INIT) if (Path(DEFAULT_INIT) / "model.safetensors").is_file() else None
+    path = Path(init)
+    if not (path / "model.safetensors").is_file() and not (path.is_file() and path.suffix == ".safetensors"):
+        raise FileNotFoundError(f"model.init: expected a stage-1 run folder or its model.safetensors, got {init}")
+    return path
+
+
+# ---------------------------------------------------------------------------- model
+
+
+def build_model(config: Stage2Config):
+    """(Blip2Stage2, tokenizer, stage-1 init or None) as the model section says."""
+    from blip2_fast.stage2 import default_stage2_model
+
+    m = config.model
+    init = resolve_init(m.init)
+    vision = VisionConfig.from_dict(m.vision)
+    qformer = QFormerConfig.from_dict({"encoder_width": vision.hidden_size, **m.qformer})
+    if qformer.encoder_width != vision.hidden_size:
+        raise ValueError(
+            f"model.qformer.encoder_width ({qformer.encoder_width}) must equal the ViT width ({vision.hidden_size})"
+        )
+    if m.llm is None:
+        if m.llm_family == "encoder_decoder":
+            raise ValueError("model.llm_family=encoder_decoder needs model.llm (a local FlanT5 folder)")
+        if init is not None:
+            model, tok = default_stage2_model(
+                init, llm_layers=m.llm_layers, llm_hidden=m.llm_hidden, llm_heads=m.llm_heads,
+                max_length=m.max_text_length,
+            )  # fmt: skip
+        else:
+            model, tok = default_stage2_model(
+                qformer_config=qformer, vision_config=vision, llm_layers=m.llm_layers, llm_hidden=m.llm_hidden,
+                llm_heads=m.llm_heads, max_length=m.max_text_length,
+            )  # fmt: skip
+        return model, tok, init
+    return (*_pretrained_model(config, init, qformer, vision), init)
+
+
+def _pretrained_model(config: Stage2Config, init: Path | None, qformer: QFormerConfig, vision: VisionConfig):
+    """A local transformers LLM (OPT, FlanT5, ...) under the stage-1 Q-Former (or a fresh one)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from blip2_fast.stage2 import Blip2Stage2, load_stage1, stage1_configs
+
+    m = config.model
+    folder = Path(m.llm)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"model.llm: expected a transformers model folder with config.json, got {folder}")
+    llm_config = AutoConfig.from_pretrained(str(folder))
+    seq2seq = bool(getattr(llm_config, "is_encoder_decoder", False))
+    if m.llm_family != "auto" and seq2seq != (m.llm_family == "encoder_decoder"):
+        raise ValueError(f"model.llm_family={m.llm_family} but {folder} is_encoder_decoder={seq2seq}")
+    cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    llm = cls.from_pretrained(str(folder), torch_dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    vision_file = model_file = None
+    if init is not None:
+        qformer, found_vision, model_file, vision_file = stage1_configs(init)
+        vision = found_vision or vision
+    model = Blip2Stage2(dataclasses.replace(qformer, text_input=False), llm, vision)
+    if model_file is not None:
+        load_stage1(model, model_file)
+    if vision_file is not None:
+        from safetensors.torch import load_file as load_tensors
+
+        model.image_encoder.load_state_dict(load_tensors(str(vision_file)))
+    elif init is None:
+        from blip2_fast.train import random_init_vision
+
+        random_init_vision(model.image_encoder)
+    return model, tok
+
+
+class Stage2Step(torch.nn.Module):
+    """What DeepSpeed wraps: a collated batch in, the LM loss out.
+
+    ``sampler`` carries no state: train.py's checkpoint helpers save and restore
+    stage 1's hard-negative sampler through it, and stage 2 has none.
+    """
+
+    class _NoSampler:
+        def state_dict(self) -> dict[str, Any]:
+            return {}
+
+        def load_state_dict(self, state: dict[str, Any]) -> None:
+            pass
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.sampler = self._NoSampler()
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.model.loss(batch)
+
+
+# ---------------------------------------------------------------------------- outputs
+
+CSV_FIELDS = ["step", "epoch", "lr", "loss", "skipped", "sec_per_step"]
+
+
+class LossLog:
+    """metrics.csv and loss.png; rank 0 only. A resumed run keeps the rows up to its step."""
+
+    def __init__(self, run_dir: Path, resume_step: int):
+        self.path = run_dir / "metrics.csv"
+        self.rows: list[dict[str, Any]] = []
+        if resume_step and self.path.is_file():
+            with self.path.open() as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        with self.path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=CSV_FIELDS).writerow(row)
+
+    def plot(self, path: Path) -> Path | None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("matplotlib is not installed: no loss.png (pip install matplotlib)")
+            return None
+        steps = [int(r["step"]) for r in self.rows]
+        losses = [float(r["loss"]) for r in self.rows]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(steps, losses)
+        ax.set_xlabel("step")
+        ax.set_ylabel("LM loss (text tokens)")
+        ax.set_title("stage-2 loss")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+
+def chance_scores(captions: list[str], scenes: list[Any], shuffles: int, seed: int) -> dict[str, float]:
+    """The same captions scored against scenes of other images: what a model blind to the image gets."""
+    from blip2_fast.stage2 import shapes_caption_scores
+
+    n = len(scenes)
+    total: dict[str, float] = {}
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(shuffles):
+        # a random shift of a random order: no caption meets its own scene
+        perm = torch.randperm(n, generator=g).tolist()
+        shift = 1 + int(torch.randint(max(1, n - 1), (1,), generator=g)) if n > 1 else 0
+        mapping = {perm[i]: perm[(i + shift) % n] for i in range(n)}
+        got = shapes_caption_scores(captions, [scenes[mapping[i]] for i in range(n)])
+        for key, value in got.items():
+            total[key] = total.get(key, 0.0) + value / shuffles
+    return total
+
+
+@torch.no_grad()
+def caption_held_out(model, tokenizer, config: Stage2Config, device: torch.device) -> dict[str, Any]:
+    """Greedy captions of held-out images; on synthetic shapes, their scores and the shuffled-scene chance."""
+    from blip2_fast import data as D
+    from blip2_fast.stage2 import caption, shapes_caption_scores
+
+    e, d = config.eval, config.data
+    size = model.image_encoder.config.image_size
+    transform = D.build_transform(size, train=False)
+    scenes = None
+    if d.source == "synthetic":
+        # build_datasets' held-out split: another seed than training
+        shapes = D.SyntheticShapes(d.eval_size, image_size=size, seed=config.train.seed + 1_000_003)
+        n = min(e.num_images, len(shapes))
+        held = D.ImageTextDataset(shapes, transform, max_words=d.max_words, seed=config.train.seed)
+        samples = [held[i] for i in range(n)]
+        scenes = [shapes.scene(i) for i in range(n)]
+    else:
+        _, held = build_datasets(config, size)
+        if held is None:
+            return {}
+        samples = [s for s in (held[i] for i in range(min(e.num_images, len(held)))) if s is not None]
+    model.eval()
+    captions: list[str] = []
+    for start in range(0, len(samples), e.batch_size):
+        pixels = torch.stack([s["pixels"] for s in samples[start : start + e.batch_size]]).to(device)
+        captions += caption(
+            model, tokenizer, pixels, prompt=config.model.prompt, method="greedy", max_new_tokens=e.max_new_tokens
+        )
+    result: dict[str, Any] = {
+        "captions": [{"caption": c, "reference": s["caption"]} for c, s in zip(captions, samples, strict=True)]
+    }
+    if scenes is not None:
+        result["scores"] = shapes_caption_scores(captions, scenes)
+        result["chance"] = chance_scores(captions, scenes, e.shuffles, config.train.seed)
+    return result
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def run(config: Stage2Config) -> dict[str, Any]:
+    """Train as ``config`` says, export, caption held-out images; returns losses, scores and paths."""
+    import deepspeed
+    from tqdm import tqdm
+
+    from blip2_fast.stage2 import Stage2Collator, save_trainable
+    from blip2_fast.stage2_convert import save_transformers
+
+    device = init_distributed()
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    t = config.train
+    run_dir = Path(t.output_dir) / t.name
+    ckpt_dir = run_dir / "checkpoints"
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    distributed.barrier()
+
+    # the same seed everywhere: fresh weights (queries, cross-attention, llm_proj, a random LLM / ViT) match
+    torch.manual_seed(t.seed)
+    np.random.seed(t.seed)
+    random.seed(t.seed)
+    model, tokenizer, init = build_model(config)
+    if rank == 0:
+        print(f"stage-2 init: {init if init is not None else 'fresh Q-Former (no stage-1 output found)'}")
+    model.to_device(device)
+    step_module = Stage2Step(model)
+    ds_config = deepspeed_config(config, device)
+    # only qformer and llm_proj require grad: the frozen LLM and ViT get no optimizer state
+    optimizer = torch.optim.AdamW(
+        param_groups(step_module, config.optim.weight_decay), lr=config.optim.lr, betas=tuple(config.optim.betas),
+        eps=config.optim.eps,
+    )  # fmt: skip
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_at(s, config.optim, t.steps) / config.optim.lr
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=step_module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    zero3 = int(engine.zero_optimization_stage()) == 3
+
+    step, micro_step = 0, 0
+    if t.resume:
+        step, micro_step = load_checkpoint(engine, ckpt_dir)
+        if rank == 0:
+            print(f"resumed from {ckpt_dir / (ckpt_dir / 'latest').read_text().strip()} at step {step}")
+    log = LossLog(run_dir, step) if rank == 0 else None
+
+    from blip2_fast.train import GlobalBatches
+
+    size = model.image_encoder.config.image_size
+    train_set, _ = build_datasets(config, size, rank, world)
+    collate = Stage2Collator(
+        tokenizer,
+        encoder_decoder=model.is_encoder_decoder,
+        prompt=config.model.prompt,
+        max_length=config.model.max_text_length,
+    )
+    batches = GlobalBatches(train_set, t.batch_size, t.seed, rank, world, collate, config.data.num_workers)
+    end = t.stop_after or t.steps
+    history: list[float] = []
+    bar = tqdm(total=end, initial=step, desc=f"stage 2 ({world} rank{'s' if world > 1 else ''})", disable=rank != 0)
+    engine.train()
+    stream = batches.iterate(micro_step)
+    acc, skipped = 0.0, 0
+    tic = time.perf_counter()
+    while step < end:
+        micro_step, batch = next(stream)
+        skipped += int(batch["skipped"])
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        loss = engine(batch)
+        engine.backward(loss)
+        engine.step()
+        acc += loss.item() / t.grad_accum
+        micro_step += 1
+        if micro_step % t.grad_accum:
+            continue
+        step += 1
+        values = torch.tensor([acc, skipped], dtype=torch.float64)
+        distributed.all_reduce_sum(values)
+        record = float(values[0]) / world
+        acc, skipped = 0.0, 0
+        history.append(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record:.3f}")
+        if rank == 0 and (step % t.log_every == 0 or step == end):
+            elapsed, tic = time.perf_counter() - tic, time.perf_counter()
+            log.log(
+                {
+                    "step": step,
+                    "epoch": round(micro_step / batches.per_epoch, 4) if batches.per_epoch else 0.0,
+                    "lr": scheduler.get_last_lr()[0],
+                    "loss": record,
+                    "skipped": int(values[1]),
+                    "sec_per_step": round(elapsed / t.log_every, 4),
+                }
+            )
+        if t.save_every and step % t.save_every == 0 and step < end:
+            save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints)
+    bar.close()
+    save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints)
+
+    result: dict[str, Any] = {"history": history, "run_dir": run_dir, "step": step}
+    model_path, hf_dir = run_dir / "model.safetensors", run_dir / "transformers"
+    # under ZeRO-3 every rank holds a shard: gather the whole model for the export and the generation
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None, enabled=zero3):
+        if rank == 0:
+            save_trainable(model, model_path)
+            save_transformers(model, hf_dir)
+            result.update(model=model_path, transformers=hf_dir)
+            if t.evaluate and step == t.steps:
+                result["eval"] = caption_held_out(model, tokenizer, config, device)
+                (run_dir / "captions.json").write_text(json.dumps(result["eval"], indent=1))
+    distributed.barrier()
+    if rank == 0:
+        plot = log.plot(run_dir / "loss.png")
+        _print_outputs(run_dir, ckpt_dir, plot, history, result.get("eval"), config.eval.show)
+    return result
+
+
+def _print_outputs(run_dir: Path, ckpt_dir: Path, plot, history, evaluation, show: int) -> None:
+    if history:
+        print(f"loss: first step {history[0]:.4f}, last step {history[-1]:.4f}")
+    if evaluation:
+        for row in evaluation["captions"][:show]:
+            print(f"  {row['caption']!r:45}  (reference: {row['reference']!r})")
+        if "scores" in evaluation:
+            s, c = evaluation["scores"], evaluation["chance"]
+            n = len(evaluation["captions"])
+            print(
+                f"held-out captions ({n} images, greedy): first named colour right {100 * s['colour']:.1f}% "
+                f"(chance {100 * c['colour']:.1f}%), shape {100 * s['shape']:.1f}% (chance {100 * c['shape']:.1f}%), "
+                f"colour+shape {100 * s['pair']:.1f}% (chance {100 * c['pair']:.1f}%)"
+            )
+    print("outputs:")
+    print(f"  run folder      {run_dir.resolve()}")
+    print(f"  config          {(run_dir / 'config.yaml').resolve()}")
+    print(f"  metrics         {(run_dir / 'metrics.csv').resolve()}")
+    if plot:
+        print(f"  loss curve      {Path(plot).resolve()}")
+    print(f"  checkpoints     {ckpt_dir.resolve()} (latest: {(ckpt_dir / 'latest').read_text().strip()})")
+    print(f"  trainable part  {(run_dir / 'model.safetensors').resolve()}")
+    print(f"  transformers    {(run_dir / 'transformers').resolve()}")
+    if evaluation:
+        print(f"  captions        {(run_dir / 'captions.json').resolve()}")
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
+    parser = argparse.ArgumentParser(
+        description="BLIP-2 stage 2 (frozen LLM) with DeepSpeed. Any config key can be overridden: "
+        "--train.steps 500 --optim.lr 1e-4 --model.llm /models/opt-2.7b",
+    )
+    parser.add_argument("--stage", type=int, choices=(2,), default=2, help="2: generative pre-training")
+    parser.add_argument("--config", default=None, help="YAML/TOML training config (default: the embedded one)")
+    parser.add_argument("--init", default=None, help="stage-1 run folder or model.safetensors (model.init)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args(argv)
+    overrides = []
+    i = 0
+    while i < len(rest):
+        token = rest[i]
+        if not token.startswith("--") or token == "--":
+            parser.error(f"unexpected argument {token!r}; overrides look like --section.key value")
+        if "=" in token:
+            key, value = token[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(rest):
+                parser.error(f"override {token} needs a value")
+            key, value = token[2:], rest[i + 1]
+            i += 2
+        overrides.append((key, value))
+    if args.init is not None:
+        overrides.append(("model.init", json.dumps(args.init)))
+    return args, overrides
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """``train.py --stage 2`` hands its arguments here (``--stage 2`` may be among them)."""
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    return run(load_config(args.config, overrides))
+
+
+if __name__ == "__main__":
+    main()
