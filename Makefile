@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install train train-stage2 test bench lint clean
+.PHONY: install train train-stage2 test bench gpu-check lint clean
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ test: install
 
 bench: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest benchmarks/ --benchmark-only $(ARGS)
+
+# On a GPU machine with no network: fill benchmarks/wheels first (benchmarks/fetch_wheels.sh, on a CPU machine).
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
