@@ -1,0 +1,159 @@
+"""Stage-2 training: config validation, the real entry point end to end, exact resume.
+
+The DeepSpeed runs share one subprocess (a process group per process) and use a
+tiny variant of the embedded default: the tiny Q-Former and ViT, a one-layer
+OPT of width 128, batches of 4.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from blip2_fast.train_stage2 import Stage2Config, build_model, load_config, resolve_init
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = [
+    "--model.init", "null",
+    "--model.llm_layers", "1",
+    "--model.llm_hidden", "128",
+    "--model.llm_heads", "4",
+    "--model.max_text_length", "12",
+    "--data.train_size", "64",
+    "--data.eval_size", "16",
+    "--optim.lr", "1e-2",
+    "--optim.warmup_steps", "0",
+    "--train.batch_size", "4",
+    "--train.steps", "8",
+    "--train.log_every", "1",
+    "--train.precision", "fp32",
+    "--eval.num_images", "8",
+    "--eval.max_new_tokens", "4",
+    "--eval.shuffles", "3",
+]  # fmt: skip
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_defaults_equal_the_shipped_default_yaml():
+    assert load_config(ROOT / "configs" / "stage2_default.yaml").to_dict() == Stage2Config().to_dict()
+
+
+def test_real_run_config_loads():
+    config = load_config(ROOT / "configs" / "stage2_opt.yaml")
+    assert config.model.llm and config.data.source == "caption_json"
+    assert config.model.llm_family == "decoder"
+
+
+def test_bad_config_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown train key 'stepz'; valid keys: .*steps"):
+        load_config(None, [("train.stepz", "3")])
+    with pytest.raises(ValueError, match=r"unknown section 'modle'; valid sections: model, data"):
+        load_config(None, [("modle.llm", "x")])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  llm_layerz: 3\n")
+    with pytest.raises(ValueError, match=r"unknown Stage2ModelSection key\(s\) \['llm_layerz'\].*valid keys: init"):
+        load_config(bad)
+    bad.write_text("optimiser: {lr: 1}\n")
+    with pytest.raises(ValueError, match=r"unknown section\(s\) \['optimiser'\]"):
+        load_config(bad)
+    with pytest.raises(ValueError, match="model.llm_family must be one of auto, decoder, encoder_decoder"):
+        load_config(None, [("model.llm_family", "gpt")])
+    with pytest.raises(ValueError, match="train.steps must be a int"):
+        load_config(None, [("train.steps", "many")])
+    with pytest.raises(ValueError, match=r"llm_hidden \(30\) must be divisible by llm_heads \(4\)"):
+        load_config(None, [("model.llm_hidden", "30")])
+    with pytest.raises(FileNotFoundError, match="stage-1 run folder or its model.safetensors"):
+        resolve_init(str(tmp_path / "nowhere"))
+    config = load_config(None, [("model.llm_family", "encoder_decoder"), ("model.init", "null")])
+    with pytest.raises(ValueError, match="needs model.llm"):
+        build_model(config)
+    config = load_config(None, [("model.llm", str(tmp_path)), ("model.init", "null")])
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        build_model(config)
+
+
+def test_init_auto_finds_the_stage1_default_only_when_it_exists(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_init("auto") is None and resolve_init(None) is None
+    folder = tmp_path / "runs" / "stage1-default"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"")
+    assert resolve_init("auto") == Path("runs/stage1-default")
+
+
+# ------------------------------------------------------------------ DeepSpeed runs (one subprocess)
+
+_SCRIPT = """
+import json, sys
+from blip2_fast.train_stage2 import main
+args, out = json.loads(sys.argv[1]), sys.argv[2]
+full = main(["--stage", "2", *args, "--train.name", "full"])
+main([*args, "--train.name", "split", "--train.stop_after", "3", "--train.evaluate", "false"])
+resumed = main([*args, "--train.name", "split", "--train.resume", "true", "--train.evaluate", "false"])
+json.dump({"full": full["history"], "resumed": resumed["history"], "eval": full["eval"]}, open(out, "w"))
+"""
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("stage2_runs")
+    out = tmp / "result.json"
+    args = [*TINY, "--train.output_dir", str(tmp / "runs")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_SCRIPT), json.dumps(args), str(out)],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return tmp / "runs", json.loads(out.read_text()), proc.stdout
+
+
+def test_short_run_writes_the_run_folder_and_the_loss_falls(runs):
+    run_root, result, stdout = runs
+    folder = run_root / "full"
+    for name in ("config.yaml", "metrics.csv", "loss.png", "model.safetensors", "captions.json"):
+        assert (folder / name).is_file(), name
+    assert (folder / "transformers" / "config.json").is_file()
+    assert (folder / "checkpoints" / "latest").read_text().strip() == "step00000008"
+    assert load_config(folder / "config.yaml").train.steps == 8  # the resolved config reads back
+    with (folder / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(1, 9))
+    losses = result["full"]
+    assert len(losses) == 8 and sum(losses[-2:]) / 2 < 0.9 * losses[0], losses
+    captions = json.loads((folder / "captions.json").read_text())
+    assert len(captions["captions"]) == 8 and set(captions["scores"]) == {"colour", "shape", "pair", "parsed"}
+    assert set(captions["chance"]) == set(captions["scores"])
+    assert str(folder.resolve()) in stdout and "held-out captions (8 images, greedy)" in stdout
+
+
+def test_exports_load_back(runs):
+    from safetensors.torch import load_file
+    from transformers import Blip2ForConditionalGeneration
+
+    folder = runs[0] / "full"
+    trainable = load_file(str(folder / "model.safetensors"))
+    assert trainable and all(k.startswith(("qformer.", "llm_proj.")) for k in trainable)
+    hf = Blip2ForConditionalGeneration.from_pretrained(str(folder / "transformers"))
+    assert (hf.language_projection.weight == trainable["llm_proj.weight"]).all()
+
+
+def test_resume_follows_the_uninterrupted_run(runs):
+    _, result, _ = runs
+    full, resumed = result["full"], result["resumed"]
+    assert len(resumed) == 5
+    assert max(abs(a - b) for a, b in zip(full[3:], resumed, strict=True)) <= 1e-6, (full[3:], resumed)
