@@ -523,7 +523,14 @@ def run(config: Stage2Config) -> dict[str, Any]:
     bar.close()
     save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints)
 
-    result: dict[str, Any] = {"history": history, "run_dir": run_dir, "step": step}
+    result: dict[str, Any] = {
+        "history": history,
+        "run_dir": run_dir,
+        "step": step,
+        "optimized_numel": sum(p.numel() for g in optimizer.param_groups for p in g["params"]),
+        "trainable_numel": sum(v.numel() for v in model.trainable_state_dict().values()),
+        "frozen_numel": sum(p.numel() for p in model.parameters() if not p.requires_grad),
+    }
     model_path, hf_dir = run_dir / "model.safetensors", run_dir / "transformers"
     # under ZeRO-3 every rank holds a shard: gather the whole model for the export and the generation
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None, enabled=zero3):

@@ -100,7 +100,8 @@ args, out = json.loads(sys.argv[1]), sys.argv[2]
 full = main(["--stage", "2", *args, "--train.name", "full"])
 main([*args, "--train.name", "split", "--train.stop_after", "3", "--train.evaluate", "false"])
 resumed = main([*args, "--train.name", "split", "--train.resume", "true", "--train.evaluate", "false"])
-json.dump({"full": full["history"], "resumed": resumed["history"], "eval": full["eval"]}, open(out, "w"))
+numel = {k: full[k] for k in ("optimized_numel", "trainable_numel", "frozen_numel")}
+json.dump({"full": full["history"], "resumed": resumed["history"], "eval": full["eval"], **numel}, open(out, "w"))
 """
 
 
@@ -141,6 +142,11 @@ def test_short_run_writes_the_run_folder_and_the_loss_falls(runs):
     assert str(folder.resolve()) in stdout and "held-out captions (8 images, greedy)" in stdout
 
 
+def test_only_the_trainable_part_is_optimized(runs):
+    _, result, _ = runs
+    assert result["optimized_numel"] == result["trainable_numel"] and result["frozen_numel"] > 0
+
+
 def test_exports_load_back(runs):
     from safetensors.torch import load_file
     from transformers import Blip2ForConditionalGeneration
@@ -157,3 +163,49 @@ def test_resume_follows_the_uninterrupted_run(runs):
     full, resumed = result["full"], result["resumed"]
     assert len(resumed) == 5
     assert max(abs(a - b) for a, b in zip(full[3:], resumed, strict=True)) <= 1e-6, (full[3:], resumed)
+
+
+# ------------------------------------------------------------------ a local transformers LLM (no DeepSpeed)
+
+
+@pytest.mark.parametrize("family", ["decoder", "encoder_decoder"])
+def test_a_local_llm_folder_builds_and_trains(tmp_path, family):
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM, T5Config, T5ForConditionalGeneration
+
+    from blip2_fast.stage2 import Stage2Collator, caption
+    from blip2_fast.text import load_tokenizer
+
+    tok = load_tokenizer(max_length=12)
+    tok.eos_token = tok.sep_token
+    common = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    if family == "decoder":
+        cfg = OPTConfig(hidden_size=16, word_embed_proj_dim=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=32,
+                        bos_token_id=tok.bos_token_id, **common)  # fmt: skip
+        llm = OPTForCausalLM(cfg)
+    else:
+        cfg = T5Config(d_model=16, d_kv=8, num_heads=2, d_ff=32, num_layers=1, decoder_start_token_id=tok.pad_token_id,
+                       **common)  # fmt: skip
+        llm = T5ForConditionalGeneration(cfg)
+    llm.save_pretrained(str(tmp_path / "llm"))
+    tok.save_pretrained(str(tmp_path / "llm"))
+    config = load_config(None, [("model.llm", str(tmp_path / "llm")), ("model.init", "null")])
+    model, tokenizer, init = build_model(config)
+    assert init is None and model.is_encoder_decoder == (family == "encoder_decoder")
+    assert not any(p.requires_grad for p in model.llm.parameters())
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 32, 32)
+    collate = Stage2Collator(tokenizer, encoder_decoder=model.is_encoder_decoder, max_length=12)
+    batch = collate(
+        [{"pixels": p, "caption": c} for p, c in zip(pixels, ["a red circle", "a blue cross"], strict=True)]
+    )
+    loss = model.loss(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and model.llm_proj.weight.grad is not None
+    assert len(caption(model.eval(), tokenizer, pixels, method="greedy", max_new_tokens=3)) == 2
+    other = "decoder" if family == "encoder_decoder" else "encoder_decoder"
+    wrong = load_config(
+        None, [("model.llm", str(tmp_path / "llm")), ("model.init", "null"), ("model.llm_family", other)]
+    )
+    with pytest.raises(ValueError, match=f"model.llm_family={other}"):
+        build_model(wrong)
