@@ -209,3 +209,32 @@ def test_a_local_llm_folder_builds_and_trains(tmp_path, family):
     )
     with pytest.raises(ValueError, match=f"model.llm_family={other}"):
         build_model(wrong)
+
+
+def test_init_from_a_stage1_run_folder(tmp_path):
+    import torch
+    import yaml
+    from safetensors.torch import save_file
+
+    from blip2_fast.checkpoint import save_qformer
+    from blip2_fast.config import QFormerConfig, VisionConfig
+    from blip2_fast.qformer import QFormer
+    from blip2_fast.train_stage2 import parse_args
+    from blip2_fast.vision import ImageEncoder
+
+    torch.manual_seed(3)
+    folder = tmp_path / "stage1"
+    folder.mkdir()
+    stage1 = QFormer(QFormerConfig.preset("tiny", num_query_tokens=4))
+    save_qformer(stage1, folder / "model.safetensors")
+    vision = ImageEncoder(VisionConfig.preset("tiny"))
+    save_file({k: v.contiguous() for k, v in vision.state_dict().items()}, str(folder / "vision.safetensors"))
+    (folder / "config.yaml").write_text(yaml.safe_dump({"model": {"vision": {"preset": "tiny"}}}))
+
+    args, overrides = parse_args(["--stage", "2", "--init", str(folder), "--train.steps", "3"])
+    config = load_config(args.config, overrides)
+    assert config.model.init == str(folder) and config.train.steps == 3
+    model, _, init = build_model(config)
+    assert init == folder and model.num_query_tokens == 4
+    assert torch.equal(model.qformer.query_tokens, stage1.query_tokens)
+    assert all(torch.equal(a, b) for a, b in zip(model.image_encoder.parameters(), vision.parameters(), strict=True))
