@@ -697,18 +697,6 @@ def load_trainable(model: Blip2Stage2, path: str | Path) -> None:
 
 
 @torch.no_grad()
-def _usable_random_vit(encoder: ImageEncoder) -> None:
-    """N(0, 0.02) weights, zero biases, unit norms: transformers' Blip2VisionModel starts at std 1e-10
-    (its initializer_range, meant to be overwritten), where every image gives the same features."""
-    for name, p in encoder.named_parameters():
-        if "norm" in name:
-            p.fill_(1.0 if name.endswith("weight") else 0.0)
-        elif name.endswith("bias"):
-            p.zero_()
-        else:
-            nn.init.trunc_normal_(p, std=0.02)
-
-
 def default_stage2_model(
     init: str | Path | None = None,
     *,
@@ -771,8 +759,6 @@ def default_stage2_model(
         setattr(llm.generation_config, key, getattr(tokenizer, key))
     placeholder = tokenizer.convert_tokens_to_ids("[unused0]")
     model = Blip2Stage2(qformer_config, llm, vision_config, image_token_index=placeholder)
-    if vision_file is None:
-        _usable_random_vit(model.image_encoder)
     if model_file is not None:
         ignored = load_stage1(model, model_file)
         logger.info("stage-1 init from %s; skipped text-only keys: %s", model_file, ", ".join(ignored))
