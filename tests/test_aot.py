@@ -1,6 +1,7 @@
 """Ahead-of-time compilation for sm_80 / sm_90 on a CPU-only machine, and its resource report."""
 
 import pytest
+
 from blip2_fast.kernels import aot
 from blip2_fast.kernels.ffn import EW_BLOCK_C, EW_BLOCK_R, _bias_gelu_fwd_kernel, kernel_configs
 

@@ -11,10 +11,10 @@ import math
 
 import pytest
 import torch
-from blip2_fast.kernels import attention as kattn
-from blip2_fast.kernels.attention import AttnConfig, attention
 
 from blip2_fast.attention import MaskKind, attention_ref, dense_mask, key_valid_mask
+from blip2_fast.kernels import attention as kattn
+from blip2_fast.kernels.attention import AttnConfig, attention
 
 B, H = 2, 2
 PADDINGS = ("none", "lengths", "vector")

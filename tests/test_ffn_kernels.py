@@ -3,8 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from blip2_fast.kernels.ffn import ffn, residual_norm
 
+from blip2_fast.kernels.ffn import ffn, residual_norm
 from blip2_fast.layers import FeedForward, ResidualNorm, ffn_ref, residual_norm_ref
 
 EPS = 1e-12
