@@ -966,17 +966,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args, overrides = parse_args(argv)
     if args.stage == 2:
-        # dispatch point for stage 2 (generative pre-training with a frozen LLM)
-        try:
-            from blip2_fast import stage2
-        except ImportError:
-            stage2 = None
-        if stage2 is None or not hasattr(stage2, "main"):
-            raise SystemExit(
-                "--stage 2 is not available from this entry point yet: blip2_fast.stage2 provides the model "
-                "(Blip2Stage2) but no training command. Use --stage 1."
-            )
-        return stage2.main(sys.argv[1:] if argv is None else argv)
+        # stage 2 (a frozen LLM after the Q-Former) has its own entry point; it takes the raw arguments
+        from blip2_fast import train_stage2
+
+        return train_stage2.main(sys.argv[1:] if argv is None else list(argv))
     config = load_config(args.config, overrides)
     return run(config)
 

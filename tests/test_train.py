@@ -372,3 +372,13 @@ def test_two_ranks_equal_one_rank(tmp_path):
     figures = dict(zip(words[0::2], map(float, words[1::2]), strict=True))
     for key in ("txt_r1", "txt_r5", "img_r1", "img_r5"):
         assert figures[key] == pytest.approx(eval_b[key], abs=0.01), (key, line)
+
+
+def test_stage_2_is_handed_to_its_entry_point(monkeypatch):
+    import blip2_fast.train_stage2 as stage2
+    from blip2_fast.train import main
+
+    seen = []
+    monkeypatch.setattr(stage2, "run", lambda config: seen.append(config) or "stage-2 ran")
+    assert main(["--stage", "2", "--train.steps", "3"]) == "stage-2 ran"
+    assert seen[0].train.steps == 3
