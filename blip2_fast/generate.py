@@ -70,7 +70,8 @@ def generate(
     """
     _check(model, max_new_tokens, min_new_tokens, num_beams)
     ctx = model._as_context(image)
-    cache = model.encode_image(ctx).cache
+    # room for every new token: decoding writes K/V in place instead of concatenating each step
+    cache = model.encode_image(ctx).cache.reserve(max_new_tokens)
     B, K = ctx.batch_size, num_beams
     device = cache.layers[0][0].device
     if K > 1:
