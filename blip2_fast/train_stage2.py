@@ -316,6 +316,20 @@ class Stage2Step(torch.nn.Module):
         return self.model.loss(batch)
 
 
+def register_zero3_external_parameters(step_module: Stage2Step) -> None:
+    """ZeRO-3 gathers a parameter only around its own module's forward: the fused blocks hand their
+    children's weights to one function, and ``encode_image`` reads ``query_tokens`` directly."""
+    import deepspeed
+
+    from blip2_fast.layers import FeedForward, ResidualNorm
+
+    for module in step_module.modules():
+        if isinstance(module, (ResidualNorm, FeedForward)):
+            for p in module.parameters():
+                deepspeed.zero.register_external_parameter(module, p)
+    deepspeed.zero.register_external_parameter(step_module, step_module.model.qformer.query_tokens)
+
+
 # ---------------------------------------------------------------------------- outputs
 
 CSV_FIELDS = ["step", "epoch", "lr", "loss", "skipped", "sec_per_step"]
@@ -461,6 +475,8 @@ def run(config: Stage2Config) -> dict[str, Any]:
         model=step_module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     zero3 = int(engine.zero_optimization_stage()) == 3
+    if zero3:
+        register_zero3_external_parameters(step_module)
 
     step, micro_step = 0, 0
     if t.resume:

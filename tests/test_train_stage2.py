@@ -100,8 +100,10 @@ args, out = json.loads(sys.argv[1]), sys.argv[2]
 full = main(["--stage", "2", *args, "--train.name", "full"])
 main([*args, "--train.name", "split", "--train.stop_after", "3", "--train.evaluate", "false"])
 resumed = main([*args, "--train.name", "split", "--train.resume", "true", "--train.evaluate", "false"])
+zero3 = main([*args, "--train.name", "zero3", "--train.zero_stage", "3", "--train.stop_after", "3"])
 numel = {k: full[k] for k in ("optimized_numel", "trainable_numel", "frozen_numel")}
-json.dump({"full": full["history"], "resumed": resumed["history"], "eval": full["eval"], **numel}, open(out, "w"))
+hist = {"full": full["history"], "resumed": resumed["history"], "zero3": zero3["history"]}
+json.dump({**hist, "eval": full["eval"], **numel}, open(out, "w"))
 """
 
 
@@ -140,6 +142,13 @@ def test_short_run_writes_the_run_folder_and_the_loss_falls(runs):
     assert len(captions["captions"]) == 8 and set(captions["scores"]) == {"colour", "shape", "pair", "parsed"}
     assert set(captions["chance"]) == set(captions["scores"])
     assert str(folder.resolve()) in stdout and "held-out captions (8 images, greedy)" in stdout
+
+
+def test_zero3_follows_zero2(runs):
+    run_root, result, _ = runs
+    assert len(result["zero3"]) == 3
+    assert max(abs(a - b) for a, b in zip(result["full"][:3], result["zero3"], strict=True)) <= 1e-5
+    assert (run_root / "zero3" / "model.safetensors").is_file()  # exported from the gathered partitions
 
 
 def test_only_the_trainable_part_is_optimized(runs):
