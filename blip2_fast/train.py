@@ -95,8 +95,15 @@ class DataSection:
     augment: bool = False  # BLIP-2's random resized crop + flip; off for shapes, whose captions name positions
     max_words: int = 50
     num_workers: int = 0
+    # frozen-ViT features computed once per training image and memory-mapped for later epochs
+    # (augment off only: a cached image must always give the same pixels)
+    feature_cache: bool = False
 
     def __post_init__(self) -> None:
+        if self.feature_cache and (self.augment or self.source == "webdataset"):
+            raise ValueError(
+                "data.feature_cache needs data.augment=false and a map-style source (synthetic or caption_json)"
+            )
         if self.source not in DATA_SOURCES:
             raise ValueError(f"data.source must be one of {', '.join(DATA_SOURCES)}, got {self.source!r}")
         if self.source == "caption_json":
@@ -837,6 +844,12 @@ def run(config: TrainConfig) -> dict[str, Any]:
         lambda s: D.collate_batch(s, tokenizer, max_length=max_len),
         config.data.num_workers,
     )
+    features = None
+    if config.data.feature_cache:
+        fingerprint = {"vit": D.module_fingerprint(vision), "data": dataclasses.asdict(config.data), "seed": t.seed}
+        # one file per rank: each rank reads its own rows of every global batch
+        features = D.FeatureCache(run_dir / f"vit_features_rank{rank}.npy", len(train_set), vision, fingerprint)
+    vision_dtype = next(vision.parameters()).dtype
     end = t.stop_after or t.steps
     history: list[dict[str, float]] = []
     bar = tqdm(total=end, initial=step, desc=f"stage 1 ({world} rank{'s' if world > 1 else ''})", disable=rank != 0)
@@ -849,7 +862,10 @@ def run(config: TrainConfig) -> dict[str, Any]:
         micro_step, batch = next(stream)
         skipped += int(batch["skipped"])
         pixels = batch["pixels"].to(device)
-        image_embeds = vision(pixels)  # frozen, no_grad, half precision on GPU
+        if features is not None:
+            image_embeds = features(batch["indices"], pixels).to(device=device, dtype=vision_dtype)
+        else:
+            image_embeds = vision(pixels)  # frozen, no_grad, half precision on GPU
         out = engine(
             image_embeds,
             batch["input_ids"].to(device),

@@ -311,6 +311,40 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 @pytest.mark.slow
+def test_feature_cache_serves_later_epochs(tmp_path):
+    """Two epochs with the ViT features cached on disk train like two epochs that run the ViT every step."""
+    common = TINY + [
+        ("data.train_size", "8"),
+        ("train.steps", "4"),  # 2 epochs of 2 global batches
+        ("train.output_dir", str(tmp_path)),
+        ("train.evaluate", "false"),
+    ]
+    script = textwrap.dedent(
+        f"""
+        import json
+        from blip2_fast.train import load_config, run
+        common = {common!r}
+        plain = run(load_config(None, common + [("train.name", "plain")]))
+        cached = run(load_config(None, common + [("train.name", "cached"), ("data.feature_cache", "true")]))
+        print("RESULT", json.dumps([plain["history"], cached["history"]]))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    plain, cached = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert len(plain) == len(cached) == 4
+    for a, b in zip(plain, cached, strict=True):  # the cache stores fp16: equal up to that rounding
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-3)
+    assert (tmp_path / "cached" / "vit_features_rank0.npy").is_file()
+    assert (tmp_path / "cached" / "vit_features_rank0.npy.json").is_file()
+    assert not (tmp_path / "plain" / "vit_features_rank0.npy").exists()
+    with pytest.raises(ValueError, match="feature_cache needs data.augment=false"):
+        load_config(None, [("data.feature_cache", "true"), ("data.augment", "true")])
+
+
+@pytest.mark.slow
 def test_two_ranks_equal_one_rank(tmp_path):
     """Same global batch (8), seeded hard negatives: 2 ranks (ZeRO-3, torchrun) == 1 rank (ZeRO-2), one step.
 
