@@ -216,7 +216,7 @@ def load_config(path: str | Path | None = None, overrides: list[tuple[str, str]]
 
 def resolve_init(init: str | None) -> Path | None:
     """The stage-1 output to start from: ``auto`` is the stage-1 default's folder when it holds a model."""
-    if init is None or init in ("", "none", "fresh"):
+    if init is None or init.lower() in ("", "none", "null", "fresh"):
         return None
     if init == "auto":
         return Path(DEFAULT_INIT) if (Path(DEFAULT_INIT) / "model.safetensors").is_file() else None
@@ -601,7 +601,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str
     )
     parser.add_argument("--stage", type=int, choices=(2,), default=2, help="2: generative pre-training")
     parser.add_argument("--config", default=None, help="YAML/TOML training config (default: the embedded one)")
-    parser.add_argument("--init", default=None, help="stage-1 run folder or model.safetensors (model.init)")
+    parser.add_argument(
+        "--init", default=None, help="stage-1 run folder or model.safetensors (model.init); fresh: no stage-1 start"
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
     overrides = []

@@ -84,7 +84,8 @@ def test_bad_config_is_named(tmp_path):
 
 def test_init_auto_finds_the_stage1_default_only_when_it_exists(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert resolve_init("auto") is None and resolve_init(None) is None
+    assert resolve_init("auto") is None and resolve_init(None) is None and resolve_init("fresh") is None
+    assert resolve_init("null") is None  # `--init null` on the command line arrives as a string
     folder = tmp_path / "runs" / "stage1-default"
     folder.mkdir(parents=True)
     (folder / "model.safetensors").write_bytes(b"")
