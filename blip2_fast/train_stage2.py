@@ -151,6 +151,10 @@ class Stage2Config:
     train: TrainSection = dataclasses.field(default_factory=_stage2_train)
     eval: Stage2EvalSection = dataclasses.field(default_factory=Stage2EvalSection)
 
+    def __post_init__(self) -> None:
+        if getattr(self.data, "feature_cache", False):
+            raise ValueError("data.feature_cache is a stage-1 option; stage 2 runs the frozen ViT in its model")
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Stage2Config:
         unknown = sorted(set(data) - set(SECTIONS))

@@ -72,6 +72,8 @@ def test_bad_config_is_named(tmp_path):
         load_config(None, [("train.steps", "many")])
     with pytest.raises(ValueError, match=r"llm_hidden \(30\) must be divisible by llm_heads \(4\)"):
         load_config(None, [("model.llm_hidden", "30")])
+    with pytest.raises(ValueError, match="data.feature_cache is a stage-1 option"):
+        load_config(None, [("data.feature_cache", "true")])
     with pytest.raises(FileNotFoundError, match="stage-1 run folder or its model.safetensors"):
         resolve_init(str(tmp_path / "nowhere"))
     config = load_config(None, [("model.llm_family", "encoder_decoder"), ("model.init", "null")])
