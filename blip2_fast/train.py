@@ -319,6 +319,10 @@ def init_distributed() -> torch.device:
     accel = get_accelerator()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if accel.device_name() == "cpu":
+        if "OMP_NUM_THREADS" not in os.environ:
+            # ranks on one machine share its cores; more threads than cores slows every rank many times over
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
         return torch.device("cpu")
     accel.set_device(local_rank)
     return torch.device(accel.device_name(local_rank))
