@@ -387,25 +387,8 @@ def build_vision(config: TrainConfig):
             raise FileNotFoundError(f"model.vision_weights: file not found: {path}")
         vision.load_state_dict(load_tensors(str(path)))
     else:
-        random_init_vision(vision)
+        vision.reset_parameters()  # drawn again after train.seed was set: the same ViT on every rank
     return vision.freeze()
-
-
-def random_init_vision(vision) -> None:
-    """A usable random ViT: N(0, 0.02) weights (ViT/EVA style), zero biases, unit norms.
-
-    transformers initialises Blip2VisionModel with its config's initializer_range,
-    1e-10 (meant to be overwritten by pretrained weights): left as is, every image
-    gives the same features (std ~1e-9) and nothing can be learned from them.
-    """
-    with torch.no_grad():
-        for name, p in vision.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                torch.nn.init.trunc_normal_(p, std=0.02)
 
 
 def build_qformer(config: TrainConfig, vision_width: int):
@@ -619,7 +602,8 @@ def save_checkpoint(engine, folder: Path, step: int, micro_step: int, keep: int)
     distributed.barrier()
     stage1 = engine.module
     client = {"step": step, "micro_step": micro_step, "sampler": stage1.sampler.state_dict()}
-    engine.save_checkpoint(str(folder), tag=tmp, client_state=client, save_latest=False)
+    # frozen weights (a stage-2 LLM) come from their own files: a checkpoint holds what training changes
+    engine.save_checkpoint(str(folder), tag=tmp, client_state=client, save_latest=False, exclude_frozen_parameters=True)
     torch.save({**_rng_state(), "cuda": _cuda_rng()}, folder / tmp / f"rng_rank{rank:05d}.pt")
     distributed.barrier()
     if rank == 0:
@@ -646,7 +630,7 @@ def load_checkpoint(engine, folder: Path) -> tuple[int, int]:
     if not latest.is_file():
         raise FileNotFoundError(f"train.resume: no checkpoint to resume from ({latest} does not exist)")
     tag = latest.read_text().strip()
-    path, client = engine.load_checkpoint(str(folder), tag=tag)
+    path, client = engine.load_checkpoint(str(folder), tag=tag, load_module_strict=False)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {folder / tag}")
     engine.module.sampler.load_state_dict(client["sampler"])

@@ -291,9 +291,7 @@ def _pretrained_model(config: Stage2Config, init: Path | None, qformer: QFormerC
 
         model.image_encoder.load_state_dict(load_tensors(str(vision_file)))
     elif init is None:
-        from blip2_fast.train import random_init_vision
-
-        random_init_vision(model.image_encoder)
+        model.image_encoder.reset_parameters()
     return model, tok
 
 

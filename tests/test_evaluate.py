@@ -9,7 +9,6 @@ from blip2_fast.config import QFormerConfig, VisionConfig
 from blip2_fast.evaluate import collect_split, recall_at_k, retrieval_scores
 from blip2_fast.losses import similarity
 from blip2_fast.qformer import QFormer
-from blip2_fast.train import random_init_vision
 from blip2_fast.vision import ImageEncoder
 
 
@@ -43,7 +42,7 @@ def test_recall_at_k_by_hand():
 def parts():
     torch.manual_seed(0)
     vision = ImageEncoder(VisionConfig.preset("tiny"))
-    random_init_vision(vision)
+    vision.reset_parameters()
     model = QFormer(QFormerConfig.preset("tiny", cross_attention_freq=1)).eval()
     with torch.no_grad():  # a fresh init barely looks at the image: make images distinguishable (no ties)
         for name, p in model.named_parameters():

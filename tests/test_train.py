@@ -231,8 +231,8 @@ class FakeEngine:
         self.module = type("M", (), {"sampler": HardNegativeSampler(0)})()
         self.fail = fail
 
-    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
-        assert not save_latest
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest, exclude_frozen_parameters):
+        assert not save_latest and exclude_frozen_parameters
         (Path(save_dir) / tag).mkdir(parents=True)
         (Path(save_dir) / tag / "model.pt").write_text("half")
         if self.fail:
