@@ -945,7 +945,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         description="BLIP-2 Q-Former pre-training with DeepSpeed. Any config key can be overridden: "
         "--train.steps 500 --optim.lr 1e-4 --model.qformer.num_hidden_layers 6",
     )
-    parser.add_argument("--stage", type=int, choices=(1, 2), required=True, help="1: Q-Former pre-training")
+    parser.add_argument(
+        "--stage",
+        type=int,
+        choices=(1, 2),
+        required=True,
+        help="1: Q-Former pre-training (ITC+ITM+ITG); 2: soft prompt of a frozen LLM (blip2_fast/train_stage2.py)",
+    )
     parser.add_argument("--config", default=None, help="YAML/TOML training config (default: the embedded one)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
