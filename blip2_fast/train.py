@@ -44,7 +44,7 @@ import socket  # noqa: E402
 import time  # noqa: E402
 import typing  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any, TypeVar  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -249,19 +249,19 @@ def _coerce(section: type, values: dict[str, Any], where: str) -> dict[str, Any]
     return out
 
 
-def apply_override(data: dict[str, Any], key: str, raw: str) -> None:
+def apply_override(data: dict[str, Any], key: str, raw: str, sections: dict[str, type] = SECTIONS) -> None:
     """Set ``key`` (``section.field`` or ``section.dict.entry``; a bare field name if unique) to YAML-parsed ``raw``."""
     parts = key.split(".")
     if len(parts) == 1:
-        owners = [s for s, cls in SECTIONS.items() if key in {f.name for f in dataclasses.fields(cls)}]
+        owners = [s for s, cls in sections.items() if key in {f.name for f in dataclasses.fields(cls)}]
         if len(owners) != 1:
             where = f"found in sections {owners}" if owners else "no section has it"
             raise ValueError(f"override --{key}: use a dotted key section.field ({where})")
         parts = [owners[0], key]
     section, rest = parts[0], parts[1:]
-    if section not in SECTIONS:
-        raise ValueError(f"override --{key}: unknown section {section!r}; valid sections: {', '.join(SECTIONS)}")
-    fields = {f.name for f in dataclasses.fields(SECTIONS[section])}
+    if section not in sections:
+        raise ValueError(f"override --{key}: unknown section {section!r}; valid sections: {', '.join(sections)}")
+    fields = {f.name for f in dataclasses.fields(sections[section])}
     if rest[0] not in fields:
         raise ValueError(
             f"override --{key}: unknown {section} key {rest[0]!r}; valid keys: {', '.join(sorted(fields))}"
@@ -276,14 +276,17 @@ def apply_override(data: dict[str, Any], key: str, raw: str) -> None:
     node[rest[-1]] = yaml.safe_load(raw)
 
 
-def load_config(path: str | Path | None = None, overrides: list[tuple[str, str]] = ()) -> TrainConfig:
-    """Defaults <- YAML/TOML file <- ``--key value`` overrides, validated."""
-    data = TrainConfig().to_dict()
+T = TypeVar("T")
+
+
+def read_config(cls: type[T], sections: dict[str, type], path: str | Path | None, overrides) -> T:
+    """``cls`` (a config of ``sections``): defaults <- YAML/TOML file <- ``--key value`` overrides, validated."""
+    data = cls().to_dict()
     if path is not None:
         loaded = load_file(path)
-        unknown = sorted(set(loaded) - set(SECTIONS))
+        unknown = sorted(set(loaded) - set(sections))
         if unknown:
-            raise ValueError(f"{path}: unknown section(s) {unknown}; valid sections: {', '.join(SECTIONS)}")
+            raise ValueError(f"{path}: unknown section(s) {unknown}; valid sections: {', '.join(sections)}")
         for section, values in loaded.items():
             if values is None:
                 continue
@@ -292,8 +295,13 @@ def load_config(path: str | Path | None = None, overrides: list[tuple[str, str]]
             # key by key: a file's model.qformer / model.vision dicts replace the defaults, not merge
             data[section].update(values)
     for key, raw in overrides:
-        apply_override(data, key, raw)
-    return TrainConfig.from_dict(data)
+        apply_override(data, key, raw, sections)
+    return cls.from_dict(data)
+
+
+def load_config(path: str | Path | None = None, overrides: list[tuple[str, str]] = ()) -> TrainConfig:
+    """Defaults <- YAML/TOML file <- ``--key value`` overrides, validated."""
+    return read_config(TrainConfig, SECTIONS, path, overrides)
 
 
 # ---------------------------------------------------------------------------- set-up

@@ -48,7 +48,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from blip2_fast import distributed  # noqa: E402
-from blip2_fast.config import QFormerConfig, VisionConfig, from_dict, load_file  # noqa: E402
+from blip2_fast.config import QFormerConfig, VisionConfig, from_dict  # noqa: E402
 from blip2_fast.train import (  # noqa: E402
     DataSection,
     OptimSection,
@@ -60,6 +60,7 @@ from blip2_fast.train import (  # noqa: E402
     load_checkpoint,
     lr_at,
     param_groups,
+    read_config,
     save_checkpoint,
 )
 
@@ -172,50 +173,9 @@ class Stage2Config:
         return dataclasses.asdict(self)
 
 
-def apply_override(data: dict[str, Any], key: str, raw: str) -> None:
-    """Set ``key`` (``section.field``, ``section.dict.entry``, or a field name unique across sections)."""
-    parts = key.split(".")
-    if len(parts) == 1:
-        owners = [s for s, cls in SECTIONS.items() if key in {f.name for f in dataclasses.fields(cls)}]
-        if len(owners) != 1:
-            where = f"found in sections {owners}" if owners else "no section has it"
-            raise ValueError(f"override --{key}: use a dotted key section.field ({where})")
-        parts = [owners[0], key]
-    section, rest = parts[0], parts[1:]
-    if section not in SECTIONS:
-        raise ValueError(f"override --{key}: unknown section {section!r}; valid sections: {', '.join(SECTIONS)}")
-    fields = {f.name for f in dataclasses.fields(SECTIONS[section])}
-    if rest[0] not in fields:
-        raise ValueError(
-            f"override --{key}: unknown {section} key {rest[0]!r}; valid keys: {', '.join(sorted(fields))}"
-        )
-    node = data.setdefault(section, {})
-    for name in rest[:-1]:
-        if node.get(name) is None:
-            node[name] = {}
-        elif not isinstance(node[name], dict):
-            raise ValueError(f"override --{key}: {name} is not a mapping")
-        node = node[name]
-    node[rest[-1]] = yaml.safe_load(raw)
-
-
 def load_config(path: str | Path | None = None, overrides: list[tuple[str, str]] = ()) -> Stage2Config:
     """Defaults <- YAML/TOML file <- ``--key value`` overrides, validated."""
-    data = Stage2Config().to_dict()
-    if path is not None:
-        loaded = load_file(path)
-        unknown = sorted(set(loaded) - set(SECTIONS))
-        if unknown:
-            raise ValueError(f"{path}: unknown section(s) {unknown}; valid sections: {', '.join(SECTIONS)}")
-        for section, values in loaded.items():
-            if values is None:
-                continue
-            if not isinstance(values, dict):
-                raise ValueError(f"{path}: section {section!r} must be a mapping")
-            data[section].update(values)  # a file's model.qformer / model.vision dicts replace the defaults
-    for key, raw in overrides:
-        apply_override(data, key, raw)
-    return Stage2Config.from_dict(data)
+    return read_config(Stage2Config, SECTIONS, path, overrides)
 
 
 def resolve_init(init: str | None) -> Path | None:
