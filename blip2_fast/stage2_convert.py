@@ -47,6 +47,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from blip2_fast.checkpoint import qformer_config_from_transformers, vision_config_from_transformers
 from blip2_fast.config import QFormerConfig, VisionConfig
 from blip2_fast.stage2 import Blip2Stage2
 from blip2_fast.vision import ImageEncoder, hf_vision_config
@@ -137,52 +138,6 @@ def lavis_to_hf_key(key: str) -> str | None:
 
 
 # -------------------------------------------------------------------- configs
-
-
-def _qformer_config(hf: Blip2Config) -> QFormerConfig:
-    q = hf.qformer_config
-    if q.hidden_act != "gelu":
-        raise ValueError(f"the Q-Former uses GELU (erf); the checkpoint's qformer_config.hidden_act={q.hidden_act!r}")
-    return QFormerConfig(
-        hidden_size=q.hidden_size,
-        num_hidden_layers=q.num_hidden_layers,
-        num_attention_heads=q.num_attention_heads,
-        intermediate_size=q.intermediate_size,
-        hidden_dropout_prob=q.hidden_dropout_prob,
-        attention_probs_dropout_prob=q.attention_probs_dropout_prob,
-        layer_norm_eps=q.layer_norm_eps,
-        initializer_range=q.initializer_range,
-        vocab_size=q.vocab_size,
-        max_position_embeddings=q.max_position_embeddings,
-        pad_token_id=q.pad_token_id or 0,
-        num_query_tokens=hf.num_query_tokens,
-        cross_attention_freq=q.cross_attention_frequency,
-        encoder_width=q.encoder_hidden_size,
-        text_input=False,
-        **_ln_vision_eps(hf.vision_config.layer_norm_eps),
-    )
-
-
-def _ln_vision_eps(eps: float) -> dict[str, float]:
-    """``ln_vision_eps`` for QFormerConfig where the config has that key (the module's eps is set as well)."""
-    names = {f.name for f in dataclasses.fields(QFormerConfig)}
-    return {"ln_vision_eps": eps} if "ln_vision_eps" in names else {}
-
-
-def _vision_config(hf: Blip2Config) -> VisionConfig:
-    v = hf.vision_config
-    if v.hidden_act != "gelu":
-        raise ValueError(f"the image encoder uses GELU; the checkpoint's vision_config.hidden_act={v.hidden_act!r}")
-    return VisionConfig(
-        hidden_size=v.hidden_size,
-        intermediate_size=v.intermediate_size,
-        num_hidden_layers=v.num_hidden_layers,
-        num_attention_heads=v.num_attention_heads,
-        image_size=v.image_size,
-        patch_size=v.patch_size,
-        layer_norm_eps=v.layer_norm_eps,
-        qkv_bias=v.qkv_bias,
-    )
 
 
 def hf_config(model: Blip2Stage2, image_token_index: int | None = None) -> Blip2Config:
@@ -299,14 +254,13 @@ def load_transformers(folder: str | Path, *, with_vision: bool = True) -> Blip2S
     text_config = hf.text_config
     llm_cls = AutoModelForSeq2SeqLM if text_config.is_encoder_decoder else AutoModelForCausalLM
     llm = llm_cls.from_config(text_config)
-    vision = _vision_config(hf)
+    raw = hf.to_dict()
+    vision = vision_config_from_transformers(raw)
+    # post_layernorm (= ln_vision) carries the vision config's eps
+    qformer = qformer_config_from_transformers(raw, text_input=False, ln_vision_eps=vision.layer_norm_eps)
     model = Blip2Stage2(
-        _qformer_config(hf),
-        llm,
-        ImageEncoder(vision) if with_vision else None,
-        image_token_index=hf.image_token_index,
+        qformer, llm, ImageEncoder(vision) if with_vision else None, image_token_index=hf.image_token_index
     )
-    model.qformer.ln_vision.eps = vision.layer_norm_eps
     theirs = _read_folder(folder)
     ours = {}
     for key, value in theirs.items():
