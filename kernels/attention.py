@@ -425,7 +425,8 @@ class AttnConfig:
 # The Q-Former's sequences are short (32 queries + ~35 text, 257 image tokens): 32-wide tiles line up with the 32
 # query tokens, so UNIMODAL and MULTIMODAL_CAUSAL skip whole tiles, and waste little on the odd tail. A one-row
 # decode step uses 16-row tiles (tl.dot's minimum). Head dim 128 takes 8 warps: with 4 the backward (and the fp32
-# forward) run out of registers and spill. Every entry compiles for sm_80 and sm_90 without spills (test suite).
+# forward) run out of registers and spill; so does the fp32 dK/dV kernel past head dim 32 (``bwd_configs``). Every
+# choice compiles for sm_80 and sm_90 without spills, on Triton 3.6 and newer (test suite).
 FWD_CONFIGS = {
     "decode": AttnConfig(16, 32, 4, 2),
     "default": AttnConfig(32, 32, 4, 2),
@@ -447,8 +448,15 @@ def fwd_config(n_rows: int, head_dim: int) -> AttnConfig:
     return FWD_CONFIGS["d128" if head_dim > 64 else "default"]
 
 
-def bwd_config(n_rows: int, head_dim: int) -> AttnConfig:
-    return BWD_CONFIGS["d128" if head_dim > 64 else "default"]
+def bwd_configs(head_dim: int, dtype: torch.dtype) -> tuple[AttnConfig, AttnConfig]:
+    """(dK/dV, dQ) configs. In fp32 the dK/dV kernel keeps two fp32 accumulators beside IEEE dot products: past
+    head dim 32 it needs 8 warps (with 4, Triton 3.6 spills), while the dQ kernel spills with 8 and fits in 4."""
+    wide, narrow = BWD_CONFIGS["d128"], BWD_CONFIGS["default"]
+    if head_dim > 64:
+        return wide, wide
+    if dtype == torch.float32 and head_dim > 32:
+        return wide, narrow
+    return narrow, narrow
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -587,7 +595,7 @@ def attention_backward(
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     key_pad, lengths, padding, spb, spn = pad
-    cfg = config or bwd_config(Lq, D)
+    dkdv_cfg, dq_cfg = (config, config) if config else bwd_configs(D, q.dtype)
     consts = _common_constexprs(q, mask_kind, key_pad, dropout_p > 0.0)
     delta = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
     _attn_bwd_delta_kernel[(triton.cdiv(Lq, _DELTA_BLOCK_M), B * H)](
@@ -596,23 +604,23 @@ def attention_backward(
     )  # fmt: skip
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = (seed, dropout_p, scale * LOG2E, scale)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg.block_n), B * H)](
+    _attn_bwd_dkdv_kernel[(triton.cdiv(Lk, dkdv_cfg.block_n), B * H)](
         q, k, v, do, dk, dv, lse, delta, lengths, padding,
         *common,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
         spb, spn,
         H, Lq, Lk, n_query,
-        **consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **consts, BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n,
+        num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.num_stages,
     )  # fmt: skip
-    _attn_bwd_dq_kernel[(triton.cdiv(Lq, cfg.block_m), B * H)](
+    _attn_bwd_dq_kernel[(triton.cdiv(Lq, dq_cfg.block_m), B * H)](
         q, k, v, do, dq, lse, delta, lengths, padding,
         *common,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         spb, spn,
         H, Lq, Lk, n_query,
-        **consts, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **consts, BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n,
+        num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages,
     )  # fmt: skip
     return dq, dk, dv
 
@@ -722,22 +730,22 @@ def _signature(kernel, ptr_types: dict[str, str], constexprs: dict) -> dict[str,
 def kernel_configs() -> list[tuple[object, dict[str, str], dict, int, int]]:
     """Every (kernel, signature, constexprs, num_warps, num_stages) the launchers ship, for the AOT check.
 
-    Each tile config is compiled at the largest head dim it serves and in its heaviest variant
-    (MULTIMODAL_CAUSAL, a key-padding vector, dropout): smaller head dims, the other mask kinds and padding modes
-    only shrink the tiles or drop code. bf16 stands for fp16 (same tile types); fp32 runs IEEE dot products and is
-    listed on its own.
+    Each launcher choice (``fwd_config``, ``bwd_configs``) is compiled at the largest head dim it serves and in its
+    heaviest variant (MULTIMODAL_CAUSAL, a key-padding vector, dropout): smaller head dims, the other mask kinds
+    and padding modes only shrink the tiles or drop code. bf16 stands for fp16 (same tile types); fp32 runs IEEE
+    dot products and is listed on its own.
     """
     heavy = dict(MASK_KIND=int(MaskKind.MULTIMODAL_CAUSAL), KEY_PAD=_PAD_VECTOR, DROPOUT=True, UPCAST=False)
-    fwd = [(FWD_CONFIGS["decode"], 128), (FWD_CONFIGS["default"], 64), (FWD_CONFIGS["d128"], 128)]
-    bwd = [(BWD_CONFIGS["default"], 64), (BWD_CONFIGS["d128"], 128)]
     out = []
-    for dt in ("bf16", "fp32"):
+    for dt, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         ptrs = {n: dt for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
         ptrs |= dict(LSE="fp32", DELTA="fp32", LENS="i32", PAD="u8")
         dot = "ieee" if dt == "fp32" else "tf32"
-        jobs = [(_attn_fwd_kernel, cfg, d) for cfg, d in fwd]
-        jobs += [(kernel, cfg, d) for cfg, d in bwd for kernel in (_attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel)]
-        for kernel, cfg, d in jobs:
+        jobs = [(_attn_fwd_kernel, fwd_config(n_rows, d), d) for n_rows, d in ((1, 128), (67, 64), (67, 128))]
+        for d in _AOT_HEAD_DIMS:
+            dkdv_cfg, dq_cfg = bwd_configs(d, dtype)
+            jobs += [(_attn_bwd_dkdv_kernel, dkdv_cfg, d), (_attn_bwd_dq_kernel, dq_cfg, d)]
+        for kernel, cfg, d in dict.fromkeys(jobs):
             consts = dict(heavy, HEAD_DIM=d, BLOCK_D=d, DOT_PRECISION=dot, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
             out.append((kernel, _signature(kernel, ptrs, consts), consts, cfg.num_warps, cfg.num_stages))
         consts = dict(HEAD_DIM=128, BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=128)

@@ -13,3 +13,14 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def kernel_device():
+    """CUDA as the default device when the GPU check runs the kernel tests for real (see kernel_device.py)."""
+    from kernel_device import DEVICE
+
+    previous = torch.get_default_device()
+    torch.set_default_device(DEVICE)
+    yield DEVICE
+    torch.set_default_device(previous)

@@ -16,6 +16,10 @@ from blip2_fast.attention import MaskKind, attention_ref, dense_mask, key_valid_
 from blip2_fast.kernels import attention as kattn
 from blip2_fast.kernels.attention import AttnConfig, attention
 
+from kernel_device import generator
+
+pytestmark = pytest.mark.usefixtures("kernel_device")
+
 B, H = 2, 2
 PADDINGS = ("none", "lengths", "vector")
 # (n_query, Lq, Lk): 32 queries + 35 text; one decode row over a cache; 7 queries + 5 text
@@ -68,7 +72,7 @@ def assert_parity(got, want, atol, rtol=0.0, names=("out", "dq", "dk", "dv")):
 @pytest.mark.parametrize("kind", list(MaskKind), ids=lambda k: k.name)
 def test_fp32_parity_every_mask_padding_shape(kind, padding, shape):
     n_query, n_rows, n_keys = shape
-    gen = torch.Generator().manual_seed(1)
+    gen = generator(1)
     q, k, v = qkv(n_rows, n_keys, 32, gen=gen)
     pad = make_padding(padding, n_query, n_keys, gen)
     g = torch.randn(B, H, n_rows, 32, generator=gen)
@@ -80,7 +84,7 @@ def test_fp32_parity_every_mask_padding_shape(kind, padding, shape):
 @pytest.mark.parametrize("kind", list(MaskKind), ids=lambda k: k.name)
 def test_fp32_parity_itg_rows_over_a_query_cache(kind, padding):
     """35 text rows over [32 cached query keys ; 35 text keys]: the gradients reach the cached K/V."""
-    gen = torch.Generator().manual_seed(14)
+    gen = generator(14)
     q, k, v = qkv(35, 67, 32, gen=gen)
     g = torch.randn(B, H, 35, 32, generator=gen)
     kw = dict(mask_kind=kind, n_query=32, **make_padding(padding, 32, 67, gen))
@@ -101,7 +105,7 @@ def test_fp32_parity_itg_rows_over_a_query_cache(kind, padding):
     ids=param_id,
 )
 def test_fp32_parity_head_dims(kind, d):
-    gen = torch.Generator().manual_seed(2)
+    gen = generator(2)
     q, k, v = qkv(67, 67, d, gen=gen)
     g = torch.randn(B, H, 67, d, generator=gen)
     kw = dict(mask_kind=kind, n_query=32, key_lengths=torch.tensor([67, 45]))
@@ -110,7 +114,7 @@ def test_fp32_parity_head_dims(kind, d):
 
 @pytest.mark.parametrize("n_rows, n_keys", [(32, 257), (32, 20)], ids=["image257", "fewer_keys"])
 def test_cross_attention_with_image_padding(n_rows, n_keys):
-    gen = torch.Generator().manual_seed(3)
+    gen = generator(3)
     q, k, v = qkv(n_rows, n_keys, 64, gen=gen)
     valid = torch.ones(B, n_keys, dtype=torch.bool)
     valid[1, n_keys // 2 :] = False
@@ -127,7 +131,7 @@ SMALL = AttnConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
 @pytest.mark.parametrize("kind", list(MaskKind), ids=lambda k: k.name)
 def test_small_tiles_parity(kind, shape):
     n_query, n_rows, n_keys = shape
-    gen = torch.Generator().manual_seed(4)
+    gen = generator(4)
     q, k, v = qkv(n_rows, n_keys, 32, gen=gen)
     g = torch.randn(B, H, n_rows, 32, generator=gen)
     kw = dict(mask_kind=kind, n_query=n_query, key_lengths=torch.tensor([n_keys, n_keys - 3]))
@@ -137,7 +141,7 @@ def test_small_tiles_parity(kind, shape):
 
 def test_hidden_tiles_are_never_read():
     """NaN in whole key tiles a mask hides: 0 * NaN would poison any tile that were visited anyway."""
-    gen = torch.Generator().manual_seed(5)
+    gen = generator(5)
     q, k, v = qkv(67, 67, 32, gen=gen)
     lengths = torch.tensor([67, 50])
     clean = dict(q=q, k=k, v=v)
@@ -173,7 +177,7 @@ def test_hidden_tiles_are_never_read():
 
 
 def test_rows_that_see_nothing_are_zero_with_zero_grads():
-    gen = torch.Generator().manual_seed(6)
+    gen = generator(6)
     q, k, v = qkv(12, 12, 32, gen=gen)
     lengths = torch.tensor([12, 4])  # sequence 1: 4 query keys, no text key
     g = torch.randn(B, H, 12, 32, generator=gen)
@@ -212,7 +216,7 @@ def test_padding_vector_changed_in_place_is_seen():
 
 def test_non_contiguous_inputs_are_read_in_place():
     """The Q-Former hands (B, L, H, D) storage viewed as (B, H, L, D); also a strided head dim."""
-    gen = torch.Generator().manual_seed(7)
+    gen = generator(7)
     q = torch.randn(B, 67, H, 32, generator=gen).transpose(1, 2)
     k = torch.randn(B, 67, H, 64, generator=gen)[..., ::2].transpose(1, 2)  # stride 2 along D
     v = torch.randn(B, H, 32, 67, generator=gen).transpose(2, 3)
@@ -227,7 +231,7 @@ def test_non_contiguous_inputs_are_read_in_place():
 
 def test_decode_reads_a_preallocated_cache_in_place():
     """A cache buffer with room to grow, viewed up to its current length: no concatenation, no copy."""
-    gen = torch.Generator().manual_seed(15)
+    gen = generator(15)
     k_buf = torch.full((B, H, 80, 32), float("nan"))  # unwritten slots must never be read
     v_buf = torch.full((B, H, 80, 32), float("nan"))
     k_buf[:, :, :68], v_buf[:, :, :68] = torch.randn(2, B, H, 68, 32, generator=gen)
@@ -241,7 +245,7 @@ def test_decode_reads_a_preallocated_cache_in_place():
 def test_backend_switch_reaches_the_kernel():
     from blip2_fast.attention import attention as functional
 
-    gen = torch.Generator().manual_seed(8)
+    gen = generator(8)
     q, k, v = qkv(12, 12, 32, gen=gen)
     kw = dict(mask_kind=MaskKind.MULTIMODAL_CAUSAL, n_query=7)
     torch.testing.assert_close(functional(q, k, v, backend="triton", **kw), attention(q, k, v, **kw), atol=0, rtol=0)
@@ -271,7 +275,7 @@ def eager_low_precision(q, k, v, *, mask_kind, n_query, key_lengths=None, key_pa
 )
 def test_fp16_two_x_rule(kind, d, padding, shape):
     n_query, n_rows, n_keys = shape
-    gen = torch.Generator().manual_seed(9)
+    gen = generator(9)
     q, k, v = qkv(n_rows, n_keys, d, torch.float16, gen)
     g = torch.randn(B, H, n_rows, d, generator=gen).half()
     kw = dict(mask_kind=kind, n_query=n_query, **make_padding(padding, n_query, n_keys, gen))
@@ -287,7 +291,7 @@ def test_fp16_two_x_rule(kind, d, padding, shape):
 
 def test_bf16_runs_under_the_interpreter():
     """The upcast-after-load path: bf16 inputs give bf16 results within the 2x rule (stores truncate here)."""
-    gen = torch.Generator().manual_seed(16)
+    gen = generator(16)
     q, k, v = qkv(67, 67, 64, torch.bfloat16, gen)
     g = torch.randn(B, H, 67, 64, generator=gen).bfloat16()
     kw = dict(mask_kind=MaskKind.MULTIMODAL_CAUSAL, n_query=32, key_lengths=torch.tensor([67, 45]))
@@ -305,7 +309,7 @@ def test_bf16_runs_under_the_interpreter():
 @pytest.mark.parametrize("d", [32, 64, 128])
 @pytest.mark.parametrize("kind", list(MaskKind), ids=lambda k: k.name)
 def test_bf16_two_x_rule_gpu(kind, d):
-    gen = torch.Generator().manual_seed(10)
+    gen = generator(10)
     q, k, v = (t.cuda() for t in qkv(67, 67, d, torch.bfloat16, gen))
     g = torch.randn(B, H, 67, d, generator=gen).bfloat16().cuda()
     kw = dict(mask_kind=kind, n_query=32, key_lengths=torch.tensor([67, 45], device="cuda"))
@@ -321,7 +325,7 @@ def test_bf16_two_x_rule_gpu(kind, d):
 
 
 def test_dropout_zero_is_the_no_dropout_path_exactly():
-    gen = torch.Generator().manual_seed(11)
+    gen = generator(11)
     q, k, v = qkv(67, 67, 32, gen=gen)
     g = torch.randn(B, H, 67, 32, generator=gen)
     kw = dict(mask_kind=MaskKind.MULTIMODAL_CAUSAL, n_query=32, key_lengths=torch.tensor([67, 50]))
@@ -335,7 +339,7 @@ def test_dropout_zero_is_the_no_dropout_path_exactly():
 
 @pytest.mark.parametrize("kind", [MaskKind.UNIMODAL, MaskKind.MULTIMODAL_CAUSAL], ids=lambda k: k.name)
 def test_dropout_matches_reference_given_the_kernel_mask(kind):
-    gen = torch.Generator().manual_seed(12)
+    gen = generator(12)
     q, k, v = qkv(67, 67, 32, gen=gen)
     g = torch.randn(B, H, 67, 32, generator=gen)
     p = 0.25
@@ -350,7 +354,7 @@ def test_dropout_matches_reference_given_the_kernel_mask(kind):
 
 
 def test_dropout_is_deterministic_per_seed_and_keeps_one_minus_p():
-    gen = torch.Generator().manual_seed(13)
+    gen = generator(13)
     q, k, v = qkv(35, 67, 32, gen=gen)
     kw = dict(mask_kind=MaskKind.BIDIRECTIONAL, n_query=32, dropout_p=0.1)
     a, mask_a = attention(q, k, v, seed=5, return_dropout_mask=True, **kw)

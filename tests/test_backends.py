@@ -9,6 +9,10 @@ import torch
 
 from blip2_fast.attention import MaskKind, attention, attention_ref
 
+from kernel_device import DEVICE, generator
+
+pytestmark = pytest.mark.usefixtures("kernel_device")
+
 B, H, D = 2, 2, 32
 PADDINGS = ("none", "lengths", "vector")
 SHAPES = [(32, 67, 67), (32, 35, 67), (32, 1, 67), (7, 12, 12)]
@@ -16,8 +20,8 @@ SHAPE_IDS = ["full67", "itg35", "decode1", "q7t5"]
 HAS_XFORMERS = importlib.util.find_spec("xformers") is not None
 
 
-def inputs(n_query, n_rows, n_keys, padding, seed=0, dtype=torch.float32, device="cpu"):
-    gen = torch.Generator().manual_seed(seed)
+def inputs(n_query, n_rows, n_keys, padding, seed=0, dtype=torch.float32, device=DEVICE):
+    gen = generator(seed)
     q, k, v = (torch.randn(B, H, n, D, generator=gen) for n in (n_rows, n_keys, n_keys))
     pad = {}
     if padding == "lengths":
@@ -81,15 +85,15 @@ def test_flex_block_mask_is_built_once_per_padding_tensor():
     flex.clear_block_mask_cache()
     valid = torch.ones(B, 67, dtype=torch.bool)
     valid[1, 50:] = False
-    a = flex.block_mask_for(MaskKind.MULTIMODAL_CAUSAL, 32, B, 67, 67, torch.device("cpu"), key_padding=valid)
-    b = flex.block_mask_for(MaskKind.MULTIMODAL_CAUSAL, 32, B, 67, 67, torch.device("cpu"), key_padding=valid)
+    a = flex.block_mask_for(MaskKind.MULTIMODAL_CAUSAL, 32, B, 67, 67, torch.device(DEVICE), key_padding=valid)
+    b = flex.block_mask_for(MaskKind.MULTIMODAL_CAUSAL, 32, B, 67, 67, torch.device(DEVICE), key_padding=valid)
     assert a is b  # every layer of one batch reuses it
-    c = flex.block_mask_for(MaskKind.MULTIMODAL_CAUSAL, 32, B, 67, 67, torch.device("cpu"), key_padding=valid.clone())
+    c = flex.block_mask_for(MaskKind.MULTIMODAL_CAUSAL, 32, B, 67, 67, torch.device(DEVICE), key_padding=valid.clone())
     assert c is not a  # the next batch's padding tensor
-    d = flex.block_mask_for(MaskKind.UNIMODAL, 32, B, 67, 67, torch.device("cpu"), key_padding=valid)
+    d = flex.block_mask_for(MaskKind.UNIMODAL, 32, B, 67, 67, torch.device(DEVICE), key_padding=valid)
     assert d is not a
     valid[0, 60:] = False  # changed in place: the cached mask would be stale
-    e = flex.block_mask_for(MaskKind.MULTIMODAL_CAUSAL, 32, B, 67, 67, torch.device("cpu"), key_padding=valid)
+    e = flex.block_mask_for(MaskKind.MULTIMODAL_CAUSAL, 32, B, 67, 67, torch.device(DEVICE), key_padding=valid)
     assert e is not a
     q, k, v, _, _ = inputs(32, 67, 67, "none", seed=3)
     kw = dict(mask_kind=MaskKind.MULTIMODAL_CAUSAL, n_query=32, key_padding=valid)

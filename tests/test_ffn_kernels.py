@@ -7,6 +7,10 @@ import torch.nn.functional as F
 from blip2_fast.kernels.ffn import ffn, residual_norm
 from blip2_fast.layers import FeedForward, ResidualNorm, ffn_ref, residual_norm_ref
 
+from kernel_device import DEVICE, generator
+
+pytestmark = pytest.mark.usefixtures("kernel_device")
+
 EPS = 1e-12
 FFN_GRADS = ("x", "up_w", "up_b", "down_w", "down_b", "norm_w", "norm_b")
 RN_GRADS = ("x", "residual", "w", "b", "norm_w", "norm_b")
@@ -14,7 +18,7 @@ RN_GRADS = ("x", "residual", "w", "b", "norm_w", "norm_b")
 
 def _ffn_params(batch, seq, hidden, inter, dtype=torch.float32):
     # Weights at BERT-like scales so GELU sees both signs and the LayerNorm weight is not ~1 everywhere.
-    g = torch.Generator().manual_seed(1)
+    g = generator(1)
     r = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(dtype)
     return [
         r(batch, seq, hidden),
@@ -81,7 +85,7 @@ def test_ffn_parity_minilm_width():
 
 
 def _rn_params(batch, seq, k, n, dtype=torch.float32):
-    g = torch.Generator().manual_seed(2)
+    g = generator(2)
     r = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(dtype)
     return [r(batch, seq, k), r(batch, seq, n), r(n, k, scale=k**-0.5), r(n, scale=0.1), 1 + r(n, scale=0.2), r(n)]
 
@@ -172,7 +176,7 @@ def test_ffn_without_recompute_matches_recompute():
 
 def test_autocast_runs_in_the_autocast_dtype():
     params = [t.requires_grad_() for t in _ffn_params(2, 9, 96, 384)]
-    with torch.autocast("cpu", dtype=torch.float16):
+    with torch.autocast(DEVICE, dtype=torch.float16):
         out = ffn(*params, EPS)
         ref = ffn_ref(*params, EPS)
     assert out.dtype == torch.float16

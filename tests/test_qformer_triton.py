@@ -14,13 +14,17 @@ import torch.nn.functional as F
 
 from blip2_fast import QFormer, QFormerConfig
 
+from kernel_device import DEVICE, generator
+
+pytestmark = pytest.mark.usefixtures("kernel_device")
+
 pytest.importorskip("blip2_fast.kernels.ffn")
 
 B, T, N = 2, 9, 13  # batch, text tokens, image tokens
 
 
 def batch(cfg: QFormerConfig, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     image = torch.randn(B, N, cfg.encoder_width, generator=gen)
     ids = torch.randint(1, cfg.vocab_size, (B, T), generator=gen)
     mask = torch.ones(B, T, dtype=torch.bool)
@@ -61,7 +65,7 @@ def grads_of(model: QFormer, loss: torch.Tensor) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def models():
     torch.manual_seed(0)
-    ref = QFormer(QFormerConfig.preset("tiny")).eval()
+    ref = QFormer(QFormerConfig.preset("tiny")).eval().to(DEVICE)  # built before kernel_device applies
     fused = copy.deepcopy(ref).set_backend("triton")
     return ref, fused
 
