@@ -21,6 +21,8 @@ _EXPORTS = {
     "load_qformer": "blip2_fast.checkpoint",
     "load_transformers": "blip2_fast.checkpoint",
     "save_qformer": "blip2_fast.checkpoint",
+    "Blip2Stage1": "blip2_fast.stage1",
+    "Blip2Stage2": "blip2_fast.stage2",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -623,23 +623,17 @@ def stage1_configs(init: str | Path) -> tuple[QFormerConfig, VisionConfig | None
     """
     from safetensors import safe_open
 
-    path = Path(init)
-    folder, model_file = (path, path / "model.safetensors") if path.is_dir() else (path.parent, path)
-    if not model_file.is_file():
-        raise FileNotFoundError(f"stage-1 checkpoint not found: {model_file}")
-    with safe_open(str(model_file), "pt") as f:
+    from blip2_fast.stage1 import run_files
+
+    files = run_files(init)
+    with safe_open(str(files.model), "pt") as f:
         metadata = f.metadata() or {}
     if "qformer_config" not in metadata:
-        raise ValueError(f"{model_file}: no 'qformer_config' metadata (expected a save_qformer file)")
+        raise ValueError(f"{files.model}: no 'qformer_config' metadata (expected a save_qformer file)")
     qformer = QFormerConfig.from_dict({**json.loads(metadata["qformer_config"]), "text_input": False})
-    vision, vision_file = None, folder / "vision.safetensors"
-    if (folder / "config.yaml").is_file():
-        import yaml
-
-        run = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-        if isinstance(run.get("model", {}).get("vision"), dict):
-            vision = VisionConfig.from_dict(run["model"]["vision"])
-    return qformer, vision, model_file, vision_file if vision_file.is_file() else None
+    vision_config = files.config.get("model", {}).get("vision")
+    vision = VisionConfig.from_dict(vision_config) if isinstance(vision_config, dict) else None
+    return qformer, vision, files.model, files.vision
 
 
 TRAINABLE_FORMAT = "blip2_fast.stage2"

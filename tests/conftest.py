@@ -24,3 +24,29 @@ def kernel_device():
     torch.set_default_device(DEVICE)
     yield DEVICE
     torch.set_default_device(previous)
+
+
+@pytest.fixture
+def make_run_folder():
+    """Write a small untrained stage-1 run folder as training leaves it; returns its Q-Former and ViT."""
+    import yaml
+    from safetensors.torch import save_file
+
+    from blip2_fast.checkpoint import save_qformer
+    from blip2_fast.config import QFormerConfig, VisionConfig
+    from blip2_fast.qformer import QFormer
+    from blip2_fast.train import load_config
+    from blip2_fast.vision import ImageEncoder
+
+    def make(folder, *overrides: tuple[str, str]):
+        config = load_config(None, [("model.vision", '{"preset": "tiny", "image_size": 32}'), *overrides])
+        vision = ImageEncoder(VisionConfig.from_dict(config.model.vision))
+        vision.reset_parameters()
+        qformer = QFormer(QFormerConfig.preset("tiny", encoder_width=vision.config.hidden_size, vocab_size=30524))
+        folder.mkdir(parents=True, exist_ok=True)
+        save_qformer(qformer, folder / "model.safetensors")
+        save_file(vision.state_dict(), str(folder / "vision.safetensors"))
+        (folder / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
+        return qformer.eval(), vision
+
+    return make

@@ -26,21 +26,16 @@ from blip2_fast.checkpoint import (
 from blip2_fast.config import QFormerConfig
 from blip2_fast.qformer import QFormer
 
+import random_weights
+
 TOL = 1e-5
 HEADS = 4
 
 
 def randomize(model: torch.nn.Module) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(0)
+    random_weights.randomize(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name.lower() and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            elif "embedding" in name or "query_tokens" in name:
-                p.copy_(0.5 * noise)
-            else:
-                p.copy_(0.05 * noise)
             if name.endswith("self_attn.qkv.bias"):
                 p[p.shape[0] // 3 : 2 * p.shape[0] // 3] = 0  # EVA has no key bias
     return model

@@ -23,6 +23,8 @@ from transformers import (
 
 from blip2_fast.checkpoint import load_transformers, save_transformers
 
+from random_weights import randomize
+
 TOL = 1e-5
 VISION = dict(
     hidden_size=40, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=224, patch_size=14
@@ -36,21 +38,6 @@ QFORMER = dict(
     max_position_embeddings=40,
     cross_attention_frequency=2,
 )
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter random (transformers zero-initialises biases and query tokens), norms near 1."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name.lower() and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            elif "embedding" in name or "query_tokens" in name:
-                p.copy_(0.5 * noise)
-            else:
-                p.copy_(0.05 * noise)
-    return model
 
 
 def retrieval_config(**vision) -> Blip2Config:

@@ -1,0 +1,247 @@
+"""A stage-1 model to use: frozen ViT + Q-Former + tokenizer, fed images and strings.
+
+What LAVIS serves as ``blip2_feature_extractor`` and ``blip2_image_text_matching``, and the
+Q-Former's own captioning, from any checkpoint :meth:`Blip2Stage1.from_pretrained` reads: a
+training run folder of ours, a transformers BLIP-2 folder or a LAVIS ``.pth``.
+
+Images may be pixel tensors ``(B, 3, S, S)`` already normalised, or PIL images, paths and
+encoded bytes, which go through BLIP-2's eval transform (bicubic resize, CLIP mean/std).
+Texts go through the caption cleaning training used (:func:`blip2_fast.data.clean_caption`).
+
+    model = Blip2Stage1.from_pretrained("runs/stage1-default")
+    sims = model.itc_scores(["cat.jpg", "dog.jpg"], ["a cat", "a dog"])  # (2 images, 2 texts)
+    match = model.itm_scores(["cat.jpg", "dog.jpg"], ["a cat", "a cat"])  # (2,) P(pair matches)
+    captions = model.caption(["cat.jpg"], num_beams=3)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from blip2_fast.config import VisionConfig
+from blip2_fast.qformer import ImageContext, QFormer
+from blip2_fast.vision import ImageEncoder
+
+LAVIS_MAX_TEXT_LENGTH = 35  # LAVIS' max_txt_len for retrieval and matching
+
+Images = torch.Tensor | Sequence[Any]  # pixels (B, 3, S, S), or PIL images / paths / bytes
+
+
+@dataclasses.dataclass
+class ImageFeatures:
+    embeds: torch.Tensor  # (B, Q, H) query outputs
+    proj: torch.Tensor  # (B, Q, E) L2-normalised ITC embeddings, one per query
+    context: ImageContext  # the image's cross-attention K/V: reuse it for matching or captioning
+
+
+@dataclasses.dataclass
+class TextFeatures:
+    embeds: torch.Tensor  # (B, T, H) text outputs
+    proj: torch.Tensor  # (B, E) L2-normalised ITC embedding of [CLS]
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T) bool
+
+
+@dataclasses.dataclass
+class RunFiles:
+    """What a stage-1 training run leaves for later use (any of the optional parts may be missing)."""
+
+    model: Path  # model.safetensors (save_qformer)
+    vision: Path | None  # vision.safetensors: the frozen ViT
+    config: dict[str, Any]  # config.yaml, parsed; {} without one
+
+
+def run_files(path: str | Path) -> RunFiles:
+    """The files of a run folder, or of a ``model.safetensors`` with its folder around it."""
+    path = Path(path)
+    folder, model = (path, path / "model.safetensors") if path.is_dir() else (path.parent, path)
+    if not model.is_file():
+        raise FileNotFoundError(f"stage-1 checkpoint not found: {model}")
+    config = {}
+    if (folder / "config.yaml").is_file():
+        import yaml
+
+        config = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+    vision = folder / "vision.safetensors"
+    return RunFiles(model, vision if vision.is_file() else None, config)
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / "vocab.txt").is_file() or (folder / "tokenizer.json").is_file()
+
+
+class Blip2Stage1(nn.Module):
+    """Frozen ``vision`` + ``qformer`` (with its text parts) + ``tokenizer``; inference only."""
+
+    def __init__(self, qformer: QFormer, vision: ImageEncoder, tokenizer, max_text_length: int = LAVIS_MAX_TEXT_LENGTH):
+        super().__init__()
+        if not qformer.config.text_input:
+            raise ValueError("Blip2Stage1 needs a Q-Former with its text parts (QFormerConfig.text_input=True)")
+        if qformer.config.encoder_width != vision.config.hidden_size:
+            raise ValueError(
+                f"the Q-Former reads image features of width {qformer.config.encoder_width}, "
+                f"the ViT gives {vision.config.hidden_size}"
+            )
+        if tokenizer.bos_token_id is None:
+            raise ValueError("the tokenizer needs [DEC] as its bos_token: use blip2_fast.text.load_tokenizer")
+        if len(tokenizer) > qformer.config.vocab_size:
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, the Q-Former's vocabulary only "
+                             f"{qformer.config.vocab_size}")  # fmt: skip
+        from blip2_fast.data import build_transform
+
+        self.qformer = qformer.eval()
+        self.vision = vision.freeze()
+        self.tokenizer = tokenizer
+        self.max_text_length = max_text_length
+        self.transform = build_transform(vision.config.image_size, train=False)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | Path,
+        *,
+        vision: ImageEncoder | None = None,
+        tokenizer=None,
+        backend: str | None = None,
+    ) -> Blip2Stage1:
+        """A run folder of ours (or its ``model.safetensors``), a transformers BLIP-2 folder, or a LAVIS ``.pth``.
+
+        ``vision`` replaces the checkpoint's ViT (needed when the source holds none); ``tokenizer`` replaces
+        the one found (a run's ``model.bert_path``, the transformers folder's own files, else the shipped
+        bert-base-uncased vocabulary); ``backend`` picks the attention backend.
+        """
+        from blip2_fast.checkpoint import load_checkpoint, load_qformer
+        from blip2_fast.text import load_tokenizer
+
+        source = Path(source)
+        overrides = {"backend": backend} if backend else {}
+        max_length, tokenizer_path = LAVIS_MAX_TEXT_LENGTH, None
+        run = source.suffix == ".safetensors" or (source.is_dir() and not (source / "config.json").is_file())
+        if run:
+            files = run_files(source)
+            qformer = load_qformer(files.model, **overrides)
+            model_section = files.config.get("model", {})
+            max_length = model_section.get("max_text_length", max_length)
+            tokenizer_path = model_section.get("bert_path")
+            if vision is None:
+                vision = cls._run_vision(files)
+        else:
+            loaded = load_checkpoint(source, vision=vision is None, **overrides)
+            qformer, vision = loaded.qformer, vision or loaded.vision
+            if vision is None:
+                raise ValueError(f"{source} holds no vision model: pass vision=ImageEncoder(...) with its weights")
+            if source.is_dir() and _has_tokenizer(source):
+                tokenizer_path = source
+        tokenizer = tokenizer or load_tokenizer(tokenizer_path, max_length=max_length)
+        return cls(qformer, vision, tokenizer, max_text_length=max_length)
+
+    @staticmethod
+    def _run_vision(files: RunFiles) -> ImageEncoder:
+        vision_config = files.config.get("model", {}).get("vision")
+        if files.vision is None or not isinstance(vision_config, dict):
+            raise ValueError(
+                f"{files.model.parent}: a run folder needs vision.safetensors and config.yaml (model.vision) "
+                "beside model.safetensors; or pass vision=ImageEncoder(...)"
+            )
+        from safetensors.torch import load_file
+
+        vision = ImageEncoder(VisionConfig.from_dict(vision_config))
+        vision.load_state_dict(load_file(str(files.vision)))
+        return vision
+
+    def to_device(self, device: torch.device | str) -> Blip2Stage1:
+        """The Q-Former in fp32 on ``device``; the ViT in half precision there when it is a GPU."""
+        self.qformer.to(device)
+        self.vision.to_device(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.qformer.query_tokens.device
+
+    # ---------------------------------------------------------------- inputs
+
+    def pixels(self, images: Images) -> torch.Tensor:
+        """(B, 3, S, S) on the model's device: tensors as given (shape checked), anything else transformed."""
+        from blip2_fast.data import load_image
+
+        size = self.vision.config.image_size
+        if isinstance(images, torch.Tensor):
+            if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
+                raise ValueError(f"pixels must have shape (B, 3, {size}, {size}), got {tuple(images.shape)}")
+            return images.to(self.device)
+        if isinstance(images, (str, bytes, Path)) or not isinstance(images, Sequence) or not images:
+            raise ValueError("images must be a pixel tensor or a non-empty list of PIL images, paths or bytes")
+        return torch.stack([self.transform(load_image(image)) for image in images]).to(self.device)
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, bool attention mask), both (B, T), after the training's caption cleaning."""
+        from blip2_fast.data import clean_caption
+
+        if isinstance(texts, str) or not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError("texts must be a non-empty list of strings")
+        batch = self.tokenizer(
+            [clean_caption(t) for t in texts],
+            padding="longest",
+            truncation=True,
+            max_length=self.max_text_length,
+            return_tensors="pt",
+        )
+        return batch.input_ids.to(self.device), batch.attention_mask.bool().to(self.device)
+
+    def _paired(self, images: Images, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pixels, (ids, mask) = self.pixels(images), self.tokenize(texts)
+        if pixels.shape[0] != ids.shape[0]:
+            raise ValueError(f"images and texts pair up one to one: got {pixels.shape[0]} images, {ids.shape[0]} texts")
+        return pixels, ids, mask
+
+    # ---------------------------------------------------------------- features
+
+    @torch.no_grad()
+    def extract_image(self, images: Images) -> ImageFeatures:
+        context = self.qformer.image_context(self.vision(self.pixels(images)).float())
+        embeds = self.qformer.encode_image(context).hidden
+        return ImageFeatures(embeds, self.qformer.image_features(embeds), context)
+
+    @torch.no_grad()
+    def extract_text(self, texts: Sequence[str]) -> TextFeatures:
+        ids, mask = self.tokenize(texts)
+        embeds = self.qformer.encode_text(ids, mask)
+        return TextFeatures(embeds, self.qformer.text_features(embeds), ids, mask)
+
+    @torch.no_grad()
+    def extract_multimodal(self, images: Images, texts: Sequence[str]) -> torch.Tensor:
+        """(B, Q, H): the query outputs of each image read together with its text (LAVIS' multimodal mode)."""
+        pixels, ids, mask = self._paired(images, texts)
+        hidden = self.qformer.match(self.vision(pixels).float(), ids, mask)
+        return hidden[:, : self.qformer.config.num_query_tokens]
+
+    # ---------------------------------------------------------------- scores
+
+    @torch.no_grad()
+    def itc_scores(self, images: Images, texts: Sequence[str]) -> torch.Tensor:
+        """(n_images, n_texts) cosine similarity, the best over the queries (not divided by the temperature)."""
+        image, text = self.extract_image(images), self.extract_text(texts)
+        return torch.einsum("iqe,te->itq", image.proj, text.proj).amax(dim=-1)
+
+    @torch.no_grad()
+    def itm_scores(self, images: Images, texts: Sequence[str]) -> torch.Tensor:
+        """(B,) probability that image i and text i match, from the ITM head."""
+        pixels, ids, mask = self._paired(images, texts)
+        logits = self.qformer.itm_logits(self.qformer.match(self.vision(pixels).float(), ids, mask))
+        return logits.softmax(dim=-1)[:, 1]
+
+    @torch.no_grad()
+    def caption(self, images: Images, *, max_new_tokens: int = 30, num_beams: int = 1, **kwargs: Any) -> list[str]:
+        """Captions decoded by the Q-Former itself over the image's query cache (ITG); see generate.caption."""
+        from blip2_fast.generate import caption
+
+        image = self.extract_image(images).context
+        return caption(self.qformer, image, self.tokenizer, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                       **kwargs)  # fmt: skip

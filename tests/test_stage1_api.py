@@ -1,0 +1,120 @@
+"""Blip2Stage1: images and strings in, transformers' numbers out; run folders, image files, clear errors."""
+
+import pytest
+import torch
+from PIL import Image
+from transformers import Blip2Config, Blip2ForImageTextRetrieval, Blip2QFormerConfig, Blip2VisionConfig
+
+from blip2_fast.data import SyntheticShapes, build_transform, clean_caption
+from blip2_fast.stage1 import Blip2Stage1
+from blip2_fast.text import load_tokenizer
+
+from random_weights import randomize
+
+TOL = 1e-5
+TEXTS = ["A red circle, above a blue square.", "two green crosses", "a yellow triangle left of a purple circle"]
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A random transformers retrieval model over the real WordPiece vocabulary, saved with its tokenizer."""
+    tokenizer = load_tokenizer()
+    config = Blip2Config(
+        vision_config=Blip2VisionConfig(
+            hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=56,
+            patch_size=14,
+        ).to_dict(),
+        qformer_config=Blip2QFormerConfig(
+            hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80,
+            vocab_size=len(tokenizer), max_position_embeddings=40, cross_attention_frequency=1,
+            use_qformer_text_input=True,
+        ).to_dict(),
+        num_query_tokens=5,
+        image_text_hidden_size=24,
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("hf_retrieval")
+    randomize(Blip2ForImageTextRetrieval(config)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Three real PNG files drawn by the synthetic dataset."""
+    folder = tmp_path_factory.mktemp("images")
+    shapes = SyntheticShapes(3, image_size=80, seed=3)
+    paths = []
+    for i in range(3):
+        path = folder / f"{i}.png"
+        shapes.render(shapes.scene(i)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_scores_from_image_files_match_blip2_for_image_text_retrieval(hf_folder, images):
+    model = Blip2Stage1.from_pretrained(hf_folder)
+    hf = Blip2ForImageTextRetrieval.from_pretrained(hf_folder).eval()
+    # what the user would do by hand: BLIP-2's eval transform, then the cleaned captions tokenized
+    transform = build_transform(56, train=False)
+    pixels = torch.stack([transform(Image.open(p).convert("RGB")) for p in images])
+    batch = model.tokenizer([clean_caption(t) for t in TEXTS], padding="longest", return_tensors="pt")
+    with torch.no_grad():
+        itm = hf(pixels, batch.input_ids, batch.attention_mask, use_image_text_matching_head=True).logits_per_image
+        itc = hf(pixels, batch.input_ids, batch.attention_mask, use_image_text_matching_head=False).logits_per_image
+    torch.testing.assert_close(model.pixels(images), pixels, atol=0, rtol=0)
+    torch.testing.assert_close(model.itm_scores(images, TEXTS), itm.softmax(-1)[:, 1], atol=TOL, rtol=0)
+    torch.testing.assert_close(model.itc_scores(images, TEXTS), itc, atol=TOL, rtol=0)
+    # the same scores from pixels, PIL images and encoded bytes
+    pil = [Image.open(p) for p in images]
+    encoded = [p.read_bytes() for p in images]
+    for same in (pixels, pil, encoded):
+        torch.testing.assert_close(model.itc_scores(same, TEXTS), itc, atol=TOL, rtol=0)
+
+
+def test_features_and_captions(hf_folder, images):
+    model = Blip2Stage1.from_pretrained(hf_folder)
+    image, text = model.extract_image(images), model.extract_text(TEXTS)
+    assert image.embeds.shape == (3, 5, 48) and image.proj.shape == (3, 5, 24)
+    assert text.proj.shape == (3, 24) and text.embeds.shape[:2] == text.input_ids.shape
+    torch.testing.assert_close(image.proj.norm(dim=-1), torch.ones(3, 5))
+    multimodal = model.extract_multimodal(images, TEXTS)
+    assert multimodal.shape == (3, 5, 48)
+    assert not torch.allclose(multimodal, image.embeds, atol=1e-3)  # the text changes what the queries see
+    captions = model.caption(images, max_new_tokens=4)
+    assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
+
+
+def test_run_folder_round_trip(tmp_path, images, make_run_folder):
+    """A run folder as training leaves it: model.safetensors, vision.safetensors, config.yaml."""
+    qformer, vision = make_run_folder(tmp_path, ("model.max_text_length", "6"))
+
+    for source in (tmp_path, tmp_path / "model.safetensors"):
+        model = Blip2Stage1.from_pretrained(source, backend="sdpa")
+        assert model.qformer.config.backend == "sdpa" and model.max_text_length == 6
+        pixels = model.pixels(images)
+        assert pixels.shape == (3, 3, 32, 32)
+        ids, mask = model.tokenize(TEXTS)
+        with torch.no_grad():
+            want = qformer.itm_logits(qformer.match(vision(pixels), ids, mask)).softmax(-1)[:, 1]
+        torch.testing.assert_close(model.itm_scores(images, TEXTS), want, atol=TOL, rtol=0)
+    assert ids.shape[1] == 6  # truncated to the run's max_text_length
+
+    (tmp_path / "vision.safetensors").unlink()
+    with pytest.raises(ValueError, match="vision.safetensors and config.yaml"):
+        Blip2Stage1.from_pretrained(tmp_path)
+    model = Blip2Stage1.from_pretrained(tmp_path, vision=vision)  # or the ViT given by hand
+    assert model.vision is vision
+
+
+def test_bad_input_is_named(hf_folder, images):
+    model = Blip2Stage1.from_pretrained(hf_folder)
+    with pytest.raises(ValueError, match=r"pixels must have shape \(B, 3, 56, 56\), got \(2, 3, 32, 32\)"):
+        model.itc_scores(torch.zeros(2, 3, 32, 32), TEXTS)
+    with pytest.raises(ValueError, match="got 3 images, 2 texts"):
+        model.itm_scores(images, TEXTS[:2])
+    with pytest.raises(ValueError, match="non-empty list of strings"):
+        model.extract_text("a single string")
+    with pytest.raises(ValueError, match="PIL images, paths or bytes"):
+        model.extract_image(str(images[0]))
+    with pytest.raises(FileNotFoundError):
+        model.extract_image([images[0].parent / "missing.png"])
