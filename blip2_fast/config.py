@@ -72,6 +72,9 @@ class QFormerConfig:
     embed_dim: int = 256  # width of the ITC features (vision_proj / text_proj)
     # FFN rows processed per chunk (0 = all at once); bounds the 4x-wide activation
     chunk_size_feed_forward: int = 0
+    # triton backend: the FFN backward recomputes the 4x-wide activation chunk by chunk rather than keep
+    # it from the forward; False keeps it (more activation memory, one GEMM fewer per FFN backward)
+    ffn_recompute: bool = True
     tie_word_embeddings: bool = True  # LM head decoder shares the word embeddings, as in BERT
     # False drops everything text-only (word/position embeddings, text FFNs, ITC/ITM/LM heads,
     # temperature): the Q-Former of stage 2, which only turns images into query outputs.

@@ -79,13 +79,22 @@ class ResidualNorm(nn.Module):
 class FeedForward(nn.Module):
     """Linear -> GELU(erf) -> Linear -> dropout -> residual -> LayerNorm, chunked along the sequence."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, eps: float, dropout: float, chunk_size: int = 0):
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        eps: float,
+        dropout: float,
+        chunk_size: int = 0,
+        recompute: bool = True,
+    ):
         super().__init__()
         self.up = nn.Linear(hidden_size, intermediate_size)
         self.down = nn.Linear(intermediate_size, hidden_size)
         self.norm = nn.LayerNorm(hidden_size, eps=eps)
         self.dropout = dropout
         self.chunk_size = chunk_size
+        self.recompute = recompute  # triton backend only: see QFormerConfig.ffn_recompute
 
     def forward(self, x: torch.Tensor, backend: str = "reference") -> torch.Tensor:
         p = self.dropout if self.training else 0.0
@@ -104,5 +113,5 @@ class FeedForward(nn.Module):
         if backend == "triton":
             from blip2_fast.kernels.ffn import ffn
 
-            return ffn(*args)
+            return ffn(*args, recompute=self.recompute)
         return ffn_ref(*args)

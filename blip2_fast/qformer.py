@@ -234,13 +234,18 @@ class Attention(nn.Module):
 class Layer(nn.Module):
     def __init__(self, config: QFormerConfig, index: int):
         super().__init__()
-        eps, p, chunk = config.layer_norm_eps, config.hidden_dropout_prob, config.chunk_size_feed_forward
         self.self_attn = Attention(config, config.hidden_size)
         self.cross_attn = Attention(config, config.encoder_width) if config.has_cross_attention(index) else None
-        self.ffn_query = FeedForward(config.hidden_size, config.intermediate_size, eps, p, chunk)
-        self.ffn_text = (
-            FeedForward(config.hidden_size, config.intermediate_size, eps, p, chunk) if config.text_input else None
+        ffn = lambda: FeedForward(
+            config.hidden_size,
+            config.intermediate_size,
+            config.layer_norm_eps,
+            config.hidden_dropout_prob,
+            config.chunk_size_feed_forward,
+            config.ffn_recompute,
         )
+        self.ffn_query = ffn()
+        self.ffn_text = ffn() if config.text_input else None
 
     def forward(
         self,

@@ -4,8 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from blip2_fast.config import QFormerConfig
 from blip2_fast.kernels.ffn import ffn, residual_norm
 from blip2_fast.layers import FeedForward, ResidualNorm, ffn_ref, residual_norm_ref
+from blip2_fast.qformer import QFormer
 
 from kernel_device import DEVICE, generator
 
@@ -302,6 +304,23 @@ def test_ffn_saves_at_most_60_percent_of_reference_activations():
     kept = _saved_activation_bytes(lambda *t: ffn(*t, EPS, 0.1, recompute=False), params, weights)
     assert kept == fused + 268 * 3072 * 4
     assert kept <= 0.6 * ref, f"fused (recompute=False) saves {kept} B, reference {ref} B"
+
+
+def test_qformer_config_chooses_whether_the_ffn_backward_recomputes():
+    weights_of = lambda ff: list(ff.parameters())
+    x = torch.randn(2, 9, 96, requires_grad=True)
+    saved, grads = {}, {}
+    for recompute in (True, False):
+        config = QFormerConfig.preset("tiny", hidden_size=96, intermediate_size=384, ffn_recompute=recompute)
+        torch.manual_seed(0)  # the same weights for both
+        layer = QFormer(config).layers[0]
+        assert layer.ffn_query.recompute is recompute and layer.ffn_text.recompute is recompute
+        ff = layer.ffn_query.eval()
+        saved[recompute] = _saved_activation_bytes(lambda t, ff=ff: ff(t, backend="triton"), [x], weights_of(ff))
+        grads[recompute] = torch.autograd.grad(ff(x, backend="triton").sum(), [x, *weights_of(ff)])
+    assert saved[False] == saved[True] + 2 * 9 * 384 * 4  # the (rows, I) pre-activation, kept
+    for a, b in zip(grads[True], grads[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_input_validation():
