@@ -767,27 +767,59 @@ class MetricsLog:
 # ---------------------------------------------------------------------------- the run
 
 
+def start_run(config) -> tuple[torch.device, Path, Path]:
+    """Join the ranks, create the run folder (``config.yaml`` in it) and seed every RNG the same on all ranks,
+    so that fresh weights match everywhere. ``config``: any run config with ``train`` and ``to_dict``.
+    Returns (device, run folder, checkpoint folder)."""
+    device = init_distributed()
+    t = config.train
+    run_dir = Path(t.output_dir) / t.name
+    ckpt_dir = run_dir / "checkpoints"
+    if distributed.get_rank() == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    distributed.barrier()
+    torch.manual_seed(t.seed)
+    np.random.seed(t.seed)
+    random.seed(t.seed)
+    return device, run_dir, ckpt_dir
+
+
+def build_engine(module: torch.nn.Module, config, ds_config: dict[str, Any]):
+    """DeepSpeed engine over ``module``: AdamW on its trainable parameters (no decay on biases and norms) and
+    warmup + cosine as a LambdaLR. Returns (engine, optimizer, scheduler)."""
+    import deepspeed
+
+    optim = config.optim
+    optimizer = torch.optim.AdamW(
+        param_groups(module, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps
+    )
+    # LambdaLR multiplies the base lr, so the schedule is written as a ratio to optim.lr
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, optim, config.train.steps) / optim.lr)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    return engine, optimizer, scheduler
+
+
+def resume_position(engine, config, ckpt_dir: Path) -> tuple[int, int]:
+    """(step, micro_step) to start from: 0, 0, or the latest checkpoint's when ``train.resume`` is set."""
+    if not config.train.resume:
+        return 0, 0
+    step, micro_step = load_checkpoint(engine, ckpt_dir)
+    if distributed.get_rank() == 0:
+        print(f"resumed from {ckpt_dir / (ckpt_dir / 'latest').read_text().strip()} at step {step}")
+    return step, micro_step
+
+
 def run(config: TrainConfig) -> dict[str, Any]:
     """Train (and evaluate) as ``config`` says; returns the per-step losses, the final metrics and the paths."""
-    import deepspeed
     from tqdm import tqdm
 
     from blip2_fast.losses import Stage1Loss
 
-    device = init_distributed()
+    # seeded alike on all ranks: the fresh weights (cross-attention, queries, heads, a random ViT) match
+    device, run_dir, ckpt_dir = start_run(config)
     rank, world = distributed.get_rank(), distributed.get_world_size()
     t = config.train
-    run_dir = Path(t.output_dir) / t.name
-    ckpt_dir = run_dir / "checkpoints"
-    if rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    distributed.barrier()
-
-    # the same seed everywhere: the fresh weights (cross-attention, queries, heads, a random ViT) match on all ranks
-    torch.manual_seed(t.seed)
-    np.random.seed(t.seed)
-    random.seed(t.seed)
     tokenizer = build_tokenizer(config)
     vision = build_vision(config)
     qformer = build_qformer(config, vision.config.hidden_size)
@@ -809,22 +841,9 @@ def run(config: TrainConfig) -> dict[str, Any]:
 
         save_file({k: v.detach().float().cpu().contiguous() for k, v in vision.state_dict().items()}, str(vision_path))
 
-    optimizer = torch.optim.AdamW(
-        param_groups(stage1, config.optim.weight_decay), lr=config.optim.lr, betas=tuple(config.optim.betas),
-        eps=config.optim.eps,
-    )  # fmt: skip
-    # LambdaLR multiplies the base lr, so the schedule is written as a ratio to optim.lr
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_at(s, config.optim, t.steps) / config.optim.lr
-    )
-    engine, _, _, _ = deepspeed.initialize(model=stage1, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    engine, _, scheduler = build_engine(stage1, config, ds_config)
     precision = "bf16" if ds_config["bf16"]["enabled"] else "fp16" if ds_config["fp16"]["enabled"] else "fp32"
-
-    step, micro_step = 0, 0
-    if t.resume:
-        step, micro_step = load_checkpoint(engine, ckpt_dir)
-        if rank == 0:
-            print(f"resumed from {ckpt_dir / (ckpt_dir / 'latest').read_text().strip()} at step {step}")
+    step, micro_step = resume_position(engine, config, ckpt_dir)
     log = MetricsLog(run_dir, step) if rank == 0 else None
 
     from blip2_fast import data as D

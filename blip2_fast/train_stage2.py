@@ -38,14 +38,11 @@ import argparse  # noqa: E402
 import csv  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
-import random  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
 from blip2_fast import distributed  # noqa: E402
 from blip2_fast.config import QFormerConfig, VisionConfig, from_dict  # noqa: E402
@@ -55,13 +52,12 @@ from blip2_fast.train import (  # noqa: E402
     TrainSection,
     _coerce,
     build_datasets,
+    build_engine,
     deepspeed_config,
-    init_distributed,
-    load_checkpoint,
-    lr_at,
-    param_groups,
     read_config,
+    resume_position,
     save_checkpoint,
+    start_run,
 )
 
 DEFAULT_INIT = "runs/stage1-default"
@@ -405,20 +401,10 @@ def run(config: Stage2Config) -> dict[str, Any]:
     from blip2_fast.stage2 import Stage2Collator, save_trainable
     from blip2_fast.stage2_convert import save_transformers
 
-    device = init_distributed()
+    # seeded alike on all ranks: fresh weights (queries, cross-attention, llm_proj, a random LLM / ViT) match
+    device, run_dir, ckpt_dir = start_run(config)
     rank, world = distributed.get_rank(), distributed.get_world_size()
     t = config.train
-    run_dir = Path(t.output_dir) / t.name
-    ckpt_dir = run_dir / "checkpoints"
-    if rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    distributed.barrier()
-
-    # the same seed everywhere: fresh weights (queries, cross-attention, llm_proj, a random LLM / ViT) match
-    torch.manual_seed(t.seed)
-    np.random.seed(t.seed)
-    random.seed(t.seed)
     model, tokenizer, init = build_model(config)
     if rank == 0:
         print(f"stage-2 init: {init if init is not None else 'fresh Q-Former (no stage-1 output found)'}")
@@ -426,25 +412,11 @@ def run(config: Stage2Config) -> dict[str, Any]:
     step_module = Stage2Step(model)
     ds_config = deepspeed_config(config, device)
     # only qformer and llm_proj require grad: the frozen LLM and ViT get no optimizer state
-    optimizer = torch.optim.AdamW(
-        param_groups(step_module, config.optim.weight_decay), lr=config.optim.lr, betas=tuple(config.optim.betas),
-        eps=config.optim.eps,
-    )  # fmt: skip
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_at(s, config.optim, t.steps) / config.optim.lr
-    )
-    engine, _, _, _ = deepspeed.initialize(
-        model=step_module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
-    )
+    engine, optimizer, scheduler = build_engine(step_module, config, ds_config)
     zero3 = int(engine.zero_optimization_stage()) == 3
     if zero3:
         register_zero3_external_parameters(step_module)
-
-    step, micro_step = 0, 0
-    if t.resume:
-        step, micro_step = load_checkpoint(engine, ckpt_dir)
-        if rank == 0:
-            print(f"resumed from {ckpt_dir / (ckpt_dir / 'latest').read_text().strip()} at step {step}")
+    step, micro_step = resume_position(engine, config, ckpt_dir)
     log = LossLog(run_dir, step) if rank == 0 else None
 
     from blip2_fast.train import GlobalBatches
