@@ -982,6 +982,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--config", default=None, help="YAML/TOML training config (default: the embedded one)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
+    return args, parse_overrides(parser, rest)
+
+
+def parse_overrides(parser: argparse.ArgumentParser, rest: list[str]) -> list[tuple[str, str]]:
+    """``--section.key value`` and ``--section.key=value`` pairs, in order; anything else is a usage error."""
     overrides = []
     i = 0
     while i < len(rest):
@@ -997,7 +1002,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
             key, value = token[2:], rest[i + 1]
             i += 2
         overrides.append((key, value))
-    return args, overrides
+    return overrides
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:

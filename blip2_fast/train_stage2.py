@@ -54,6 +54,7 @@ from blip2_fast.train import (  # noqa: E402
     build_datasets,
     build_engine,
     deepspeed_config,
+    parse_overrides,
     read_config,
     resume_position,
     save_checkpoint,
@@ -540,21 +541,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str
     )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
-    overrides = []
-    i = 0
-    while i < len(rest):
-        token = rest[i]
-        if not token.startswith("--") or token == "--":
-            parser.error(f"unexpected argument {token!r}; overrides look like --section.key value")
-        if "=" in token:
-            key, value = token[2:].split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(rest):
-                parser.error(f"override {token} needs a value")
-            key, value = token[2:], rest[i + 1]
-            i += 2
-        overrides.append((key, value))
+    overrides = parse_overrides(parser, rest)
     if args.init is not None:
         overrides.append(("model.init", json.dumps(args.init)))
     return args, overrides
