@@ -182,10 +182,18 @@ def _read_folder(folder: Path) -> _Tensors:
     )
 
 
+def read_transformers_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a transformers folder (sharded or not, safetensors or .bin), EVA-style ``q_bias`` /
+    ``v_bias`` pairs fused into ``qkv.bias`` as transformers 5 names them."""
+    tensors = _read_folder(Path(folder))
+    tensors.fuse_qkv_bias()
+    return {key: tensors[key] for key in tensors.keys()}
+
+
 # ------------------------------------------------------------------ name maps (ours -> theirs)
 
 
-def _bert_encoder_names(config: QFormerConfig, *, style: str, text_ffn: bool) -> dict[str, str]:
+def bert_encoder_names(config: QFormerConfig, *, style: str, text_ffn: bool) -> dict[str, str]:
     """Our encoder parameters -> BERT-style names under the Q-Former root (``qformer.`` / ``Qformer.bert.``).
 
     ``style`` is ``"hf"`` (``attention.attention``, ``layernorm``) or ``"lavis"``
@@ -333,7 +341,7 @@ def _transformers_names(
     """Ours -> transformers keys for everything ``layout`` holds (the vision model only if ``vision`` is given)."""
     parts = _HF_PARTS[layout]
     root = "" if layout == "Blip2QFormerModel" else "qformer."
-    names = {ours: root + key for ours, key in _bert_encoder_names(config, style="hf", text_ffn=text_ffn).items()}
+    names = {ours: root + key for ours, key in bert_encoder_names(config, style="hf", text_ffn=text_ffn).items()}
     if "queries" in parts:
         names["query_tokens"] = "query_tokens"
     if "text_embeddings" in parts:
@@ -464,18 +472,11 @@ def load_transformers(
     return Loaded(model, encoder, report)
 
 
-def transformers_config(config: QFormerConfig, vision_config: VisionConfig) -> dict[str, Any]:
-    """The ``config.json`` of a transformers ``Blip2ForImageTextRetrieval`` equal to our QFormer + ImageEncoder."""
-    from transformers import Blip2Config, Blip2QFormerConfig
+def qformer_config_to_transformers(config: QFormerConfig):
+    """transformers' ``Blip2QFormerConfig`` of our QFormerConfig (the inverse of qformer_config_from_transformers)."""
+    from transformers import Blip2QFormerConfig
 
-    from blip2_fast.vision import hf_vision_config
-
-    if vision_config.hidden_size != config.encoder_width:
-        raise ValueError(
-            f"VisionConfig.hidden_size ({vision_config.hidden_size}) must equal QFormerConfig.encoder_width "
-            f"({config.encoder_width}): transformers derives one from the other"
-        )
-    qformer = Blip2QFormerConfig(
+    return Blip2QFormerConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         num_hidden_layers=config.num_hidden_layers,
@@ -490,11 +491,24 @@ def transformers_config(config: QFormerConfig, vision_config: VisionConfig) -> d
         pad_token_id=config.pad_token_id,
         cross_attention_frequency=config.cross_attention_freq,
         encoder_hidden_size=config.encoder_width,
-        use_qformer_text_input=True,
+        use_qformer_text_input=config.text_input,
     )
+
+
+def transformers_config(config: QFormerConfig, vision_config: VisionConfig) -> dict[str, Any]:
+    """The ``config.json`` of a transformers ``Blip2ForImageTextRetrieval`` equal to our QFormer + ImageEncoder."""
+    from transformers import Blip2Config
+
+    from blip2_fast.vision import hf_vision_config
+
+    if vision_config.hidden_size != config.encoder_width:
+        raise ValueError(
+            f"VisionConfig.hidden_size ({vision_config.hidden_size}) must equal QFormerConfig.encoder_width "
+            f"({config.encoder_width}): transformers derives one from the other"
+        )
     full = Blip2Config(
         vision_config=hf_vision_config(vision_config).to_dict(),
-        qformer_config=qformer.to_dict(),
+        qformer_config=qformer_config_to_transformers(config).to_dict(),
         num_query_tokens=config.num_query_tokens,
         image_text_hidden_size=config.embed_dim,
         initializer_range=config.initializer_range,
@@ -704,7 +718,7 @@ def load_lavis(
 
     root = _LAVIS_ROOT
     text_ffn = f"{root}encoder.layer.0.intermediate.dense.weight" in state
-    names = {ours: root + key for ours, key in _bert_encoder_names(config, style="lavis", text_ffn=text_ffn).items()}
+    names = {ours: root + key for ours, key in bert_encoder_names(config, style="lavis", text_ffn=text_ffn).items()}
     names["query_tokens"] = "query_tokens"
     names.update(_linear("ln_vision", "ln_vision"))
     optional = {

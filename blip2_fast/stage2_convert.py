@@ -31,7 +31,6 @@ frozen ViT from the caller (LAVIS's EVA layout is not mapped here).
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,94 +46,55 @@ from transformers import (
     PreTrainedModel,
 )
 
-from blip2_fast.checkpoint import qformer_config_from_transformers, vision_config_from_transformers
+from blip2_fast.checkpoint import (
+    bert_encoder_names,
+    qformer_config_from_transformers,
+    qformer_config_to_transformers,
+    read_transformers_tensors,
+    vision_config_from_transformers,
+)
 from blip2_fast.config import QFormerConfig, VisionConfig
 from blip2_fast.stage2 import Blip2Stage2
 from blip2_fast.vision import ImageEncoder, hf_vision_config
 
-# (transformers name, ours) inside one Q-Former layer; applied to whole dotted components
-_LAYER_NAMES = (
-    ("attention.attention.", "self_attn."),
-    ("attention.output.LayerNorm.", "self_attn.output.norm."),
-    ("attention.output.dense.", "self_attn.output.dense."),
-    ("crossattention.attention.", "cross_attn."),
-    ("crossattention.output.LayerNorm.", "cross_attn.output.norm."),
-    ("crossattention.output.dense.", "cross_attn.output.dense."),
-    ("intermediate_query.dense.", "ffn_query.up."),
-    ("output_query.LayerNorm.", "ffn_query.norm."),
-    ("output_query.dense.", "ffn_query.down."),
+# Whole modules renamed between our Blip2Stage2 and transformers' Blip2ForConditionalGeneration; the Q-Former's
+# own names come from checkpoint.py's map, which stage 1 uses too.
+_HF_PREFIXES = (
+    ("image_encoder.vit.", "vision_model."),
+    ("llm_proj.", "language_projection."),
+    ("llm.", "language_model."),
 )
-_HF_LAYER = re.compile(r"^qformer\.encoder\.layer\.(\d+)\.(.*)$")
-_OUR_LAYER = re.compile(r"^qformer\.layers\.(\d+)\.(.*)$")
+_LAVIS_PROJECTIONS = ("opt_proj.", "t5_proj.", "llm_proj.")
 
 
 # -------------------------------------------------------------------- name maps
 
 
-def hf_to_ours_key(key: str) -> str | None:
-    """Our name for a transformers ``Blip2ForConditionalGeneration`` tensor; None for tensors we do not hold."""
-    if key == "query_tokens":
-        return "qformer.query_tokens"
-    if key.startswith("vision_model.post_layernorm."):
-        return "qformer.ln_vision." + key.rsplit(".", 1)[1]
-    if key.startswith("vision_model."):
-        return "image_encoder.vit." + key.removeprefix("vision_model.")
-    if key.startswith("qformer.layernorm."):
-        return "qformer.embeddings.norm." + key.rsplit(".", 1)[1]
-    if key.startswith("language_projection."):
-        return "llm_proj." + key.removeprefix("language_projection.")
-    if key.startswith("language_model."):
-        return "llm." + key.removeprefix("language_model.")
-    match = _HF_LAYER.match(key)
-    if match:
-        index, rest = match.groups()
-        for theirs, ours in _LAYER_NAMES:
-            if rest.startswith(theirs):
-                return f"qformer.layers.{index}.{ours}{rest.removeprefix(theirs)}"
-    return None
+def qformer_names(config: QFormerConfig, style: str) -> dict[str, str]:
+    """Our stage-2 Q-Former tensors (``qformer.*``) -> their names in a transformers (``style="hf"``) or LAVIS
+    (``"lavis"``) stage-2 checkpoint."""
+    root = "qformer." if style == "hf" else "Qformer.bert."
+    encoder = bert_encoder_names(config, style=style, text_ffn=False)
+    names = {f"qformer.{ours}": root + theirs for ours, theirs in encoder.items()}
+    names["qformer.query_tokens"] = "query_tokens"
+    ln_vision = "vision_model.post_layernorm." if style == "hf" else "ln_vision."
+    names.update({f"qformer.ln_vision.{p}": ln_vision + p for p in ("weight", "bias")})
+    return names
 
 
-def ours_to_hf_key(key: str) -> str:
-    """The transformers name of one of our stage-2 tensors."""
-    if key == "qformer.query_tokens":
-        return "query_tokens"
-    if key.startswith("qformer.ln_vision."):
-        return "vision_model.post_layernorm." + key.rsplit(".", 1)[1]
-    if key.startswith("image_encoder.vit."):
-        return "vision_model." + key.removeprefix("image_encoder.vit.")
-    if key.startswith("qformer.embeddings.norm."):
-        return "qformer.layernorm." + key.rsplit(".", 1)[1]
-    if key.startswith("llm_proj."):
-        return "language_projection." + key.removeprefix("llm_proj.")
-    if key.startswith("llm."):
-        return "language_model." + key.removeprefix("llm.")
-    match = _OUR_LAYER.match(key)
-    if match:
-        index, rest = match.groups()
-        for theirs, ours in sorted(_LAYER_NAMES, key=lambda pair: -len(pair[1])):  # longest prefix first
-            if rest.startswith(ours):
-                return f"qformer.encoder.layer.{index}.{theirs}{rest.removeprefix(ours)}"
-    raise ValueError(f"{key!r} has no transformers Blip2ForConditionalGeneration counterpart")
-
-
-def lavis_to_hf_key(key: str) -> str | None:
-    """LAVIS stage-2 name -> transformers name (the Q-Former side); None for text-only or unknown keys."""
-    if key == "query_tokens":
-        return key
-    if key.startswith("ln_vision."):
-        return "vision_model.post_layernorm." + key.removeprefix("ln_vision.")
-    for proj in ("opt_proj.", "t5_proj.", "llm_proj."):
-        if key.startswith(proj):
-            return "language_projection." + key.removeprefix(proj)
-    if key.startswith("Qformer.bert.embeddings.LayerNorm."):
-        return "qformer.layernorm." + key.rsplit(".", 1)[1]
-    match = re.match(r"^Qformer\.bert\.encoder\.layer\.(\d+)\.(.*)$", key)
-    if match:
-        index, rest = match.groups()
-        rest = re.sub(r"^(attention|crossattention)\.self\.", r"\1.attention.", rest)
-        if rest.startswith(tuple(theirs for theirs, _ in _LAYER_NAMES)):
-            return f"qformer.encoder.layer.{index}.{rest}"
-    return None
+def hf_names(model: Blip2Stage2) -> dict[str, str]:
+    """Every tensor name of ``model`` (tied aliases included) -> its transformers name."""
+    qformer = qformer_names(model.qformer.config, "hf")
+    names = {}
+    for key in model.state_dict():
+        if key in qformer:
+            names[key] = qformer[key]
+            continue
+        prefix = next(((ours, theirs) for ours, theirs in _HF_PREFIXES if key.startswith(ours)), None)
+        if prefix is None:
+            raise ValueError(f"{key!r} has no transformers Blip2ForConditionalGeneration counterpart")
+        names[key] = prefix[1] + key.removeprefix(prefix[0])
+    return names
 
 
 # -------------------------------------------------------------------- configs
@@ -158,25 +118,9 @@ def hf_config(model: Blip2Stage2, image_token_index: int | None = None) -> Blip2
             f"transformers projects the queries to text_config.hidden_size ({text_config.hidden_size}) but this "
             f"LLM's input embeddings are {width} wide; such an LLM has no transformers Blip2 layout"
         )
-    vision = hf_vision_config(model.image_encoder.config)
-    qformer = dict(
-        hidden_size=q.hidden_size,
-        num_hidden_layers=q.num_hidden_layers,
-        num_attention_heads=q.num_attention_heads,
-        intermediate_size=q.intermediate_size,
-        hidden_dropout_prob=q.hidden_dropout_prob,
-        attention_probs_dropout_prob=q.attention_probs_dropout_prob,
-        layer_norm_eps=q.layer_norm_eps,
-        initializer_range=q.initializer_range,
-        vocab_size=q.vocab_size,
-        max_position_embeddings=q.max_position_embeddings,
-        pad_token_id=q.pad_token_id,
-        cross_attention_frequency=q.cross_attention_freq,
-        encoder_hidden_size=q.encoder_width,
-    )
     return Blip2Config(
-        vision_config=vision.to_dict(),
-        qformer_config=qformer,
+        vision_config=hf_vision_config(model.image_encoder.config).to_dict(),
+        qformer_config=qformer_config_to_transformers(q).to_dict(),
         text_config=text_config.to_dict(),
         num_query_tokens=q.num_query_tokens,
         image_token_index=token,
@@ -184,23 +128,6 @@ def hf_config(model: Blip2Stage2, image_token_index: int | None = None) -> Blip2
 
 
 # -------------------------------------------------------------------- state dicts
-
-
-def _read_folder(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        sd: dict[str, torch.Tensor] = {}
-        for name in files:
-            sd.update(load_file(str(folder / name)))
-        return sd
-    if (folder / "model.safetensors").is_file():
-        return load_file(str(folder / "model.safetensors"))
-    if (folder / "pytorch_model.bin").is_file():
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{folder}: no model.safetensors(.index.json) or pytorch_model.bin")
 
 
 def _load_into(model: Blip2Stage2, sd: Mapping[str, torch.Tensor], where: str) -> None:
@@ -261,22 +188,22 @@ def load_transformers(folder: str | Path, *, with_vision: bool = True) -> Blip2S
     model = Blip2Stage2(
         qformer, llm, ImageEncoder(vision) if with_vision else None, image_token_index=hf.image_token_index
     )
-    theirs = _read_folder(folder)
+    names = {theirs: ours for ours, theirs in hf_names(model).items()}
     ours = {}
-    for key, value in theirs.items():
-        name = hf_to_ours_key(key)
-        if name is None:
-            raise ValueError(f"{folder}: unexpected tensor {key!r} in a Blip2ForConditionalGeneration checkpoint")
-        if name.startswith("image_encoder.") and not with_vision:
+    for key, value in read_transformers_tensors(folder).items():
+        if not with_vision and key.startswith("vision_model.") and not key.startswith("vision_model.post_layernorm."):
             continue
-        ours[name] = value
+        if key not in names:
+            raise ValueError(f"{folder}: unexpected tensor {key!r} in a Blip2ForConditionalGeneration checkpoint")
+        ours[names[key]] = value
     _load_into(model, ours, str(folder))
     return model
 
 
 def transformers_state_dict(model: Blip2Stage2) -> dict[str, torch.Tensor]:
     """Our tensors under transformers names (tied aliases included)."""
-    return {ours_to_hf_key(k): v for k, v in model.state_dict().items()}
+    names = hf_names(model)
+    return {names[k]: v for k, v in model.state_dict().items()}
 
 
 def save_transformers(
@@ -336,14 +263,15 @@ def load_lavis(
     (word/position embeddings, text FFNs, ``Qformer.cls``). Anything else is an error.
     """
     sd = read_lavis(checkpoint)
+    names = {theirs: ours for ours, theirs in qformer_names(model.qformer.config, "lavis").items()}
     ours: dict[str, torch.Tensor] = {}
     skipped = []
     for key, value in sd.items():
-        hf_key = lavis_to_hf_key(key)
-        if hf_key is not None:
-            name = hf_to_ours_key(hf_key)
-            assert name is not None
-            ours[name] = value
+        projection = next((p for p in _LAVIS_PROJECTIONS if key.startswith(p)), None)
+        if key in names:
+            ours[names[key]] = value
+        elif projection is not None:
+            ours["llm_proj." + key.removeprefix(projection)] = value
         elif _lavis_skippable(key):
             skipped.append(key)
         else:
