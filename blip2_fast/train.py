@@ -205,19 +205,24 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        unknown = sorted(set(data) - set(SECTIONS))
-        if unknown:
-            raise ValueError(f"unknown TrainConfig section(s) {unknown}; valid sections: {', '.join(SECTIONS)}")
-        parts = {}
-        for name, section in SECTIONS.items():
-            value = data.get(name) or {}
-            if not isinstance(value, dict):
-                raise ValueError(f"config section {name!r} must be a mapping, got {type(value).__name__}")
-            parts[name] = from_dict(section, _coerce(section, value, name), where=name)
-        return cls(**parts)
+        return sections_from_dict(cls, SECTIONS, data)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def sections_from_dict(cls: type[T], sections: dict[str, type], data: dict[str, Any]) -> T:
+    """A run config (``cls``, one field per section) from nested dicts; unknown sections and keys are errors."""
+    unknown = sorted(set(data) - set(sections))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} section(s) {unknown}; valid sections: {', '.join(sections)}")
+    parts = {}
+    for name, section in sections.items():
+        value = data.get(name) or {}
+        if not isinstance(value, dict):
+            raise ValueError(f"config section {name!r} must be a mapping, got {type(value).__name__}")
+        parts[name] = from_dict(section, _coerce(section, value, name), where=name)
+    return cls(**parts)
 
 
 def _coerce(section: type, values: dict[str, Any], where: str) -> dict[str, Any]:

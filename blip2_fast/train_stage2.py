@@ -45,12 +45,11 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 
 from blip2_fast import distributed  # noqa: E402
-from blip2_fast.config import QFormerConfig, VisionConfig, from_dict  # noqa: E402
+from blip2_fast.config import QFormerConfig, VisionConfig  # noqa: E402
 from blip2_fast.train import (  # noqa: E402
     DataSection,
     OptimSection,
     TrainSection,
-    _coerce,
     build_datasets,
     build_engine,
     deepspeed_config,
@@ -58,6 +57,7 @@ from blip2_fast.train import (  # noqa: E402
     read_config,
     resume_position,
     save_checkpoint,
+    sections_from_dict,
     start_run,
 )
 
@@ -155,16 +155,7 @@ class Stage2Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Stage2Config:
-        unknown = sorted(set(data) - set(SECTIONS))
-        if unknown:
-            raise ValueError(f"unknown Stage2Config section(s) {unknown}; valid sections: {', '.join(SECTIONS)}")
-        parts = {}
-        for name, section in SECTIONS.items():
-            value = data.get(name) or {}
-            if not isinstance(value, dict):
-                raise ValueError(f"config section {name!r} must be a mapping, got {type(value).__name__}")
-            parts[name] = from_dict(section, _coerce(section, value, name), where=name)
-        return cls(**parts)
+        return sections_from_dict(cls, SECTIONS, data)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
