@@ -118,3 +118,41 @@ def test_trains_with_dropout_on_the_triton_backend():
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0] - 0.05, losses
+
+
+def stage1_outputs(model: QFormer, image, ids, mask, image_mask) -> dict[str, torch.Tensor]:
+    """What the three objectives read: query outputs, text features, ITM logits, LM logits."""
+    ctx = model.image_context(image, image_mask)
+    queries = model.encode_image(ctx)
+    return {
+        "queries": queries.hidden,
+        "text": model.text_features(model.encode_text(ids, mask)),
+        "itm": model.itm_logits(model.match(ctx, ids, mask)),
+        "lm": model.decode(ids, mask, queries.cache)[0],
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.float16,
+        pytest.param(torch.bfloat16, marks=[pytest.mark.gpu, pytest.mark.skipif(DEVICE != "cuda", reason=(
+            "bf16 parity needs a GPU: the interpreter truncates bf16 stores"))]),
+    ],
+    ids=["fp16", "bf16"],
+)  # fmt: skip
+def test_half_precision_model_stays_within_twice_the_eager_error(dtype):
+    """Half-precision weights and activations, as DeepSpeed's fp16/bf16 modes train: what the triton backend
+    computes is as close to fp32 as SDPA in the same dtype (the 2x rule)."""
+    torch.manual_seed(0)
+    ref = QFormer(QFormerConfig.preset("tiny")).eval()
+    data = batch(ref.config, seed=3)
+    with torch.no_grad():
+        want = stage1_outputs(ref, *data)
+        got = {b: stage1_outputs(copy.deepcopy(ref).set_backend(b).to(dtype), *data) for b in ("sdpa", "triton")}
+    for name, value in want.items():
+        fused = (got["triton"][name].float() - value).abs().max().item()
+        eager = (got["sdpa"][name].float() - value).abs().max().item()
+        floor = 1e-3 * value.abs().max().item()
+        assert fused <= 2 * eager + floor, f"{name}: triton {dtype} error {fused:.2e}, sdpa {eager:.2e}"
