@@ -311,6 +311,34 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 @pytest.mark.slow
+def test_bf16_training_follows_fp32(tmp_path):
+    """DeepSpeed's bf16 mode (a GPU's default) runs on CPU too: the first step's losses agree with fp32 within
+    bf16 rounding, and the exported model is fp32. (Its fp16 mode needs a GPU: DeepSpeed refuses it on CPU.)"""
+    from safetensors.torch import load_file
+
+    common = [o for o in TINY if o[0] != "train.precision"] + [("train.evaluate", "false")]
+    script = textwrap.dedent(
+        f"""
+        import json
+        from blip2_fast.train import load_config, run
+        runs = {{p: run(load_config(None, {common!r} + [("train.name", p), ("train.precision", p)]))
+                 for p in ("fp32", "bf16")}}
+        print("RESULT", json.dumps({{p: [r["precision"], r["history"][0], str(r["model"])] for p, r in runs.items()}}))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT")).removeprefix("RESULT "))
+    assert runs["bf16"][0] == "bf16" and runs["fp32"][0] == "fp32"
+    for key in ("itc", "itm", "itg"):
+        want, got = runs["fp32"][1][key], runs["bf16"][1][key]
+        assert got != want and abs(got - want) <= 0.01 * max(1.0, abs(want)), (key, got, want)
+    assert {t.dtype for t in load_file(str(tmp_path / runs["bf16"][2])).values()} == {torch.float32}
+
+
+@pytest.mark.slow
 def test_feature_cache_serves_later_epochs(tmp_path):
     """Two epochs with the ViT features cached on disk train like two epochs that run the ViT every step."""
     common = TINY + [
