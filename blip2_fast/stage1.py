@@ -91,8 +91,9 @@ class Blip2Stage1(nn.Module):
         if tokenizer.bos_token_id is None:
             raise ValueError("the tokenizer needs [DEC] as its bos_token: use blip2_fast.text.load_tokenizer")
         if len(tokenizer) > qformer.config.vocab_size:
-            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, the Q-Former's vocabulary only "
-                             f"{qformer.config.vocab_size}")  # fmt: skip
+            raise ValueError(
+                f"the tokenizer has {len(tokenizer)} tokens, the Q-Former's vocabulary {qformer.config.vocab_size}"
+            )
         from blip2_fast.data import build_transform
 
         self.qformer = qformer.eval()
@@ -243,5 +244,5 @@ class Blip2Stage1(nn.Module):
         from blip2_fast.generate import caption
 
         image = self.extract_image(images).context
-        return caption(self.qformer, image, self.tokenizer, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                       **kwargs)  # fmt: skip
+        kwargs.update(max_new_tokens=max_new_tokens, num_beams=num_beams)
+        return caption(self.qformer, image, self.tokenizer, **kwargs)
