@@ -426,7 +426,7 @@ class AttnConfig:
 # query tokens, so UNIMODAL and MULTIMODAL_CAUSAL skip whole tiles, and waste little on the odd tail. A one-row
 # decode step uses 16-row tiles (tl.dot's minimum). Head dim 128 takes 8 warps: with 4 the backward (and the fp32
 # forward) run out of registers and spill; so does the fp32 dK/dV kernel past head dim 32 (``bwd_configs``). Every
-# choice compiles for sm_80 and sm_90 without spills, on Triton 3.6 and newer (test suite).
+# choice compiles for sm_80 and sm_90 without spills, on Triton 3.6 to 3.9 (test suite).
 FWD_CONFIGS = {
     "decode": AttnConfig(16, 32, 4, 2),
     "default": AttnConfig(32, 32, 4, 2),
@@ -435,6 +435,7 @@ FWD_CONFIGS = {
 BWD_CONFIGS = {
     "default": AttnConfig(32, 32, 4, 1),
     "d128": AttnConfig(32, 32, 8, 1),
+    "fp32_dkdv_d128": AttnConfig(16, 32, 8, 1),
 }
 
 
@@ -450,13 +451,14 @@ def fwd_config(n_rows: int, head_dim: int) -> AttnConfig:
 
 def bwd_configs(head_dim: int, dtype: torch.dtype) -> tuple[AttnConfig, AttnConfig]:
     """(dK/dV, dQ) configs. In fp32 the dK/dV kernel keeps two fp32 accumulators beside IEEE dot products: past
-    head dim 32 it needs 8 warps (with 4, Triton 3.6 spills), while the dQ kernel spills with 8 and fits in 4."""
-    wide, narrow = BWD_CONFIGS["d128"], BWD_CONFIGS["default"]
+    head dim 32 it needs 8 warps (with 4, Triton 3.6 spills), while the dQ kernel spills with 8 and fits in 4;
+    at head dim 128 it also takes 16-row tiles (Triton 3.7 and 3.8 spill with 32)."""
+    fp32 = dtype == torch.float32
     if head_dim > 64:
-        return wide, wide
-    if dtype == torch.float32 and head_dim > 32:
-        return wide, narrow
-    return narrow, narrow
+        return BWD_CONFIGS["fp32_dkdv_d128" if fp32 else "d128"], BWD_CONFIGS["d128"]
+    if fp32 and head_dim > 32:
+        return BWD_CONFIGS["d128"], BWD_CONFIGS["default"]
+    return BWD_CONFIGS["default"], BWD_CONFIGS["default"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
