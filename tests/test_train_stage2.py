@@ -161,13 +161,21 @@ def test_only_the_trainable_part_is_optimized(runs):
 
 def test_exports_load_back(runs):
     from safetensors.torch import load_file
-    from transformers import Blip2ForConditionalGeneration
+    from transformers import AutoTokenizer, Blip2ForConditionalGeneration
+
+    from blip2_fast.stage2 import default_stage2_model
 
     folder = runs[0] / "full"
     trainable = load_file(str(folder / "model.safetensors"))
     assert trainable and all(k.startswith(("qformer.", "llm_proj.")) for k in trainable)
     hf = Blip2ForConditionalGeneration.from_pretrained(str(folder / "transformers"))
     assert (hf.language_projection.weight == trainable["llm_proj.weight"]).all()
+    # the run's tokenizer travels with it: same ids, same BOS/EOS/pad as the model's generation config
+    tokenizer = AutoTokenizer.from_pretrained(str(folder / "transformers"))
+    text = "a red circle above a blue square"
+    assert tokenizer(text).input_ids == default_stage2_model()[1](text).input_ids
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        assert getattr(tokenizer, key) == getattr(hf.language_model.generation_config, key), key
 
 
 def test_resume_follows_the_uninterrupted_run(runs):
