@@ -121,6 +121,8 @@ class Blip2Stage1(nn.Module):
         from blip2_fast.text import load_tokenizer
 
         source = Path(source)
+        if not source.exists():
+            raise FileNotFoundError(f"no stage-1 model at {source}")
         overrides = {"backend": backend} if backend else {}
         max_length, tokenizer_path = LAVIS_MAX_TEXT_LENGTH, None
         run = source.suffix == ".safetensors" or (source.is_dir() and not (source / "config.json").is_file())
@@ -246,3 +248,48 @@ class Blip2Stage1(nn.Module):
         image = self.extract_image(images).context
         kwargs.update(max_new_tokens=max_new_tokens, num_beams=num_beams)
         return caption(self.qformer, image, self.tokenizer, **kwargs)
+
+
+# -------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """``python -m blip2_fast.stage1 --model RUN --images a.jpg b.jpg [--texts "a cat" "a dog"] [--caption]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Score images against texts, or caption them, with a stage-1 model.")
+    parser.add_argument("--model", required=True, help="run folder, model.safetensors, transformers folder or .pth")
+    parser.add_argument("--images", nargs="+", required=True, help="image files")
+    parser.add_argument("--texts", nargs="*", default=[], help="texts to score against every image")
+    parser.add_argument("--caption", action="store_true", help="also caption each image (beam search)")
+    parser.add_argument("--num-beams", type=int, default=3)
+    parser.add_argument("--backend", default=None, help="attention backend (default: the checkpoint's)")
+    args = parser.parse_args(argv)
+    if not args.texts and not args.caption:
+        parser.error("give --texts to score, --caption, or both")
+
+    model = Blip2Stage1.from_pretrained(args.model, backend=args.backend)
+    model.to_device("cuda" if torch.cuda.is_available() else "cpu")
+    result: dict[str, Any] = {}
+    if args.texts:
+        pixels = model.pixels(args.images)
+        itc = model.itc_scores(pixels, args.texts)
+        # ITM for every (image, text) pair: each image repeated once per text
+        n_images, n_texts = len(args.images), len(args.texts)
+        pairs = pixels.repeat_interleave(n_texts, dim=0)
+        itm = model.itm_scores(pairs, list(args.texts) * n_images).view(n_images, n_texts)
+        result.update(itc=itc.cpu(), itm=itm.cpu())
+        width = max(len(t) for t in args.texts)
+        for i, path in enumerate(args.images):
+            print(path)
+            for t, text in enumerate(args.texts):
+                print(f"  {text:{width}}  itc {itc[i, t].item():+.3f}  itm {itm[i, t].item():.3f}")
+    if args.caption:
+        result["captions"] = model.caption(args.images, num_beams=args.num_beams)
+        for path, text in zip(args.images, result["captions"], strict=True):
+            print(f"{path}: {text}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -118,3 +118,21 @@ def test_bad_input_is_named(hf_folder, images):
         model.extract_image(str(images[0]))
     with pytest.raises(FileNotFoundError):
         model.extract_image([images[0].parent / "missing.png"])
+    with pytest.raises(FileNotFoundError, match="no stage-1 model at"):
+        Blip2Stage1.from_pretrained(images[0].parent / "no-such-run")
+
+
+def test_command_line_scores_every_pair_and_captions(hf_folder, images, capsys):
+    from blip2_fast.stage1 import main
+
+    texts = TEXTS[:2]
+    result = main(["--model", str(hf_folder), "--images", *map(str, images), "--texts", *texts, "--caption"])
+    model = Blip2Stage1.from_pretrained(hf_folder)
+    torch.testing.assert_close(result["itc"], model.itc_scores(images, texts), atol=TOL, rtol=0)
+    for t, text in enumerate(texts):  # column t: every image against text t
+        torch.testing.assert_close(result["itm"][:, t], model.itm_scores(images, [text] * 3), atol=TOL, rtol=0)
+    assert len(result["captions"]) == 3
+    out = capsys.readouterr().out
+    assert str(images[0]) in out and "itm" in out
+    with pytest.raises(SystemExit):
+        main(["--model", str(hf_folder), "--images", str(images[0])])  # neither texts nor captions asked
