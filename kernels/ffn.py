@@ -32,9 +32,10 @@ flattened input, so it does not depend on the chunking and the backward
 regenerates it instead of storing a mask. ``return_mask=True`` returns the mask
 (for tests).
 
-Supported: fp32, fp16, bf16 (all arguments one dtype, or whatever dtypes under
-``torch.autocast``, which runs everything in the autocast dtype; LayerNorm
-statistics and all epilogue arithmetic in fp32); hidden sizes up to 8192 (masked
+Supported: fp32, fp16, bf16 (all arguments one dtype; under ``torch.autocast``
+as eager code runs there: GEMMs in the autocast dtype, the residual sum and
+LayerNorm in fp32, an fp32 output; LayerNorm statistics and all epilogue
+arithmetic in fp32 always); hidden sizes up to 8192 (masked
 blocks; the configs for 384, 768 and 1024 are the ones compiled ahead of time for
 sm_80/sm_90 in the tests, see :func:`kernel_configs`); rows * hidden < 2**31 (the
 RNG counter is 32-bit).
@@ -253,28 +254,31 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
     specialisation on every pointer and on ``n_cols``: ``aligned`` lists them.
     """
     out = []
-    for dt in ("fp32", "fp16", "bf16"):
-        ptr = f"*{dt}"
+    # (dense side, LayerNorm side) dtypes: one dtype, or autocast's half-precision GEMM output beside an fp32
+    # residual stream; the elementwise GELU kernels see the dense dtype alone
+    for dense, norm in (("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("fp16", "fp32"), ("bf16", "fp32")):
+        ptr, nptr = f"*{dense}", f"*{norm}"
         ew = {"BLOCK_R": EW_BLOCK_R, "BLOCK_C": EW_BLOCK_C}
-        out.append(
-            (
-                _bias_gelu_fwd_kernel,
-                {"u_ptr": ptr, "bias_ptr": ptr, "out_ptr": ptr, "n_rows": "i32", "n_cols": "i32"}
-                | {k: "constexpr" for k in ew},
-                ew,
-                EW_NUM_WARPS,
+        if dense == norm:
+            out.append(
+                (
+                    _bias_gelu_fwd_kernel,
+                    {"u_ptr": ptr, "bias_ptr": ptr, "out_ptr": ptr, "n_rows": "i32", "n_cols": "i32"}
+                    | {k: "constexpr" for k in ew},
+                    ew,
+                    EW_NUM_WARPS,
+                )
             )
-        )
-        out.append(
-            (
-                _gelu_fwd_bwd_kernel,
-                {"u_ptr": ptr, "bias_ptr": ptr, "grad_ptr": ptr, "act_ptr": ptr, "du_ptr": ptr}
-                | {"n_rows": "i32", "n_cols": "i32"}
-                | {k: "constexpr" for k in ew},
-                ew,
-                EW_NUM_WARPS,
+            out.append(
+                (
+                    _gelu_fwd_bwd_kernel,
+                    {"u_ptr": ptr, "bias_ptr": ptr, "grad_ptr": ptr, "act_ptr": ptr, "du_ptr": ptr}
+                    | {"n_rows": "i32", "n_cols": "i32"}
+                    | {k: "constexpr" for k in ew},
+                    ew,
+                    EW_NUM_WARPS,
+                )
             )
-        )
         for block_n in sorted({_norm_config(h, interpret=False)["BLOCK_N"] for h in _HIDDEN_SIZES}):
             cfg = _norm_config(block_n, interpret=False)
             tile = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}
@@ -283,11 +287,11 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
                 fwd_sig = {
                     "y_ptr": ptr,
                     "bias_ptr": ptr,
-                    "res_ptr": ptr,
-                    "w_ptr": ptr,
-                    "b_ptr": ptr,
-                    "out_ptr": ptr,
-                    "sum_ptr": ptr,
+                    "res_ptr": nptr,
+                    "w_ptr": nptr,
+                    "b_ptr": nptr,
+                    "out_ptr": nptr,
+                    "sum_ptr": nptr,
                     "mean_ptr": "*fp32",
                     "rstd_ptr": "*fp32",
                     "mask_ptr": "*i8",
@@ -311,12 +315,12 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
                     )
                 )
                 bwd_sig = {
-                    "dout_ptr": ptr,
-                    "sum_ptr": ptr,
+                    "dout_ptr": nptr,
+                    "sum_ptr": nptr,
                     "mean_ptr": "*fp32",
                     "rstd_ptr": "*fp32",
-                    "w_ptr": ptr,
-                    "dres_ptr": ptr,
+                    "w_ptr": nptr,
+                    "dres_ptr": nptr,
                     "dz_ptr": ptr,
                     "dw_part_ptr": "*fp32",
                     "db_part_ptr": "*fp32",
@@ -382,8 +386,9 @@ def res_norm_forward(
     """LayerNorm(residual + dropout(y + bias)) on contiguous (rows, N): (out, pre-norm sum, mean, rstd, mask)."""
     rows, cols = y.shape
     cfg = _norm_config(cols)
-    out = torch.empty_like(y)
-    pre = torch.empty_like(y)
+    # in the residual's dtype: under autocast the dense output is half precision, the residual stream fp32
+    out = torch.empty_like(residual)
+    pre = torch.empty_like(residual)
     mean = torch.empty(rows, device=y.device, dtype=torch.float32)
     rstd = torch.empty(rows, device=y.device, dtype=torch.float32)
     has_dropout = dropout_p > 0.0
@@ -437,8 +442,12 @@ def res_norm_backward(
     norm_weight: torch.Tensor,
     dropout_p: float,
     seed: int,
+    dense_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad of residual, grad of dense output, LayerNorm weight, LayerNorm bias and dense bias grads (fp32))."""
+    """(grad of residual, grad of dense output, LayerNorm weight, LayerNorm bias and dense bias grads (fp32)).
+
+    The residual's grad takes the pre-norm sum's dtype; the dense output's takes ``dense_dtype`` (default the same).
+    """
     rows, cols = pre.shape
     cfg = _norm_config(cols)
     block_m = cfg["BLOCK_M"]
@@ -446,7 +455,7 @@ def res_norm_backward(
     rows_per_prog = triton.cdiv(triton.cdiv(rows, n_prog), block_m) * block_m
     n_prog = triton.cdiv(rows, rows_per_prog)
     dres = torch.empty_like(pre)
-    dz = torch.empty_like(pre)
+    dz = torch.empty_like(pre, dtype=dense_dtype or pre.dtype)
     dw_part = torch.empty((n_prog, cols), device=pre.device, dtype=torch.float32)
     db_part = torch.empty((n_prog, cols), device=pre.device, dtype=torch.float32)
     dbias_part = torch.empty((n_prog, cols), device=pre.device, dtype=torch.float32)
@@ -514,13 +523,16 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]).contiguous()
 
 
-def _under_autocast(x: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Under ``torch.autocast`` run in the autocast dtype (fp32 master weights get cast, grads flow back)."""
-    device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return [t.to(dtype) for t in tensors]
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype of ``x``'s device, or None outside ``torch.autocast``."""
+    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+        return None
+    return torch.get_autocast_dtype(x.device.type)
+
+
+def _cast(dtype: torch.dtype, *tensors):
+    """Each tensor in ``dtype`` (a differentiable cast: fp32 masters get their grads); anything else as is."""
+    return [t.to(dtype) if isinstance(t, torch.Tensor) else t for t in tensors]
 
 
 def _new_seed(seed: int | None, dropout_p: float) -> int:
@@ -548,7 +560,7 @@ class ResidualNormFunction(torch.autograd.Function):
         )
         del y
         ctx.save_for_backward(x, weight, norm_weight, pre, mean, rstd)  # x, not x2: views keep sharing storage
-        ctx.cfg = (dropout_p, seed, residual.shape)
+        ctx.cfg = (dropout_p, seed, residual.shape, bias.dtype, norm_bias.dtype)
         out = out.view(residual.shape)
         if mask is None:
             return out, None
@@ -558,15 +570,15 @@ class ResidualNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dmask):
         x, weight, norm_weight, pre, mean, rstd = ctx.saved_tensors
-        dropout_p, seed, res_shape = ctx.cfg
+        dropout_p, seed, res_shape, bias_dtype, norm_bias_dtype = ctx.cfg
         x2 = _rows(x) if ctx.needs_input_grad[2] else None
         dout2 = _rows(dout)
-        dres, dz, dnw, dnb, db = res_norm_backward(dout2, pre, mean, rstd, norm_weight, dropout_p, seed)
+        dres, dz, dnw, dnb, db = res_norm_backward(dout2, pre, mean, rstd, norm_weight, dropout_p, seed, x.dtype)
         # Skip the GEMMs whose grads nobody asked for (a frozen dense layer, an input without grad).
         dx = (dz @ weight).view(x.shape) if ctx.needs_input_grad[0] else None
         dw = dz.t() @ x2 if ctx.needs_input_grad[2] else None
-        dt = norm_weight.dtype
-        return dx, dres.view(res_shape), dw, db.to(dt), dnw.to(dt), dnb.to(dt), None, None, None, None
+        dnw, dnb = dnw.to(norm_weight.dtype), dnb.to(norm_bias_dtype)
+        return dx, dres.view(res_shape), dw, db.to(bias_dtype), dnw, dnb, None, None, None, None
 
 
 class FFNFunction(torch.autograd.Function):
@@ -575,15 +587,16 @@ class FFNFunction(torch.autograd.Function):
         ctx, x, up_w, up_b, down_w, down_b, norm_w, norm_b, eps, dropout_p, chunk_size, seed, store_mask, recompute
     ):
         x2 = _rows(x)
+        xg = x2.to(up_w.dtype)  # the GEMMs' copy: under autocast x is the fp32 residual, the weights half precision
         rows, hidden = x2.shape
         # chunk_size counts sequence positions, as in BERT: a chunk is batch * chunk_size rows.
         seq_len = x.shape[-2]
         chunk_rows = rows if chunk_size <= 0 or chunk_size >= seq_len else (rows // seq_len) * chunk_size
         # Without recompute the pre-activation (rows, I) is kept for the backward, saving one GEMM there.
-        kept = None if recompute else torch.empty((rows, up_w.shape[0]), device=x.device, dtype=x.dtype)
-        y = torch.empty_like(x2)
+        kept = None if recompute else torch.empty((rows, up_w.shape[0]), device=x.device, dtype=xg.dtype)
+        y = torch.empty_like(xg)
         for r0 in range(0, rows, chunk_rows):
-            xc = x2[r0 : r0 + chunk_rows]
+            xc = xg[r0 : r0 + chunk_rows]
             if kept is None:
                 u = xc @ up_w.t()
                 act = bias_gelu(u, up_b, out=u)  # in place: with recompute nothing 4H wide outlives the chunk
@@ -593,10 +606,10 @@ class FFNFunction(torch.autograd.Function):
             torch.matmul(act, down_w.t(), out=y[r0 : r0 + chunk_rows])
             del act, u
         out, pre, mean, rstd, mask = res_norm_forward(y, down_b, x2, norm_w, norm_b, eps, dropout_p, seed, store_mask)
-        del y
+        del y, xg
         # x itself, not its (rows, H) copy: a view such as x[:, :32] shares the caller's storage.
         ctx.save_for_backward(x, up_w, up_b, down_w, norm_w, pre, mean, rstd, kept)
-        ctx.cfg = (dropout_p, seed, chunk_rows)
+        ctx.cfg = (dropout_p, seed, chunk_rows, down_b.dtype, norm_b.dtype)
         out = out.view(x.shape)
         if mask is None:
             return out, None
@@ -606,20 +619,22 @@ class FFNFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dmask):
         x, up_w, up_b, down_w, norm_w, pre, mean, rstd, kept = ctx.saved_tensors
-        dropout_p, seed, chunk_rows = ctx.cfg
-        x2 = _rows(x)
-        rows = x2.shape[0]
+        dropout_p, seed, chunk_rows, down_b_dtype, norm_b_dtype = ctx.cfg
+        xg = _rows(x).to(up_w.dtype)
+        rows = xg.shape[0]
         # LayerNorm + dropout backward does not need the 4H activation: one launch over all rows.
-        dres, dz, dnw, dnb, d_down_b = res_norm_backward(_rows(dout), pre, mean, rstd, norm_w, dropout_p, seed)
+        dres, dz, dnw, dnb, d_down_b = res_norm_backward(
+            _rows(dout), pre, mean, rstd, norm_w, dropout_p, seed, dense_dtype=xg.dtype
+        )
         single = chunk_rows >= rows
         # Weight grads summed over chunks in fp32, so fp16/bf16 chunking does not add rounding per chunk.
         acc = None if single else torch.float32
-        d_down_w = torch.zeros(down_w.shape, device=x2.device, dtype=acc or x2.dtype)
-        d_up_w = torch.zeros(up_w.shape, device=x2.device, dtype=acc or x2.dtype)
-        d_up_b = torch.zeros(up_b.shape, device=x2.device, dtype=torch.float32)
+        d_down_w = torch.zeros(down_w.shape, device=xg.device, dtype=acc or xg.dtype)
+        d_up_w = torch.zeros(up_w.shape, device=xg.device, dtype=acc or xg.dtype)
+        d_up_b = torch.zeros(up_b.shape, device=xg.device, dtype=torch.float32)
         dx = dres  # dx = residual grad + grad through the up projection, accumulated in place
         for r0 in range(0, rows, chunk_rows):
-            xc = x2[r0 : r0 + chunk_rows]
+            xc = xg[r0 : r0 + chunk_rows]
             dzc = dz[r0 : r0 + chunk_rows]
             u = xc @ up_w.t() if kept is None else kept[r0 : r0 + chunk_rows]
             # The recomputed u is overwritten by the activation; a kept one belongs to the graph (retain_graph).
@@ -635,17 +650,19 @@ class FFNFunction(torch.autograd.Function):
                 d_up_w = du.t() @ xc
             else:
                 d_up_w += (du.t() @ xc).float()
-            dx[r0 : r0 + chunk_rows].addmm_(du, up_w)
+            if dx.dtype == du.dtype:
+                dx[r0 : r0 + chunk_rows].addmm_(du, up_w)
+            else:  # autocast: an fp32 residual grad, half-precision GEMMs
+                dx[r0 : r0 + chunk_rows] += du @ up_w
             del du
-        dt = x2.dtype
         grads = (
             dx.view(x.shape),
-            d_up_w.to(dt),
-            d_up_b.to(dt),
-            d_down_w.to(dt),
-            d_down_b.to(dt),
-            dnw.to(dt),
-            dnb.to(dt),
+            d_up_w.to(up_w.dtype),
+            d_up_b.to(up_b.dtype),
+            d_down_w.to(down_w.dtype),
+            d_down_b.to(down_b_dtype),
+            dnw.to(norm_w.dtype),
+            dnb.to(norm_b_dtype),
         )
         return (*grads, None, None, None, None, None, None)
 
@@ -668,29 +685,31 @@ def residual_norm(
 ):
     """Fused ``residual_norm_ref``: LayerNorm(residual + dropout(x @ weight.T + bias)).
 
-    Every tensor has one dtype (fp32, fp16 or bf16), except under ``torch.autocast``
-    where all are cast to the autocast dtype and so is the output (eager autocast
-    would return fp32 from its LayerNorm).
+    Every tensor has one dtype (fp32, fp16 or bf16), except under ``torch.autocast``,
+    which is followed as eager code runs under it: the dense layer (``x``, ``weight``,
+    ``bias``) in the autocast dtype, the residual sum and LayerNorm in fp32, and an
+    fp32 output.
 
     x: (..., K); residual: (..., N) with the same leading dims; weight: (N, K);
     bias, norm_weight, norm_bias: (N,). ``seed`` fixes the dropout pattern (drawn
     from torch's generator when None). With ``return_mask`` returns (out, keep mask).
     """
-    if isinstance(x, torch.Tensor):
-        x, residual, weight, bias, norm_weight, norm_bias = _under_autocast(
-            x, [x, residual, weight, bias, norm_weight, norm_bias]
-        )
+    amp = _autocast_dtype(x)
+    if amp is not None:
+        x, weight, bias = _cast(amp, x, weight, bias)
+        residual, norm_weight, norm_bias = _cast(torch.float32, residual, norm_weight, norm_bias)
     _check_common(x, residual.shape[-1] if isinstance(residual, torch.Tensor) else 0, eps, dropout_p)
     if not isinstance(residual, torch.Tensor) or residual.shape[:-1] != x.shape[:-1]:
         got = tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__
         raise ValueError(f"residual must have shape {tuple(x.shape[:-1])} + (N,), got {got}")
     n, k = residual.shape[-1], x.shape[-1]
-    _check_dtype_device("residual", residual, x.dtype, x.device)
+    _check_dtype_device("residual", residual, x.dtype if amp is None else torch.float32, x.device)
     if not isinstance(weight, torch.Tensor) or weight.shape != (n, k):
         raise ValueError(f"weight must have shape (N, K) = ({n}, {k}), got {tuple(weight.shape)}")
     _check_dtype_device("weight", weight, x.dtype, x.device)
-    for name, t in (("bias", bias), ("norm_weight", norm_weight), ("norm_bias", norm_bias)):
-        _check_vec(name, t, n, x.dtype, x.device)
+    _check_vec("bias", bias, n, x.dtype, x.device)
+    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        _check_vec(name, t, n, residual.dtype, x.device)
     with torch.autocast(x.device.type, enabled=False):
         out, mask = ResidualNormFunction.apply(
             x,
@@ -731,27 +750,30 @@ def ffn(
     the 4H-wide activation, 0 for one chunk. ``seed`` / ``return_mask`` as in
     :func:`residual_norm`. ``recompute=False`` keeps the (rows, I) pre-activation
     for the backward instead of recomputing ``x @ up.T`` there: one GEMM less, 4H
-    more saved per token. Dtypes as in :func:`residual_norm` (autocast included).
+    more saved per token. Dtypes as in :func:`residual_norm`: under autocast the two
+    dense layers run in the autocast dtype, ``x`` as the residual and LayerNorm in fp32.
     """
-    if isinstance(x, torch.Tensor):
-        x, up_weight, up_bias, down_weight, down_bias, norm_weight, norm_bias = _under_autocast(
-            x, [x, up_weight, up_bias, down_weight, down_bias, norm_weight, norm_bias]
-        )
+    amp = _autocast_dtype(x)
+    if amp is not None:
+        up_weight, up_bias, down_weight, down_bias = _cast(amp, up_weight, up_bias, down_weight, down_bias)
+        x, norm_weight, norm_bias = _cast(torch.float32, x, norm_weight, norm_bias)
     hidden = x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() else 0
     _check_common(x, hidden, eps, dropout_p)
+    dense_dtype = amp or x.dtype
     if not isinstance(chunk_size, int) or chunk_size < 0:
         raise ValueError(f"chunk_size must be an int >= 0 (0 = one chunk), got {chunk_size!r}")
     if not isinstance(up_weight, torch.Tensor) or up_weight.dim() != 2 or up_weight.shape[1] != hidden:
         got = tuple(up_weight.shape) if isinstance(up_weight, torch.Tensor) else type(up_weight).__name__
         raise ValueError(f"up_weight must have shape (I, H) with H = {hidden}, got {got}")
     inter = up_weight.shape[0]
-    _check_dtype_device("up_weight", up_weight, x.dtype, x.device)
+    _check_dtype_device("up_weight", up_weight, dense_dtype, x.device)
     if not isinstance(down_weight, torch.Tensor) or down_weight.shape != (hidden, inter):
         got = tuple(down_weight.shape) if isinstance(down_weight, torch.Tensor) else type(down_weight).__name__
         raise ValueError(f"down_weight must have shape (H, I) = ({hidden}, {inter}), got {got}")
-    _check_dtype_device("down_weight", down_weight, x.dtype, x.device)
-    _check_vec("up_bias", up_bias, inter, x.dtype, x.device)
-    for name, t in (("down_bias", down_bias), ("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+    _check_dtype_device("down_weight", down_weight, dense_dtype, x.device)
+    _check_vec("up_bias", up_bias, inter, dense_dtype, x.device)
+    _check_vec("down_bias", down_bias, hidden, dense_dtype, x.device)
+    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
         _check_vec(name, t, hidden, x.dtype, x.device)
     with torch.autocast(x.device.type, enabled=False):
         out, mask = FFNFunction.apply(
