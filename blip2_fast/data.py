@@ -663,6 +663,13 @@ def load_image(image: Image.Image | str | os.PathLike | bytes) -> Image.Image:
         return opened.convert("RGB")
 
 
+def load_pixels(images: Sequence[Any], transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
+    """(B, 3, S, S): PIL images, paths or encoded bytes, each decoded and put through ``transform``."""
+    if isinstance(images, (str, bytes, os.PathLike)) or not isinstance(images, Sequence) or not images:
+        raise ValueError("images must be a non-empty list of PIL images, paths or bytes")
+    return torch.stack([transform(load_image(image)) for image in images])
+
+
 class _ImageText:
     """What the map-style and the iterable ``ImageTextDataset`` share: loading, skipping, transforming."""
 

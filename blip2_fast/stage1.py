@@ -172,16 +172,14 @@ class Blip2Stage1(nn.Module):
 
     def pixels(self, images: Images) -> torch.Tensor:
         """(B, 3, S, S) on the model's device: tensors as given (shape checked), anything else transformed."""
-        from blip2_fast.data import load_image
+        from blip2_fast.data import load_pixels
 
         size = self.vision.config.image_size
         if isinstance(images, torch.Tensor):
             if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
                 raise ValueError(f"pixels must have shape (B, 3, {size}, {size}), got {tuple(images.shape)}")
             return images.to(self.device)
-        if isinstance(images, (str, bytes, Path)) or not isinstance(images, Sequence) or not images:
-            raise ValueError("images must be a pixel tensor or a non-empty list of PIL images, paths or bytes")
-        return torch.stack([self.transform(load_image(image)) for image in images]).to(self.device)
+        return load_pixels(images, self.transform).to(self.device)
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, bool attention mask), both (B, T), after the training's caption cleaning."""

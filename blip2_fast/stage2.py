@@ -476,15 +476,24 @@ def caption(
     image_embeds: torch.Tensor | None = None,
     prompt: str | Sequence[str] = "",
     *,
+    images: Sequence[Any] | None = None,
     method: str = "beam",
     eos_token_id: int | None = None,
     **options: Any,
 ) -> list[str]:
     """Captions (or prompted answers) as strings, ``num_captions`` per image, image-major.
 
-    ``prompt``: one string for every image or one per image. ``options`` go to
-    :func:`generation_kwargs` (num_beams, top_p, num_captions, max_new_tokens, ...).
+    The images: ``pixels`` (B, 3, S, S), ``image_embeds`` (frozen ViT features), or ``images``, a list of PIL
+    images, paths or encoded bytes put through BLIP-2's eval transform. ``prompt``: one string for every image
+    or one per image. ``options`` go to :func:`generation_kwargs` (num_beams, top_p, num_captions, ...).
     """
+    if images is not None:
+        from blip2_fast.data import build_transform, load_pixels
+
+        if pixels is not None or image_embeds is not None or model.image_encoder is None:
+            raise ValueError("images need the model's image encoder and replace pixels / image_embeds")
+        transform = build_transform(model.image_encoder.config.image_size, train=False)
+        pixels = load_pixels(images, transform).to(model.llm_proj.weight.device)
     features = model.image_features(pixels, image_embeds)
     B = features.shape[0]
     prompts = [prompt] * B if isinstance(prompt, str) else list(prompt)
@@ -510,13 +519,14 @@ def answer(
     pixels: torch.Tensor | None = None,
     image_embeds: torch.Tensor | None = None,
     *,
+    images: Sequence[Any] | None = None,
     template: str = VQA_PROMPT,
     method: str = "beam",
     **options: Any,
 ) -> list[str]:
     """Zero-shot VQA: one question per image, asked through ``template`` (BLIP-2's short-answer prompt)."""
     prompts = [template.format(q) for q in questions]
-    return caption(model, tokenizer, pixels, image_embeds, prompts, method=method, **options)
+    return caption(model, tokenizer, pixels, image_embeds, prompts, images=images, method=method, **options)
 
 
 def shapes_caption_scores(captions: Sequence[str], scenes: Sequence[Any]) -> dict[str, float]:

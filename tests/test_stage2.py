@@ -228,6 +228,30 @@ def test_several_captions_per_image(sharp):
     )
 
 
+def test_image_files_caption_like_their_pixels(sharp, tmp_path):
+    """Captions and answers from PNG files (and their bytes) equal those from the eval transform's pixels."""
+    from PIL import Image
+
+    from blip2_fast.data import SyntheticShapes, build_transform
+
+    model, tok = sharp
+    shapes = SyntheticShapes(2, image_size=48, seed=9)  # another size than the ViT's: the transform resizes
+    files = []
+    for i in range(2):
+        shapes[i]["image"].save(tmp_path / f"{i}.png")
+        files.append(tmp_path / f"{i}.png")
+    transform = build_transform(model.image_encoder.config.image_size, train=False)
+    pixels = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+    options = dict(method="greedy", max_new_tokens=4)
+    want = caption(model, tok, pixels, **options)
+    assert caption(model, tok, images=files, **options) == want
+    assert caption(model, tok, images=[f.read_bytes() for f in files], **options) == want
+    questions = ["what is it?", "what colour?"]
+    assert answer(model, tok, questions, images=files, **options) == answer(model, tok, questions, pixels, **options)
+    with pytest.raises(ValueError, match="replace pixels"):
+        caption(model, tok, pixels, images=files)
+
+
 def test_generation_options_are_checked():
     with pytest.raises(ValueError, match="greedy, beam or nucleus"):
         generation_kwargs("topk")
