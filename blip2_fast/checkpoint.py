@@ -56,6 +56,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -770,14 +771,28 @@ def _tied(model: QFormer) -> bool:
     return model.config.text_input and model.lm_head.decoder.weight is model.embeddings.word.weight
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """safetensors ``path`` written whole or not at all: into a temporary file beside it, then renamed over it,
+    so a crash mid-write leaves any earlier file intact."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        save_file(tensors, str(partial), metadata=metadata)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
 def save_qformer(model: QFormer, path: str | Path) -> Path:
     """Write ``model`` to one safetensors file, its QFormerConfig as JSON in the metadata.
 
     safetensors refuses tensors that share memory, so a tied LM-head decoder is
     stored once (as ``embeddings.word.weight``) and re-tied by :func:`load_qformer`.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"save_qformer writes a .safetensors file, got {path}")
@@ -789,9 +804,7 @@ def save_qformer(model: QFormer, path: str | Path) -> Path:
         "format": FORMAT,
         "qformer_config": json.dumps(model.config.to_dict(), sort_keys=True),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
-    return path
+    return save_tensors(tensors, path, metadata)
 
 
 def load_qformer(path: str | Path, **overrides: Any) -> QFormer:

@@ -652,7 +652,7 @@ TRAINABLE_FORMAT = "blip2_fast.stage2"
 def save_trainable(model: Blip2Stage2, path: str | Path) -> Path:
     """The trained part alone (``qformer.*``, ``llm_proj.*``) as safetensors, fp32 or as held, with the
     QFormerConfig, ``ln_vision`` eps and the LLM's config as JSON metadata (the frozen parts are not written)."""
-    from safetensors.torch import save_file
+    from blip2_fast.checkpoint import save_tensors
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -664,9 +664,7 @@ def save_trainable(model: Blip2Stage2, path: str | Path) -> Path:
         "ln_vision_eps": repr(float(model.qformer.ln_vision.eps)),
         "llm_config": model.llm.config.to_json_string(use_diff=False),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
-    return path
+    return save_tensors(tensors, path, metadata)
 
 
 def load_trainable(model: Blip2Stage2, path: str | Path) -> None:

@@ -661,6 +661,7 @@ def export_trainable(engine, qformer_config: QFormerConfig, path: Path) -> Path 
     """The Q-Former alone (no ViT) as safetensors, fp32, gathered from ZeRO-3 partitions if needed. Rank 0 writes."""
     import deepspeed
 
+    from blip2_fast.checkpoint import save_qformer
     from blip2_fast.qformer import QFormer
 
     qformer = engine.module.qformer
@@ -675,18 +676,6 @@ def export_trainable(engine, qformer_config: QFormerConfig, path: Path) -> Path 
     plain.tie_weights()
     plain.ln_vision.eps = qformer.ln_vision.eps
     return save_qformer(plain, path)
-
-
-def save_qformer(model, path: Path) -> Path:
-    try:
-        from blip2_fast.checkpoint import save_qformer as save
-    except ImportError:  # the interop module is optional: fall back to a plain safetensors file
-        from safetensors.torch import save_file
-
-        state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.decoder.weight"}
-        save_file(state, str(path), metadata={"qformer_config": json.dumps(model.config.to_dict())})
-        return path
-    return save(model, path)
 
 
 def _zero_stage(engine) -> int:
@@ -841,10 +830,10 @@ def run(config: TrainConfig) -> dict[str, Any]:
         register_zero3_external_parameters(stage1)
     vision = vision.to_device(device)
     if rank == 0:
-        vision_path = run_dir / "vision.safetensors"
-        from safetensors.torch import save_file
+        from blip2_fast.checkpoint import save_tensors
 
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in vision.state_dict().items()}, str(vision_path))
+        state = {k: v.detach().float().cpu().contiguous() for k, v in vision.state_dict().items()}
+        save_tensors(state, run_dir / "vision.safetensors")
 
     engine, _, scheduler = build_engine(stage1, config, ds_config)
     precision = "bf16" if ds_config["bf16"]["enabled"] else "fp16" if ds_config["fp16"]["enabled"] else "fp32"

@@ -329,3 +329,21 @@ def test_load_checkpoint_picks_the_reader_from_the_path(hf_model, lavis_path, tm
     assert load_checkpoint(tmp_path / "hf").report.layout == "Blip2ForImageTextRetrieval"
     with pytest.raises(ValueError, match="expected a transformers folder, a LAVIS .pth or"):
         load_checkpoint(tmp_path / "weights.ckpt")
+
+
+def test_an_interrupted_save_keeps_the_earlier_file(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    path = save_qformer(QFormer(QFormerConfig.preset("tiny")), tmp_path / "model.safetensors")
+    before = path.read_bytes()
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")  # then the process dies
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(OSError, match="No space left"):
+        save_qformer(QFormer(QFormerConfig.preset("tiny")), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no partial file left behind
