@@ -52,13 +52,15 @@ match (``QFormerConfig.ln_vision_eps``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import re
-from collections.abc import Callable, Iterable
+import shutil
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -545,9 +547,9 @@ def save_transformers(qformer: QFormer, vision: ImageEncoder, folder: str | Path
             qformer.config.ln_vision_eps,
             vision.config.layer_norm_eps,
         )
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with replacing_folder(folder) as scratch:
+        (scratch / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, str(scratch / "model.safetensors"), metadata={"format": "pt"})
     return left_out
 
 
@@ -785,6 +787,25 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
     finally:
         partial.unlink(missing_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def replacing_folder(folder: str | Path) -> Iterator[Path]:
+    """Yield an empty scratch folder beside ``folder`` to write into; when the block ends it takes ``folder``'s
+    place (an earlier one is removed only then), and if the block fails ``folder`` stays as it was."""
+    folder = Path(folder)
+    scratch, old = folder.with_name(f".{folder.name}.partial"), folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        yield scratch
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            folder.rename(old)
+        scratch.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def save_qformer(model: QFormer, path: str | Path) -> Path:

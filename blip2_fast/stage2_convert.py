@@ -44,6 +44,7 @@ from transformers import (
     Blip2Config,
     Blip2ForConditionalGeneration,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
 )
 
 from blip2_fast.checkpoint import (
@@ -51,6 +52,7 @@ from blip2_fast.checkpoint import (
     qformer_config_from_transformers,
     qformer_config_to_transformers,
     read_transformers_tensors,
+    replacing_folder,
     vision_config_from_transformers,
 )
 from blip2_fast.config import QFormerConfig, VisionConfig
@@ -211,9 +213,11 @@ def save_transformers(
     folder: str | Path,
     *,
     image_token_index: int | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     **save_kwargs: Any,
 ) -> Path:
-    """Write a folder that ``Blip2ForConditionalGeneration.from_pretrained`` loads (its save_pretrained output).
+    """Write a folder that ``Blip2ForConditionalGeneration.from_pretrained`` loads (its save_pretrained output),
+    with ``tokenizer`` beside the model when given; an earlier folder is replaced only once the new one is whole.
 
     The tensors are handed over without a copy: an empty shell is built on the meta device and given ours.
     """
@@ -229,7 +233,10 @@ def save_transformers(
         raise ValueError(f"not the Blip2ForConditionalGeneration layout: missing {missing[:8]}, extra {extra[:8]}")
     shell.load_state_dict(sd, strict=True, assign=True)
     shell.tie_weights()
-    shell.save_pretrained(str(folder), **save_kwargs)
+    with replacing_folder(folder) as scratch:
+        shell.save_pretrained(str(scratch), **save_kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(scratch))
     return folder
 
 

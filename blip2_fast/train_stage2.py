@@ -478,8 +478,7 @@ def run(config: Stage2Config) -> dict[str, Any]:
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None, enabled=zero3):
         if rank == 0:
             save_trainable(model, model_path)
-            save_transformers(model, hf_dir)
-            tokenizer.save_pretrained(str(hf_dir))  # the folder loads as a whole: model and its tokenizer
+            save_transformers(model, hf_dir, tokenizer=tokenizer)  # the folder loads as a whole
             result.update(model=model_path, transformers=hf_dir)
             if t.evaluate and step == t.steps:
                 result["eval"] = caption_held_out(model, tokenizer, config, device)

@@ -347,3 +347,24 @@ def test_an_interrupted_save_keeps_the_earlier_file(tmp_path, monkeypatch):
         save_qformer(QFormer(QFormerConfig.preset("tiny")), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # no partial file left behind
+
+
+def test_an_interrupted_folder_export_keeps_the_earlier_folder(hf_model, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from blip2_fast.checkpoint import save_transformers
+
+    hf_model.save_pretrained(tmp_path / "hf")
+    loaded = load_transformers(tmp_path / "hf")
+    out = tmp_path / "export"
+    save_transformers(loaded.qformer, loaded.vision, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def crash(tensors, filename, metadata=None):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(OSError, match="No space left"):
+        save_transformers(loaded.qformer, loaded.vision, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "hf"]  # no scratch folder left behind
