@@ -2,6 +2,8 @@
 
     python -m blip2_fast.evaluate --checkpoint runs/stage1-default/model.safetensors
     torchrun --nproc_per_node 4 -m blip2_fast.evaluate --checkpoint runs/coco/model.safetensors
+    python -m blip2_fast.evaluate --checkpoint blip2-itm-vit-g/ --annotations coco_test.json --images coco/ \
+        --k-test 128                       # any checkpoint Blip2Stage1 reads, on a caption JSON + image folder
 
 Retrieval follows LAVIS' ``compute_sim_matrix``: ITC similarities (max over
 queries) pick the ``k_test`` best candidates of every image and every text;
@@ -220,7 +222,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--config", default=None, help="training config (default: config.yaml beside the checkpoint)")
     parser.add_argument("--vision", default=None, help="frozen ViT weights (default: vision.safetensors beside it)")
     parser.add_argument("--k-test", type=int, default=None, help="candidates re-ranked by ITM (default: eval.k_test)")
+    parser.add_argument("--annotations", default=None, help="caption JSON (COCO or LAVIS) to evaluate on instead")
+    parser.add_argument("--images", default=None, help="image folder of --annotations")
     args = parser.parse_args(argv)
+    if (args.annotations is None) != (args.images is None):
+        parser.error("--annotations and --images go together")
+    if args.annotations is not None:
+        return evaluate_pretrained(args.checkpoint, args.annotations, args.images, k_test=args.k_test)
 
     from blip2_fast.checkpoint import load_qformer
     from blip2_fast.train import build_datasets, build_tokenizer, build_vision, load_config
@@ -248,12 +256,38 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if held_out is None:
         raise ValueError("the config names no held-out split (data.eval_annotation_file / data.eval_urls)")
     metrics = evaluate_run(model, vision, held_out, tokenizer, config, device)
+    _print_recall(metrics)
+    return metrics
+
+
+def evaluate_pretrained(
+    checkpoint: str | Path, annotations: str | Path, image_root: str | Path, *, k_test: int | None = None
+) -> dict[str, float]:
+    """Retrieval of any checkpoint :class:`blip2_fast.stage1.Blip2Stage1` reads (a run, a transformers BLIP-2
+    folder, a LAVIS ``.pth``) on a caption JSON and its image folder, with the checkpoint's own ViT."""
+    from blip2_fast import data as D
+    from blip2_fast.stage1 import Blip2Stage1
+    from blip2_fast.train import load_config
+
+    device = _init_from_launcher()
+    model = Blip2Stage1.from_pretrained(checkpoint).to_device(device)
+    overrides = [("model.max_text_length", str(model.max_text_length)), ("eval.num_captions", "0")]
+    if k_test is not None:
+        overrides.append(("eval.k_test", str(k_test)))
+    config = load_config(None, overrides)
+    transform = D.build_transform(model.vision.config.image_size, train=False)
+    held_out = D.ImageTextDataset(D.CaptionJSON(annotations, image_root), transform, max_words=config.data.max_words)
+    metrics = evaluate_run(model.qformer, model.vision, held_out, model.tokenizer, config, device)
+    _print_recall(metrics)
+    return metrics
+
+
+def _print_recall(metrics: dict[str, float]) -> None:
     if distributed.get_rank() == 0:
         print(
             f"retrieval on {metrics['n_images']} images / {metrics['n_texts']} captions: "
             + "  ".join(f"{k} {metrics[k]:.2f}" for k in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10"))
         )
-    return metrics
 
 
 if __name__ == "__main__":

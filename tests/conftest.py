@@ -50,3 +50,32 @@ def make_run_folder():
         return qformer.eval(), vision
 
     return make
+
+
+@pytest.fixture(scope="session")
+def hf_retrieval_folder(tmp_path_factory):
+    """A random transformers retrieval model over the real WordPiece vocabulary, saved with its tokenizer."""
+    from transformers import Blip2Config, Blip2ForImageTextRetrieval, Blip2QFormerConfig, Blip2VisionConfig
+
+    from blip2_fast.text import load_tokenizer
+
+    from random_weights import randomize
+
+    tokenizer = load_tokenizer()
+    config = Blip2Config(
+        vision_config=Blip2VisionConfig(
+            hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=56,
+            patch_size=14,
+        ).to_dict(),
+        qformer_config=Blip2QFormerConfig(
+            hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80,
+            vocab_size=len(tokenizer), max_position_embeddings=40, cross_attention_frequency=1,
+            use_qformer_text_input=True,
+        ).to_dict(),
+        num_query_tokens=5,
+        image_text_hidden_size=24,
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("hf_retrieval")
+    randomize(Blip2ForImageTextRetrieval(config)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -120,3 +120,43 @@ def test_collect_split_groups_captions_by_image_id():
     assert split["txt2img"].tolist() == [0, 1, 0, 2]
     assert torch.equal(split["pixels"][0], torch.zeros(3, 4, 4))  # the first sample of image 10
     assert split["input_ids"].shape == (4, 5) and split["attention_mask"].dtype == torch.bool
+
+
+def test_any_checkpoint_on_a_caption_json(hf_retrieval_folder, tmp_path):
+    """`--checkpoint <transformers folder> --annotations --images`: the recall of a full re-rank (k_test covers
+    every candidate) equals ITM logit + ITC for every pair, computed here from the same files by Blip2Stage1."""
+    import json
+
+    from blip2_fast.data import SyntheticShapes
+    from blip2_fast.evaluate import main, recall_at_k
+    from blip2_fast.stage1 import Blip2Stage1
+
+    shapes = SyntheticShapes(6, image_size=64, seed=21)
+    entries, files, captions, txt2img = [], [], [], []
+    for i in range(6):
+        sample = shapes[i]
+        sample["image"].save(tmp_path / f"{i}.png")
+        for caption in (sample["caption"], f"picture {i}: {sample['caption']}"):
+            entries.append({"image": f"{i}.png", "caption": caption, "image_id": i})
+            captions.append(caption)
+            txt2img.append(i)
+        files.append(tmp_path / f"{i}.png")
+    (tmp_path / "test.json").write_text(json.dumps(entries))
+    args = ["--checkpoint", str(hf_retrieval_folder), "--annotations", str(tmp_path / "test.json")]
+    metrics = main([*args, "--images", str(tmp_path), "--k-test", "12"])
+    assert (metrics["n_images"], metrics["n_texts"]) == (6, 12)
+
+    model = Blip2Stage1.from_pretrained(hf_retrieval_folder)
+    pixels = model.pixels(files)
+    ids, mask = model.tokenize(captions)
+    with torch.no_grad():
+        q = model.qformer
+        embeds = model.vision(pixels).float()
+        pairs = q.match(embeds.repeat_interleave(12, 0), ids.repeat(6, 1), mask.repeat(6, 1))
+        itm = q.itm_logits(pairs)[:, 1].view(6, 12)
+    score = itm + model.itc_scores(pixels, captions)
+    want = recall_at_k(score, score.t(), torch.tensor(txt2img))
+    for key in ("txt_r1", "txt_r5", "img_r1", "img_r5"):
+        assert metrics[key] == pytest.approx(want[key]), key
+    with pytest.raises(SystemExit):
+        main(args)  # --annotations without --images

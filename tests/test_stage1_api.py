@@ -3,39 +3,13 @@
 import pytest
 import torch
 from PIL import Image
-from transformers import Blip2Config, Blip2ForImageTextRetrieval, Blip2QFormerConfig, Blip2VisionConfig
+from transformers import Blip2ForImageTextRetrieval
 
 from blip2_fast.data import SyntheticShapes, build_transform, clean_caption
 from blip2_fast.stage1 import Blip2Stage1
-from blip2_fast.text import load_tokenizer
-
-from random_weights import randomize
 
 TOL = 1e-5
 TEXTS = ["A red circle, above a blue square.", "two green crosses", "a yellow triangle left of a purple circle"]
-
-
-@pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory):
-    """A random transformers retrieval model over the real WordPiece vocabulary, saved with its tokenizer."""
-    tokenizer = load_tokenizer()
-    config = Blip2Config(
-        vision_config=Blip2VisionConfig(
-            hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=56,
-            patch_size=14,
-        ).to_dict(),
-        qformer_config=Blip2QFormerConfig(
-            hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80,
-            vocab_size=len(tokenizer), max_position_embeddings=40, cross_attention_frequency=1,
-            use_qformer_text_input=True,
-        ).to_dict(),
-        num_query_tokens=5,
-        image_text_hidden_size=24,
-    )  # fmt: skip
-    folder = tmp_path_factory.mktemp("hf_retrieval")
-    randomize(Blip2ForImageTextRetrieval(config)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +25,9 @@ def images(tmp_path_factory):
     return paths
 
 
-def test_scores_from_image_files_match_blip2_for_image_text_retrieval(hf_folder, images):
-    model = Blip2Stage1.from_pretrained(hf_folder)
-    hf = Blip2ForImageTextRetrieval.from_pretrained(hf_folder).eval()
+def test_scores_from_image_files_match_blip2_for_image_text_retrieval(hf_retrieval_folder, images):
+    model = Blip2Stage1.from_pretrained(hf_retrieval_folder)
+    hf = Blip2ForImageTextRetrieval.from_pretrained(hf_retrieval_folder).eval()
     # what the user would do by hand: BLIP-2's eval transform, then the cleaned captions tokenized
     transform = build_transform(56, train=False)
     pixels = torch.stack([transform(Image.open(p).convert("RGB")) for p in images])
@@ -71,8 +45,8 @@ def test_scores_from_image_files_match_blip2_for_image_text_retrieval(hf_folder,
         torch.testing.assert_close(model.itc_scores(same, TEXTS), itc, atol=TOL, rtol=0)
 
 
-def test_features_and_captions(hf_folder, images):
-    model = Blip2Stage1.from_pretrained(hf_folder)
+def test_features_and_captions(hf_retrieval_folder, images):
+    model = Blip2Stage1.from_pretrained(hf_retrieval_folder)
     image, text = model.extract_image(images), model.extract_text(TEXTS)
     assert image.embeds.shape == (3, 5, 48) and image.proj.shape == (3, 5, 24)
     assert text.proj.shape == (3, 24) and text.embeds.shape[:2] == text.input_ids.shape
@@ -106,8 +80,8 @@ def test_run_folder_round_trip(tmp_path, images, make_run_folder):
     assert model.vision is vision
 
 
-def test_bad_input_is_named(hf_folder, images):
-    model = Blip2Stage1.from_pretrained(hf_folder)
+def test_bad_input_is_named(hf_retrieval_folder, images):
+    model = Blip2Stage1.from_pretrained(hf_retrieval_folder)
     with pytest.raises(ValueError, match=r"pixels must have shape \(B, 3, 56, 56\), got \(2, 3, 32, 32\)"):
         model.itc_scores(torch.zeros(2, 3, 32, 32), TEXTS)
     with pytest.raises(ValueError, match="got 3 images, 2 texts"):
@@ -122,12 +96,12 @@ def test_bad_input_is_named(hf_folder, images):
         Blip2Stage1.from_pretrained(images[0].parent / "no-such-run")
 
 
-def test_command_line_scores_every_pair_and_captions(hf_folder, images, capsys):
+def test_command_line_scores_every_pair_and_captions(hf_retrieval_folder, images, capsys):
     from blip2_fast.stage1 import main
 
     texts = TEXTS[:2]
-    result = main(["--model", str(hf_folder), "--images", *map(str, images), "--texts", *texts, "--caption"])
-    model = Blip2Stage1.from_pretrained(hf_folder)
+    result = main(["--model", str(hf_retrieval_folder), "--images", *map(str, images), "--texts", *texts, "--caption"])
+    model = Blip2Stage1.from_pretrained(hf_retrieval_folder)
     torch.testing.assert_close(result["itc"], model.itc_scores(images, texts), atol=TOL, rtol=0)
     for t, text in enumerate(texts):  # column t: every image against text t
         torch.testing.assert_close(result["itm"][:, t], model.itm_scores(images, [text] * 3), atol=TOL, rtol=0)
@@ -135,4 +109,4 @@ def test_command_line_scores_every_pair_and_captions(hf_folder, images, capsys):
     out = capsys.readouterr().out
     assert str(images[0]) in out and "itm" in out
     with pytest.raises(SystemExit):
-        main(["--model", str(hf_folder), "--images", str(images[0])])  # neither texts nor captions asked
+        main(["--model", str(hf_retrieval_folder), "--images", str(images[0])])  # neither texts nor captions asked
