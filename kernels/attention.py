@@ -732,9 +732,10 @@ def _signature(kernel, ptr_types: dict[str, str], constexprs: dict) -> dict[str,
 def kernel_configs() -> list[tuple[object, dict[str, str], dict, int, int]]:
     """Every (kernel, signature, constexprs, num_warps, num_stages) the launchers ship, for the AOT check.
 
-    Each launcher choice (``fwd_config``, ``bwd_configs``) is compiled at the largest head dim it serves and in its
-    heaviest variant (MULTIMODAL_CAUSAL, a key-padding vector, dropout): smaller head dims, the other mask kinds
-    and padding modes only shrink the tiles or drop code. bf16 stands for fp16 (same tile types); fp32 runs IEEE
+    The forward choices (``fwd_config``) are compiled at the largest head dim each serves, the backward ones
+    (``bwd_configs``, which depend on the head dim in fp32) at 32, 64 and 128; all in the heaviest variant
+    (MULTIMODAL_CAUSAL, a key-padding vector, dropout): smaller head dims, the other mask kinds and padding modes
+    only shrink the tiles or drop code. bf16 stands for fp16 (same tile types); fp32 runs IEEE
     dot products and is listed on its own.
     """
     heavy = dict(MASK_KIND=int(MaskKind.MULTIMODAL_CAUSAL), KEY_PAD=_PAD_VECTOR, DROPOUT=True, UPCAST=False)
