@@ -6,7 +6,7 @@ training run folder of ours, a transformers BLIP-2 folder or a LAVIS ``.pth``.
 
 Images may be pixel tensors ``(B, 3, S, S)`` already normalised, or PIL images, paths and
 encoded bytes, which go through BLIP-2's eval transform (bicubic resize, CLIP mean/std).
-Texts go through the caption cleaning training used (:func:`blip2_fast.data.clean_caption`).
+Texts get the same caption cleaning as in training (:func:`blip2_fast.data.clean_caption`).
 
     model = Blip2Stage1.from_pretrained("runs/stage1-default")
     sims = model.itc_scores(["cat.jpg", "dog.jpg"], ["a cat", "a dog"])  # (2 images, 2 texts)
