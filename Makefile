@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install train train-stage2 test bench gpu-check lint clean
+.PHONY: install train train-stage2 test bench gpu-check aot-matrix lint clean
 
 install: $(STAMP)
 
@@ -38,6 +38,17 @@ bench: install
 # On a GPU machine with no network: fill benchmarks/wheels first (benchmarks/fetch_wheels.sh, on a CPU machine).
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+# Every shipped kernel config compiled ahead of time under other Triton releases too (the GPU machines run 3.6);
+# each release is fetched once into .triton/<version>, with no other package.
+TRITON_VERSIONS ?= 3.6.0 3.7.0 3.8.0
+AOT_TESTS := tests/test_aot.py tests/test_attention_kernels.py::test_every_shipped_config_compiles_without_spills
+aot-matrix: install
+	@for v in $(TRITON_VERSIONS); do \
+		test -d .triton/$$v || $(BIN)/python -m pip install --quiet --no-deps --target .triton/$$v triton==$$v || exit 1; \
+		PYTHONPATH=.triton/$$v $(BIN)/python -c "import triton; print('Triton', triton.__version__)" || exit 1; \
+		PYTHONPATH=.triton/$$v $(BIN)/python -m pytest -q -p no:cacheprovider $(AOT_TESTS) || exit 1; \
+	done
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
