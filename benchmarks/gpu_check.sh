@@ -93,8 +93,8 @@ run_step() { # name, timeout, command...
 }
 workers=
 has xdist && workers="-n 8"
-# shellcheck disable=SC2086  # lists on purpose
 # the ahead-of-time compile checks need no GPU and run in CI: here they would only take time
+# shellcheck disable=SC2086  # lists on purpose
 run_step parity "$parity_timeout" "$python" -m pytest $parity_tests -q -p no:cacheprovider $workers \
     -k "not compiles_without_spills"
 
