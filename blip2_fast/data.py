@@ -663,10 +663,15 @@ def load_image(image: Image.Image | str | os.PathLike | bytes) -> Image.Image:
         return opened.convert("RGB")
 
 
+def check_images(images: Any) -> None:
+    """``images`` must be a non-empty list (or other sequence) of PIL images, paths or encoded bytes."""
+    if isinstance(images, (str, bytes, os.PathLike)) or not isinstance(images, Sequence) or not images:
+        raise ValueError(f"images must be a non-empty list of PIL images, paths or bytes, got {type(images).__name__}")
+
+
 def load_pixels(images: Sequence[Any], transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
     """(B, 3, S, S): PIL images, paths or encoded bytes, each decoded and put through ``transform``."""
-    if isinstance(images, (str, bytes, os.PathLike)) or not isinstance(images, Sequence) or not images:
-        raise ValueError("images must be a non-empty list of PIL images, paths or bytes")
+    check_images(images)
     return torch.stack([transform(load_image(image)) for image in images])
 
 

@@ -17,7 +17,7 @@ Texts get the same caption cleaning as in training (:func:`blip2_fast.data.clean
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,14 @@ def _has_tokenizer(folder: Path) -> bool:
 class Blip2Stage1(nn.Module):
     """Frozen ``vision`` + ``qformer`` (with its text parts) + ``tokenizer``; inference only."""
 
-    def __init__(self, qformer: QFormer, vision: ImageEncoder, tokenizer, max_text_length: int = LAVIS_MAX_TEXT_LENGTH):
+    def __init__(
+        self,
+        qformer: QFormer,
+        vision: ImageEncoder,
+        tokenizer,
+        max_text_length: int = LAVIS_MAX_TEXT_LENGTH,
+        batch_size: int = 64,
+    ):
         super().__init__()
         if not qformer.config.text_input:
             raise ValueError("Blip2Stage1 needs a Q-Former with its text parts (QFormerConfig.text_input=True)")
@@ -100,6 +107,9 @@ class Blip2Stage1(nn.Module):
         self.vision = vision.freeze()
         self.tokenizer = tokenizer
         self.max_text_length = max_text_length
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size  # images (or texts) per forward pass: long lists run batch by batch
         self.transform = build_transform(vision.config.image_size, train=False)
 
     @classmethod
@@ -196,46 +206,73 @@ class Blip2Stage1(nn.Module):
         )
         return batch.input_ids.to(self.device), batch.attention_mask.bool().to(self.device)
 
-    def _paired(self, images: Images, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        pixels, (ids, mask) = self.pixels(images), self.tokenize(texts)
-        if pixels.shape[0] != ids.shape[0]:
-            raise ValueError(f"images and texts pair up one to one: got {pixels.shape[0]} images, {ids.shape[0]} texts")
-        return pixels, ids, mask
+    def _image_embeds(self, images: Images) -> Iterator[torch.Tensor]:
+        """Frozen ViT features (b, N, E), ``batch_size`` images at a time: files are decoded when their batch comes."""
+        from blip2_fast.data import check_images
+
+        if isinstance(images, torch.Tensor):
+            batches = self.pixels(images).split(self.batch_size)
+        else:
+            check_images(images)
+            batches = (self.pixels(images[i : i + self.batch_size]) for i in range(0, len(images), self.batch_size))
+        for pixels in batches:
+            yield self.vision(pixels).float()
+
+    def _pairs(self, images: Images, texts: Sequence[str]) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(image features, input_ids, mask) of image i with text i, batch by batch."""
+        from blip2_fast.data import check_images
+
+        ids, mask = self.tokenize(texts)
+        if not isinstance(images, torch.Tensor):
+            check_images(images)
+        n_images = images.shape[0] if isinstance(images, torch.Tensor) else len(images)
+        if n_images != ids.shape[0]:
+            raise ValueError(f"images and texts pair up one to one: got {n_images} images, {ids.shape[0]} texts")
+        for start, embeds in zip(range(0, n_images, self.batch_size), self._image_embeds(images), strict=True):
+            rows = slice(start, start + embeds.shape[0])
+            yield embeds, ids[rows], mask[rows]
 
     # ---------------------------------------------------------------- features
 
     @torch.no_grad()
     def extract_image(self, images: Images) -> ImageFeatures:
-        context = self.qformer.image_context(self.vision(self.pixels(images)).float())
-        embeds = self.qformer.encode_image(context).hidden
-        return ImageFeatures(embeds, self.qformer.image_features(embeds), context)
+        contexts, embeds = [], []
+        for features in self._image_embeds(images):
+            contexts.append(self.qformer.image_context(features))
+            embeds.append(self.qformer.encode_image(contexts[-1]).hidden)
+        hidden = torch.cat(embeds)
+        return ImageFeatures(hidden, self.qformer.image_features(hidden), ImageContext.cat(contexts))
 
     @torch.no_grad()
     def extract_text(self, texts: Sequence[str]) -> TextFeatures:
         ids, mask = self.tokenize(texts)
-        embeds = self.qformer.encode_text(ids, mask)
+        rows = range(0, ids.shape[0], self.batch_size)
+        embeds = torch.cat(
+            [self.qformer.encode_text(ids[r : r + self.batch_size], mask[r : r + self.batch_size]) for r in rows]
+        )
         return TextFeatures(embeds, self.qformer.text_features(embeds), ids, mask)
 
     @torch.no_grad()
     def extract_multimodal(self, images: Images, texts: Sequence[str]) -> torch.Tensor:
         """(B, Q, H): the query outputs of each image read together with its text (LAVIS' multimodal mode)."""
-        pixels, ids, mask = self._paired(images, texts)
-        hidden = self.qformer.match(self.vision(pixels).float(), ids, mask)
-        return hidden[:, : self.qformer.config.num_query_tokens]
+        n_query = self.qformer.config.num_query_tokens
+        return torch.cat([self.qformer.match(*pair)[:, :n_query] for pair in self._pairs(images, texts)])
 
     # ---------------------------------------------------------------- scores
 
     @torch.no_grad()
     def itc_scores(self, images: Images, texts: Sequence[str]) -> torch.Tensor:
         """(n_images, n_texts) cosine similarity, the best over the queries (not divided by the temperature)."""
-        image, text = self.extract_image(images), self.extract_text(texts)
-        return torch.einsum("iqe,te->itq", image.proj, text.proj).amax(dim=-1)
+        q = self.qformer
+        image = torch.cat(
+            [q.image_features(q.encode_image(features).hidden) for features in self._image_embeds(images)]
+        )
+        return torch.einsum("iqe,te->itq", image, self.extract_text(texts).proj).amax(dim=-1)
 
     @torch.no_grad()
     def itm_scores(self, images: Images, texts: Sequence[str]) -> torch.Tensor:
         """(B,) probability that image i and text i match, from the ITM head."""
-        pixels, ids, mask = self._paired(images, texts)
-        logits = self.qformer.itm_logits(self.qformer.match(self.vision(pixels).float(), ids, mask))
+        logits = torch.cat([self.qformer.itm_logits(self.qformer.match(*pair)) for pair in self._pairs(images, texts)])
         return logits.softmax(dim=-1)[:, 1]
 
     @torch.no_grad()
@@ -243,9 +280,12 @@ class Blip2Stage1(nn.Module):
         """Captions decoded by the Q-Former itself over the image's query cache (ITG); see generate.caption."""
         from blip2_fast.generate import caption
 
-        image = self.extract_image(images).context
         kwargs.update(max_new_tokens=max_new_tokens, num_beams=num_beams)
-        return caption(self.qformer, image, self.tokenizer, **kwargs)
+        return [
+            text
+            for features in self._image_embeds(images)
+            for text in caption(self.qformer, features, self.tokenizer, **kwargs)
+        ]
 
 
 # -------------------------------------------------------------------- command line

@@ -110,3 +110,27 @@ def test_command_line_scores_every_pair_and_captions(hf_retrieval_folder, images
     assert str(images[0]) in out and "itm" in out
     with pytest.raises(SystemExit):
         main(["--model", str(hf_retrieval_folder), "--images", str(images[0])])  # neither texts nor captions asked
+
+
+def test_long_lists_run_batch_by_batch_with_the_same_numbers(hf_retrieval_folder, images):
+    model = Blip2Stage1.from_pretrained(hf_retrieval_folder)  # one load: the LM head this layout lacks is random
+
+    def everything(batch_size):
+        model.batch_size = batch_size
+        image = model.extract_image(images)
+        kv = [t for pair in image.context.kv if pair for t in pair]
+        return [
+            model.itc_scores(images, TEXTS),
+            model.itm_scores(images, TEXTS),
+            model.extract_multimodal(images, TEXTS),
+            model.extract_text(TEXTS).proj,
+            image.embeds,
+            *kv,
+        ], model.caption(images, max_new_tokens=4)
+
+    (whole, whole_captions), (batched, batched_captions) = everything(64), everything(2)  # 3 = a full batch + 1
+    for a, b in zip(batched, whole, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert batched_captions == whole_captions
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        Blip2Stage1(model.qformer, model.vision, model.tokenizer, batch_size=0)
