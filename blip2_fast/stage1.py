@@ -86,6 +86,7 @@ class Blip2Stage1(nn.Module):
         tokenizer,
         max_text_length: int = LAVIS_MAX_TEXT_LENGTH,
         batch_size: int = 64,
+        untrained: Sequence[str] = (),
     ):
         super().__init__()
         if not qformer.config.text_input:
@@ -110,6 +111,9 @@ class Blip2Stage1(nn.Module):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size  # images (or texts) per forward pass: long lists run batch by batch
+        # Q-Former parameters the checkpoint did not hold (a layout without an LM head, say): what reads them
+        # would only return noise, so it refuses
+        self.untrained = sorted(untrained)
         self.transform = build_transform(vision.config.image_size, train=False)
 
     @classmethod
@@ -134,7 +138,7 @@ class Blip2Stage1(nn.Module):
         if not source.exists():
             raise FileNotFoundError(f"no stage-1 model at {source}")
         overrides = {"backend": backend} if backend else {}
-        max_length, tokenizer_path = LAVIS_MAX_TEXT_LENGTH, None
+        max_length, tokenizer_path, untrained = LAVIS_MAX_TEXT_LENGTH, None, []
         run = source.suffix == ".safetensors" or (source.is_dir() and not (source / "config.json").is_file())
         if run:
             files = run_files(source)
@@ -147,12 +151,13 @@ class Blip2Stage1(nn.Module):
         else:
             loaded = load_checkpoint(source, vision=vision is None, **overrides)
             qformer, vision = loaded.qformer, vision or loaded.vision
+            untrained = [name for name in loaded.report.fresh if not name.startswith("vision.")]
             if vision is None:
                 raise ValueError(f"{source} holds no vision model: pass vision=ImageEncoder(...) with its weights")
             if source.is_dir() and _has_tokenizer(source):
                 tokenizer_path = source
         tokenizer = tokenizer or load_tokenizer(tokenizer_path, max_length=max_length)
-        return cls(qformer, vision, tokenizer, max_text_length=max_length)
+        return cls(qformer, vision, tokenizer, max_text_length=max_length, untrained=untrained)
 
     @staticmethod
     def _run_vision(files: RunFiles) -> ImageEncoder:
@@ -232,6 +237,14 @@ class Blip2Stage1(nn.Module):
             rows = slice(start, start + embeds.shape[0])
             yield embeds, ids[rows], mask[rows]
 
+    def _require(self, parts: tuple[str, ...], what: str) -> None:
+        missing = sorted({name.split(".")[0] for name in self.untrained if name.startswith(parts)})
+        if missing:
+            raise ValueError(
+                f"{what} needs {', '.join(missing)}, which this model's checkpoint did not hold (kept at random "
+                "init): use a checkpoint that has them, such as a stage-1 run or a LAVIS .pth"
+            )
+
     # ---------------------------------------------------------------- features
 
     @torch.no_grad()
@@ -263,6 +276,7 @@ class Blip2Stage1(nn.Module):
     @torch.no_grad()
     def itc_scores(self, images: Images, texts: Sequence[str]) -> torch.Tensor:
         """(n_images, n_texts) cosine similarity, the best over the queries (not divided by the temperature)."""
+        self._require(("vision_proj.", "text_proj."), "ITC")
         q = self.qformer
         image = torch.cat(
             [q.image_features(q.encode_image(features).hidden) for features in self._image_embeds(images)]
@@ -272,6 +286,7 @@ class Blip2Stage1(nn.Module):
     @torch.no_grad()
     def itm_scores(self, images: Images, texts: Sequence[str]) -> torch.Tensor:
         """(B,) probability that image i and text i match, from the ITM head."""
+        self._require(("itm_head.",), "ITM")
         logits = torch.cat([self.qformer.itm_logits(self.qformer.match(*pair)) for pair in self._pairs(images, texts)])
         return logits.softmax(dim=-1)[:, 1]
 
@@ -280,6 +295,7 @@ class Blip2Stage1(nn.Module):
         """Captions decoded by the Q-Former itself over the image's query cache (ITG); see generate.caption."""
         from blip2_fast.generate import caption
 
+        self._require(("lm_head.",), "captioning")
         kwargs.update(max_new_tokens=max_new_tokens, num_beams=num_beams)
         return [
             text

@@ -54,8 +54,22 @@ def test_features_and_captions(hf_retrieval_folder, images):
     multimodal = model.extract_multimodal(images, TEXTS)
     assert multimodal.shape == (3, 5, 48)
     assert not torch.allclose(multimodal, image.embeds, atol=1e-3)  # the text changes what the queries see
+    # Blip2ForImageTextRetrieval has no LM head: captions from its random init would be noise
+    assert any(name.startswith("lm_head.") for name in model.untrained)
+    with pytest.raises(ValueError, match="captioning needs lm_head, which this model's checkpoint did not hold"):
+        model.caption(images)
+
+
+def test_captions_from_a_run(tmp_path, images, make_run_folder):
+    make_run_folder(tmp_path)
+    model = Blip2Stage1.from_pretrained(tmp_path)
+    assert model.untrained == []
     captions = model.caption(images, max_new_tokens=4)
     assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
+    from blip2_fast.stage1 import main
+
+    shell = main(["--model", str(tmp_path), "--images", *map(str, images), "--caption", "--num-beams", "1"])
+    assert shell["captions"] == model.caption(images)
 
 
 def test_run_folder_round_trip(tmp_path, images, make_run_folder):
@@ -100,20 +114,22 @@ def test_command_line_scores_every_pair_and_captions(hf_retrieval_folder, images
     from blip2_fast.stage1 import main
 
     texts = TEXTS[:2]
-    result = main(["--model", str(hf_retrieval_folder), "--images", *map(str, images), "--texts", *texts, "--caption"])
+    result = main(["--model", str(hf_retrieval_folder), "--images", *map(str, images), "--texts", *texts])
     model = Blip2Stage1.from_pretrained(hf_retrieval_folder)
     torch.testing.assert_close(result["itc"], model.itc_scores(images, texts), atol=TOL, rtol=0)
     for t, text in enumerate(texts):  # column t: every image against text t
         torch.testing.assert_close(result["itm"][:, t], model.itm_scores(images, [text] * 3), atol=TOL, rtol=0)
-    assert len(result["captions"]) == 3
     out = capsys.readouterr().out
     assert str(images[0]) in out and "itm" in out
     with pytest.raises(SystemExit):
         main(["--model", str(hf_retrieval_folder), "--images", str(images[0])])  # neither texts nor captions asked
+    with pytest.raises(ValueError, match="captioning needs lm_head"):
+        main(["--model", str(hf_retrieval_folder), "--images", str(images[0]), "--caption"])
 
 
-def test_long_lists_run_batch_by_batch_with_the_same_numbers(hf_retrieval_folder, images):
-    model = Blip2Stage1.from_pretrained(hf_retrieval_folder)  # one load: the LM head this layout lacks is random
+def test_long_lists_run_batch_by_batch_with_the_same_numbers(tmp_path, images, make_run_folder):
+    make_run_folder(tmp_path)
+    model = Blip2Stage1.from_pretrained(tmp_path)
 
     def everything(batch_size):
         model.batch_size = batch_size
