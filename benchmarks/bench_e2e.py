@@ -21,57 +21,21 @@ from blip2_fast import QFormer
 
 N_IMAGE, N_TEXT, CLS = 257, 35, 101
 
-# transformers Blip2QFormerModel layer names -> ours, first match wins (so "output." comes after "attention.output.")
-_LAYER_NAMES = (
-    ("attention.attention.", "self_attn."),
-    ("attention.output.LayerNorm.", "self_attn.output.norm."),
-    ("attention.output.dense.", "self_attn.output.dense."),
-    ("crossattention.attention.", "cross_attn."),
-    ("crossattention.output.LayerNorm.", "cross_attn.output.norm."),
-    ("crossattention.output.dense.", "cross_attn.output.dense."),
-    ("intermediate_query.dense.", "ffn_query.up."),
-    ("output_query.LayerNorm.", "ffn_query.norm."),
-    ("output_query.dense.", "ffn_query.down."),
-    ("intermediate.dense.", "ffn_text.up."),
-    ("output.LayerNorm.", "ffn_text.norm."),
-    ("output.dense.", "ffn_text.down."),
-)
-
-
-def our_name(key: str) -> str:
-    if key.startswith("layernorm."):
-        return "embeddings.norm." + key.removeprefix("layernorm.")
-    if key.startswith("encoder.layer."):
-        index, rest = key.removeprefix("encoder.layer.").split(".", 1)
-        for theirs, ours in _LAYER_NAMES:
-            if rest.startswith(theirs):
-                return f"layers.{index}.{ours}{rest.removeprefix(theirs)}"
-    raise ValueError(f"transformers Q-Former tensor {key!r} has no counterpart in blip2_fast.QFormer")
-
 
 def transformers_twin(model: QFormer) -> torch.nn.Module:
     """transformers' Blip2QFormerModel with ``model``'s weights (query pass only: no text embeddings)."""
-    from transformers import Blip2QFormerConfig, Blip2QFormerModel
+    from transformers import Blip2QFormerModel
 
-    c = model.config
-    hf = Blip2QFormerModel(
-        Blip2QFormerConfig(
-            vocab_size=c.vocab_size,
-            hidden_size=c.hidden_size,
-            num_hidden_layers=c.num_hidden_layers,
-            num_attention_heads=c.num_attention_heads,
-            intermediate_size=c.intermediate_size,
-            hidden_act="gelu",
-            hidden_dropout_prob=c.hidden_dropout_prob,
-            attention_probs_dropout_prob=c.attention_probs_dropout_prob,
-            max_position_embeddings=c.max_position_embeddings,
-            layer_norm_eps=c.layer_norm_eps,
-            cross_attention_frequency=c.cross_attention_freq,
-            encoder_hidden_size=c.encoder_width,
-        )
-    )
+    from blip2_fast.checkpoint import bert_encoder_names, qformer_config_to_transformers
+
+    config = qformer_config_to_transformers(model.config)
+    config.use_qformer_text_input = False
+    hf = Blip2QFormerModel(config)
+    theirs_to_ours = {
+        theirs: ours for ours, theirs in bert_encoder_names(model.config, style="hf", text_ffn=True).items()
+    }
     ours = model.state_dict()
-    hf.load_state_dict({key: ours[our_name(key)] for key in hf.state_dict()})
+    hf.load_state_dict({key: ours[theirs_to_ours[key]] for key in hf.state_dict()})
     return hf.to(DEVICE, next(model.parameters()).dtype).eval()
 
 
