@@ -263,6 +263,19 @@ def _env():
     return env
 
 
+def _train_in_subprocess(tmp_path, body: str):
+    """Run training code in a process of its own (DeepSpeed's state stays out of pytest's) and return the JSON
+    value it leaves in ``result``; ``load_config`` and ``run`` are imported for it."""
+    script = "import json\nfrom blip2_fast.train import load_config, run\n" + textwrap.dedent(body)
+    script += '\nprint("RESULT", json.dumps(result))\n'
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))
+
+
 def _args(pairs):
     return [f"--{k}={v}" for k, v in pairs]
 
@@ -283,23 +296,16 @@ def test_resume_equals_uninterrupted(tmp_path):
         ("model.qformer.hidden_dropout_prob", "0.1"),
         ("model.qformer.attention_probs_dropout_prob", "0.1"),
     ]
-    script = textwrap.dedent(
+    full, first, second = _train_in_subprocess(
+        tmp_path,
         f"""
-        import json
-        from blip2_fast.train import load_config, run
         common = {common!r}
         full = run(load_config(None, common + [("train.name", "full")]))
         first = run(load_config(None, common + [("train.name", "split"), ("train.stop_after", "2")]))
         second = run(load_config(None, common + [("train.name", "split"), ("train.resume", "true")]))
-        print("RESULT", json.dumps([full["history"], first["history"], second["history"]]))
-        """
+        result = [full["history"], first["history"], second["history"]]
+        """,
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
-    full, first, second = json.loads(line.removeprefix("RESULT "))
     assert len(full) == 4 and len(first) == 2 and len(second) == 2
     for a, b in zip(full, first + second, strict=True):
         for key in ("loss", "itc", "itm", "itg"):
@@ -317,20 +323,14 @@ def test_bf16_training_follows_fp32(tmp_path):
     from safetensors.torch import load_file
 
     common = [o for o in TINY if o[0] != "train.precision"] + [("train.evaluate", "false")]
-    script = textwrap.dedent(
+    runs = _train_in_subprocess(
+        tmp_path,
         f"""
-        import json
-        from blip2_fast.train import load_config, run
         runs = {{p: run(load_config(None, {common!r} + [("train.name", p), ("train.precision", p)]))
                  for p in ("fp32", "bf16")}}
-        print("RESULT", json.dumps({{p: [r["precision"], r["history"][0], str(r["model"])] for p, r in runs.items()}}))
-        """
+        result = {{p: [r["precision"], r["history"][0], str(r["model"])] for p, r in runs.items()}}
+        """,
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    runs = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT")).removeprefix("RESULT "))
     assert runs["bf16"][0] == "bf16" and runs["fp32"][0] == "fp32"
     for key in ("itc", "itm", "itg"):
         want, got = runs["fp32"][1][key], runs["bf16"][1][key]
@@ -347,21 +347,15 @@ def test_feature_cache_serves_later_epochs(tmp_path):
         ("train.output_dir", str(tmp_path)),
         ("train.evaluate", "false"),
     ]
-    script = textwrap.dedent(
+    plain, cached = _train_in_subprocess(
+        tmp_path,
         f"""
-        import json
-        from blip2_fast.train import load_config, run
         common = {common!r}
         plain = run(load_config(None, common + [("train.name", "plain")]))
         cached = run(load_config(None, common + [("train.name", "cached"), ("data.feature_cache", "true")]))
-        print("RESULT", json.dumps([plain["history"], cached["history"]]))
-        """
+        result = [plain["history"], cached["history"]]
+        """,
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    plain, cached = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert len(plain) == len(cached) == 4
     for a, b in zip(plain, cached, strict=True):  # the cache stores fp16: equal up to that rounding
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-3)
