@@ -291,6 +291,23 @@ class Blip2Stage1(nn.Module):
         return logits.softmax(dim=-1)[:, 1]
 
     @torch.no_grad()
+    def itm_matrix(self, images: Images, texts: Sequence[str]) -> torch.Tensor:
+        """(n_images, n_texts) ITM probability of every image with every text; each image's ViT features and
+        cross-attention K/V are computed once and shared by all its texts."""
+        self._require(("itm_head.",), "ITM")
+        ids, mask = self.tokenize(texts)
+        n_texts = ids.shape[0]
+        rows = []
+        for features in self._image_embeds(images):
+            n_images = features.shape[0]
+            context = self.qformer.image_context(features).index_select(
+                torch.arange(n_images, device=features.device).repeat_interleave(n_texts)
+            )
+            hidden = self.qformer.match(context, ids.repeat(n_images, 1), mask.repeat(n_images, 1))
+            rows.append(self.qformer.itm_logits(hidden).softmax(dim=-1)[:, 1].view(n_images, n_texts))
+        return torch.cat(rows)
+
+    @torch.no_grad()
     def caption(self, images: Images, *, max_new_tokens: int = 30, num_beams: int = 1, **kwargs: Any) -> list[str]:
         """Captions decoded by the Q-Former itself over the image's query cache (ITG); see generate.caption."""
         from blip2_fast.generate import caption
@@ -327,11 +344,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {}
     if args.texts:
         pixels = model.pixels(args.images)
-        itc = model.itc_scores(pixels, args.texts)
-        # ITM for every (image, text) pair: each image repeated once per text
-        n_images, n_texts = len(args.images), len(args.texts)
-        pairs = pixels.repeat_interleave(n_texts, dim=0)
-        itm = model.itm_scores(pairs, list(args.texts) * n_images).view(n_images, n_texts)
+        itc, itm = model.itc_scores(pixels, args.texts), model.itm_matrix(pixels, args.texts)
         result.update(itc=itc.cpu(), itm=itm.cpu())
         width = max(len(t) for t in args.texts)
         for i, path in enumerate(args.images):
