@@ -18,6 +18,9 @@ known, and every parameter of ours that no tensor fills is named.
 - :func:`save_transformers` writes QFormer + ImageEncoder back as a
   ``Blip2ForImageTextRetrieval`` folder (no LM head, no ``temp``: that layout has none).
 - :func:`load_checkpoint` picks the reader from the path (folder, ``.pth``, ``.safetensors``).
+- :func:`load_vision` reads the image encoder alone from any of these (and from
+  LAVIS' bare ``eva_vit_g.pth``), resizing its position embeddings to another
+  image size; :func:`save_vision` writes it with its config.
 
 Name correspondence (ours <- transformers <- LAVIS):
 
@@ -238,9 +241,9 @@ def _vision_names(vision: ImageEncoder, prefix: str) -> dict[str, str]:
 # ------------------------------------------------------------------ the mapping engine
 
 
-def _targets(qformer: QFormer, vision: ImageEncoder | None) -> dict[str, torch.Tensor]:
+def _targets(qformer: QFormer | None, vision: ImageEncoder | None) -> dict[str, torch.Tensor]:
     # named_parameters() lists a tied parameter once, under its first name (embeddings.word.weight)
-    targets = dict(qformer.named_parameters())
+    targets = dict(qformer.named_parameters()) if qformer is not None else {}
     if vision is not None:
         targets.update({f"vision.{k}": p for k, p in vision.named_parameters()})
     return targets
@@ -249,7 +252,7 @@ def _targets(qformer: QFormer, vision: ImageEncoder | None) -> dict[str, torch.T
 def _apply(
     names: dict[str, str],
     tensors: _Tensors,
-    qformer: QFormer,
+    qformer: QFormer | None,
     vision: ImageEncoder | None,
     *,
     source: str,
@@ -286,7 +289,8 @@ def _apply(
             problems.append(f"unexpected keys: {_listing(unexpected)}")
         if mismatched:
             problems.append(f"shape mismatches: {_listing(mismatched)}")
-        raise ValueError(f"{source}: cannot load the {layout} layout into QFormer; " + "; ".join(problems))
+        into = "QFormer" if qformer is not None else "ImageEncoder"
+        raise ValueError(f"{source}: cannot load the {layout} layout into {into}; " + "; ".join(problems))
     with torch.no_grad():
         for ours, key in present.items():
             targets[ours].copy_(tensors[key])
@@ -766,6 +770,151 @@ def load_lavis(
     return Loaded(model, encoder, report)
 
 
+# ------------------------------------------------------------------ the image encoder alone
+
+# Bare EVA checkpoints (LAVIS' eva_vit_g.pth) carry a classifier's final norm and head that BLIP-2 never runs.
+_EVA_UNUSED = ("norm.", "fc_norm.", "head.")
+
+
+def resize_position_embedding(position: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """(1, 1 + g*g, E) ViT position embeddings -> (1, num_tokens, E) for another image size.
+
+    The class token's row is kept and the g x g patch grid is resized bicubically
+    (``align_corners=False``): what LAVIS does when fine-tuning EVA ViT-g at 364 px
+    and transformers' ``interpolate_pos_encoding`` does at run time.
+    """
+    tokens = position.shape[1] if position.dim() == 3 and position.shape[0] == 1 else 0
+    old, new = math.isqrt(max(tokens - 1, 0)), math.isqrt(max(num_tokens - 1, 0))
+    if min(old, new) < 1 or old * old + 1 != tokens or new * new + 1 != num_tokens:
+        raise ValueError(
+            f"position embeddings must be (1, 1 + g*g, E) and num_tokens 1 + G*G; got {tuple(position.shape)} "
+            f"and {num_tokens}"
+        )
+    if old == new:
+        return position
+    grid = position[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
+    grid = torch.nn.functional.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new * new, -1).to(position.dtype)
+    return torch.cat([position[:, :1], grid], dim=1)
+
+
+def save_vision(vision: ImageEncoder, path: str | Path) -> Path:
+    """The image encoder as fp32 safetensors, its VisionConfig as JSON in the metadata."""
+    state = {k: v.detach().float().cpu().contiguous() for k, v in vision.state_dict().items()}
+    return save_tensors(state, path, {"format": FORMAT, "vision_config": json.dumps(vision.config.to_dict())})
+
+
+def _vision_source(path: Path, trust_pickle: bool) -> tuple[dict[str, torch.Tensor], VisionConfig | None, str]:
+    """(Blip2VisionModel tensors without a prefix, the config the source records or None, its layout name)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if path.is_dir() and (path / "config.json").is_file():
+        raw = json.loads((path / "config.json").read_text())
+        if "vision_config" not in raw:
+            raise ValueError(f"{path}: config.json has no vision_config (not a BLIP-2 folder with a vision model)")
+        tensors = read_transformers_tensors(path)
+        state = {
+            k.removeprefix("vision_model."): v
+            for k, v in tensors.items()
+            if k.startswith("vision_model.") and not k.startswith("vision_model.post_layernorm.")
+        }
+        return state, vision_config_from_transformers(raw), "transformers"
+    if path.is_dir():
+        path = path / "vision.safetensors"
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise FileNotFoundError(f"image encoder weights not found: {path}")
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+        config = None
+        if "vision_config" in metadata:
+            config = VisionConfig.from_dict(json.loads(metadata["vision_config"]))
+        elif (path.parent / "config.yaml").is_file():  # a run folder's vision.safetensors
+            import yaml
+
+            recorded = (yaml.safe_load((path.parent / "config.yaml").read_text()) or {}).get("model", {})
+            if isinstance(recorded.get("vision"), dict):
+                config = VisionConfig.from_dict(recorded["vision"])
+        state = load_file(str(path))
+        if all(k.startswith("vit.") for k in state):
+            state = {k.removeprefix("vit."): v for k, v in state.items()}
+        elif any(k.startswith("vision_model.") for k in state):
+            state = {k.removeprefix("vision_model."): v for k, v in state.items() if "post_layernorm" not in k}
+        return state, config, FORMAT
+    if path.suffix in (".pth", ".pt"):
+        if not path.is_file():
+            raise FileNotFoundError(f"image encoder weights not found: {path}")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        except Exception as err:  # pickle errors come in many types
+            raise ValueError(f"{path}: not a weights-only checkpoint ({err}); pass trust_pickle=True") from err
+        state = obj.get("model", obj) if isinstance(obj, dict) else {}
+        if not any(k.startswith("visual_encoder.") for k in state):
+            if "cls_token" not in state or "patch_embed.proj.weight" not in state:
+                raise ValueError(
+                    f"{path}: expected a LAVIS BLIP-2 checkpoint (visual_encoder.* keys) or a bare EVA ViT "
+                    "(cls_token, patch_embed.proj.weight, blocks.*)"
+                )
+            state = {"visual_encoder." + k: v for k, v in state.items() if not k.startswith(_EVA_UNUSED)}
+        state = {k: v for k, v in state.items() if k.startswith("visual_encoder.")}
+        config = eva_vision_config(state)
+        tensors = _Tensors.from_dict(_eva_to_blip2_vision(state))
+        tensors.fuse_qkv_bias()
+        return {k.removeprefix("vision_model."): tensors[k] for k in tensors.keys()}, config, "LAVIS"
+    raise ValueError(
+        f"{path}: expected a transformers BLIP-2 folder, a run folder, a .safetensors image encoder, "
+        "or a LAVIS/EVA .pth"
+    )
+
+
+def load_vision(source: str | Path, config: VisionConfig | None = None, *, trust_pickle: bool = False) -> ImageEncoder:
+    """The image encoder of any checkpoint: a transformers BLIP-2 folder, a run folder of ours or its
+    ``vision.safetensors``, a LAVIS BLIP-2 ``.pth``, or a bare EVA ViT ``.pth`` (LAVIS' ``eva_vit_g.pth``).
+
+    ``config`` is the encoder to build (default: the one the source records). Its
+    image size may differ from the weights': the position embeddings are then
+    resized (:func:`resize_position_embedding`), as BLIP-2 fine-tunes at 364 px from
+    224 px weights. It may also have fewer blocks: the later ones are left out, as
+    BLIP-2 uses 39 of EVA ViT-g's 40. Anything else that does not fit is a
+    ``ValueError`` naming the keys.
+    """
+    path = Path(source)
+    state, recorded, layout = _vision_source(path, trust_pickle)
+    config = config or recorded
+    if config is None:
+        raise ValueError(f"{path}: the file records no VisionConfig; pass config=VisionConfig(...)")
+    encoder = ImageEncoder(config)
+    notes = []
+    blocks = _layer_indices(state, r"encoder\.layers\.(\d+)\.")
+    if len(blocks) > config.num_hidden_layers:
+        kept = config.num_hidden_layers
+        state = {
+            k: v
+            for k, v in state.items()
+            if not (m := re.match(r"encoder\.layers\.(\d+)\.", k)) or int(m.group(1)) < kept
+        }
+        notes.append(f"blocks {kept}..{blocks[-1]} left out (num_hidden_layers={kept})")
+    position = "embeddings.position_embedding"
+    if position in state and state[position].shape[1] != config.num_tokens:
+        old = state[position].shape[1]
+        state[position] = resize_position_embedding(state[position], config.num_tokens)
+        notes.append(f"position embeddings resized from {old} to {config.num_tokens} tokens")
+    _apply(
+        _vision_names(encoder, ""),
+        _Tensors.from_dict(state),
+        None,
+        encoder,
+        source=str(path),
+        layout=f"{layout} image encoder",
+        droppable=set(),
+        ignorable=lambda key: False,
+    )
+    for note in notes:
+        logger.info("%s: %s", path, note)
+    return encoder.freeze()
+
+
 # ------------------------------------------------------------------ our own format
 
 
@@ -869,13 +1018,17 @@ def load_qformer(path: str | Path, **overrides: Any) -> QFormer:
 
 
 def load_checkpoint(path: str | Path, **kwargs: Any) -> Loaded:
-    """Load any supported checkpoint: a transformers folder, a LAVIS ``.pth``, or our ``.safetensors``."""
+    """Load any supported checkpoint: a transformers folder, a LAVIS ``.pth``, our ``.safetensors`` or a run
+    folder holding one (``model.safetensors``; the Q-Former alone: ``vision`` is ignored, see :func:`load_vision`)."""
     path = Path(path)
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        path = path / "model.safetensors"
     if path.is_dir():
         return load_transformers(path, **kwargs)
     if path.suffix in (".pth", ".pt"):
         return load_lavis(path, **kwargs)
     if path.suffix == ".safetensors":
+        kwargs.pop("vision", None)
         model = load_qformer(path, **kwargs)
         names = sorted(dict(model.named_parameters()))
         return Loaded(model, None, LoadReport(str(path), FORMAT, names, [], []))

@@ -7,6 +7,7 @@ list of valid ones.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,14 +20,33 @@ from blip2_fast.attention import check_backend
 T = TypeVar("T")
 
 
+_SCALARS = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _typed(cls: type, name: str, kind: str, value: Any, place: str) -> Any:
+    """``value`` as field ``name`` of type ``kind`` wants it; a value of another type is an error naming both."""
+    expected = _SCALARS.get(kind)
+    if expected is float and not isinstance(value, bool):
+        if isinstance(value, int):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                return float(value)
+    if expected is not None and (not isinstance(value, expected) or (expected is int and isinstance(value, bool))):
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise ValueError(f"{cls.__name__}.{name}{place} must be {article} {kind}, got {value!r}")
+    return value
+
+
 def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "") -> T:
-    """Build dataclass ``cls`` from ``data``; unknown keys are an error naming the valid ones."""
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(names))
+    """Build dataclass ``cls`` from ``data``; unknown keys and values of the wrong type are errors naming the
+    valid keys / the type expected."""
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    place = f" in {where}" if where else ""
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        place = f" in {where}" if where else ""
-        raise ValueError(f"unknown {cls.__name__} key(s) {unknown}{place}; valid keys: {', '.join(names)}")
-    return cls(**data)
+        raise ValueError(f"unknown {cls.__name__} key(s) {unknown}{place}; valid keys: {', '.join(fields)}")
+    return cls(**{k: _typed(cls, k, str(fields[k]), v, place) for k, v in data.items()})
 
 
 def load_file(path: str | Path) -> dict[str, Any]:

@@ -220,7 +220,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description="Retrieval R@1/5/10 and captions of a stage-1 checkpoint.")
     parser.add_argument("--checkpoint", required=True, help="model.safetensors of a run (or the run folder)")
     parser.add_argument("--config", default=None, help="training config (default: config.yaml beside the checkpoint)")
-    parser.add_argument("--vision", default=None, help="frozen ViT weights (default: vision.safetensors beside it)")
+    parser.add_argument(
+        "--vision",
+        default=None,
+        help="ViT weights, any source model.vision_weights takes (default: vision.safetensors beside it)",
+    )
     parser.add_argument("--k-test", type=int, default=None, help="candidates re-ranked by ITM (default: eval.k_test)")
     parser.add_argument("--annotations", default=None, help="caption JSON (COCO or LAVIS) to evaluate on instead")
     parser.add_argument("--images", default=None, help="image folder of --annotations")
@@ -250,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     config = load_config(config_path, overrides)
     device = _init_from_launcher()
     tokenizer = build_tokenizer(config)
-    vision = build_vision(config).to_device(device)
+    vision = build_vision(config).freeze().to_device(device)  # a fine-tuning run's config unfreezes it
     model = load_qformer(path).to(device).eval()
     _, held_out = build_datasets(config, vision.config.image_size)
     if held_out is None:

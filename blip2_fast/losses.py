@@ -208,7 +208,9 @@ class Stage1Loss(nn.Module):
             ctx_neg = ctx.index_select(neg_image)
             ids_all, mask_all = input_ids, mask
         else:
-            embeds_all = distributed.all_gather_no_grad(image_embeds.detach())
+            # a trainable ViT gets the gradient of its images wherever they served as negatives (LAVIS)
+            gather = distributed.all_gather_with_grad if image_embeds.requires_grad else distributed.all_gather_no_grad
+            embeds_all = gather(image_embeds)
             ctx_neg = model.image_context(embeds_all.index_select(0, neg_image))
             length = int(distributed.all_reduce_max(torch.tensor(input_ids.shape[1], device=input_ids.device)))
             ids, m = _pad_to(input_ids, mask, length, model.config.pad_token_id)

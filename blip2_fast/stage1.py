@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from blip2_fast.config import VisionConfig
 from blip2_fast.qformer import ImageContext, QFormer
 from blip2_fast.vision import ImageEncoder
 
@@ -161,17 +160,14 @@ class Blip2Stage1(nn.Module):
 
     @staticmethod
     def _run_vision(files: RunFiles) -> ImageEncoder:
-        vision_config = files.config.get("model", {}).get("vision")
-        if files.vision is None or not isinstance(vision_config, dict):
+        if files.vision is None:
             raise ValueError(
-                f"{files.model.parent}: a run folder needs vision.safetensors and config.yaml (model.vision) "
-                "beside model.safetensors; or pass vision=ImageEncoder(...)"
+                f"{files.model.parent}: a run folder needs vision.safetensors beside model.safetensors; "
+                "or pass vision=ImageEncoder(...)"
             )
-        from safetensors.torch import load_file
+        from blip2_fast.checkpoint import load_vision
 
-        vision = ImageEncoder(VisionConfig.from_dict(vision_config))
-        vision.load_state_dict(load_file(str(files.vision)))
-        return vision
+        return load_vision(files.vision)
 
     def to_device(self, device: torch.device | str) -> Blip2Stage1:
         """The Q-Former in fp32 on ``device``; the ViT in half precision there when it is a GPU."""

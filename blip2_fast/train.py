@@ -1,8 +1,9 @@
-"""Stage-1 pre-training of the Q-Former with DeepSpeed ZeRO (ITC + ITM + ITG).
+"""Stage-1 pre-training (and fine-tuning) of the Q-Former with DeepSpeed ZeRO (ITC + ITM + ITG).
 
     deepspeed blip2_fast/train.py --stage 1                 # the embedded default, any machine
     python blip2_fast/train.py --stage 1                    # same, one process, no launcher
     deepspeed --hostfile hosts blip2_fast/train.py --stage 1 --config configs/stage1_coco.yaml --train.steps 20000
+    deepspeed blip2_fast/train.py --stage 1 --config configs/stage1_coco_finetune.yaml   # a trained model, ViT too
 
 The embedded default (the defaults of :class:`TrainConfig`) trains a 6-layer
 Q-Former (hidden 384, 8 queries) initialised from the shipped MiniLM BERT on procedurally drawn shapes
@@ -13,8 +14,9 @@ A run folder ``<train.output_dir>/<train.name>/`` receives the resolved config
 (``config.yaml``), ``metrics.csv`` (and TensorBoard events when installed),
 ``curves.png``, DeepSpeed checkpoints under ``checkpoints/`` (atomic: a tag
 is written under a temporary name, renamed, and only then named in
-``latest``), the trainable model alone as ``model.safetensors`` and the frozen
-ViT as ``vision.safetensors``.
+``latest``), the trainable model alone as ``model.safetensors`` and the ViT as
+``vision.safetensors`` (as trained when ``model.freeze_vit`` is false: the ViT
+then runs inside the DeepSpeed engine, see :class:`Stage1WithVision`).
 
 Resuming (``--train.resume true``) restores the weights, optimizer, LR
 schedule, the data position (epoch permutation and offset), the torch / numpy
@@ -39,6 +41,7 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
 import time  # noqa: E402
@@ -67,8 +70,16 @@ class ModelSection:
     # hundreds of steps; 0.08 lets a few-minute run learn.
     qformer: dict = dataclasses.field(default_factory=lambda: {"num_query_tokens": 8, "initializer_range": 0.08})
     vision: dict = dataclasses.field(default_factory=lambda: {"preset": "small"})  # VisionConfig keys or a preset
-    # safetensors of the frozen ViT (Blip2VisionModel layout); None = random init from train.seed
+    # the ViT's weights: a transformers BLIP-2 folder, a run folder or its vision.safetensors, a LAVIS BLIP-2
+    # .pth or a bare EVA .pth (eva_vit_g.pth); another image size resizes its position embeddings.
+    # None = init's ViT, else a random one from train.seed
     vision_weights: str | None = None
+    # a trained BLIP-2 to start from instead of BERT (fine-tuning): a stage-1 run folder or its
+    # model.safetensors, a transformers BLIP-2 folder or a LAVIS .pth. model.qformer still applies on top
+    # of its config ({} keeps it as is), model.vision describes the ViT built around its weights.
+    init: str | None = None
+    freeze_vit: bool = True  # False trains the ViT too, as BLIP-2's COCO fine-tuning does
+    vit_grad_checkpoint: bool = False  # trainable ViT: recompute its activations in the backward
     max_text_length: int = 32
 
     def __post_init__(self) -> None:
@@ -76,6 +87,10 @@ class ModelSection:
         VisionConfig.from_dict(self.vision)
         if self.max_text_length < 2:
             raise ValueError(f"model.max_text_length must be >= 2 ([CLS] + a word), got {self.max_text_length}")
+        if self.vit_grad_checkpoint and self.freeze_vit:
+            raise ValueError(
+                "model.vit_grad_checkpoint needs model.freeze_vit=false (a frozen ViT keeps no activations)"
+            )
 
 
 DATA_SOURCES = ("synthetic", "caption_json", "webdataset")
@@ -125,12 +140,17 @@ class OptimSection:
     weight_decay: float = 0.05  # not on biases, norms or the temperature (parameters with ndim < 2), as LAVIS
     betas: list = dataclasses.field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    # trainable ViT: block i of L learns at lr * decay^(L - i), its embeddings at lr * decay^(L + 1)
+    # (LAVIS' lr_layer_decay; 0.95 in BLIP-2's COCO fine-tuning)
+    vit_layer_decay: float = 1.0
 
     def __post_init__(self) -> None:
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr and 0 <= self.warmup_lr <= self.lr):
             raise ValueError("optim needs lr > 0 and 0 <= min_lr, warmup_lr <= lr")
         if self.warmup_steps < 0 or self.weight_decay < 0 or len(self.betas) != 2:
             raise ValueError("optim.warmup_steps and weight_decay must be >= 0 and betas a pair")
+        if not 0 < self.vit_layer_decay <= 1:
+            raise ValueError(f"optim.vit_layer_decay must lie in (0, 1], got {self.vit_layer_decay}")
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -202,6 +222,10 @@ class TrainConfig:
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+
+    def __post_init__(self) -> None:
+        if self.data.feature_cache and not self.model.freeze_vit:
+            raise ValueError("data.feature_cache needs model.freeze_vit=true (a trainable ViT's features change)")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -388,23 +412,38 @@ def build_tokenizer(config: TrainConfig):
     return load_tokenizer(config.model.bert_path, max_length=config.model.max_text_length)
 
 
+def _existing(key: str, value: str) -> Path:
+    path = Path(value)
+    if not path.exists():
+        raise FileNotFoundError(f"{key}: not found: {path}")
+    return path
+
+
 def build_vision(config: TrainConfig):
+    """The ViT as ``model`` says: weights from ``vision_weights``, else ``init``, else random (frozen unless
+    ``freeze_vit`` is false)."""
     from blip2_fast.vision import ImageEncoder
 
-    vision = ImageEncoder(VisionConfig.from_dict(config.model.vision))
-    if config.model.vision_weights:
-        from safetensors.torch import load_file as load_tensors
+    m = config.model
+    vision_config = VisionConfig.from_dict(m.vision)
+    source = None
+    if m.vision_weights:
+        source = _existing("model.vision_weights", m.vision_weights)
+    elif m.init:
+        source = _existing("model.init", m.init)
+        if source.suffix == ".safetensors":  # a run's model.safetensors: its ViT lies beside it
+            source = source.parent
+    if source is not None:
+        from blip2_fast.checkpoint import load_vision
 
-        path = Path(config.model.vision_weights)
-        if not path.is_file():
-            raise FileNotFoundError(f"model.vision_weights: file not found: {path}")
-        vision.load_state_dict(load_tensors(str(path)))
+        vision = load_vision(source, vision_config)
     else:
-        vision.reset_parameters()  # drawn again after train.seed was set: the same ViT on every rank
-    return vision.freeze()
+        vision = ImageEncoder(vision_config)  # drawn after train.seed was set: the same ViT on every rank
+    return vision.freeze() if m.freeze_vit else vision.unfreeze(m.vit_grad_checkpoint)
 
 
 def build_qformer(config: TrainConfig, vision_width: int):
+    """The Q-Former from ``model.init`` when given, else from BERT, with ``model.qformer`` on top."""
     from blip2_fast.text import from_bert
 
     overrides = {"encoder_width": vision_width, **config.model.qformer}
@@ -412,6 +451,14 @@ def build_qformer(config: TrainConfig, vision_width: int):
         raise ValueError(
             f"model.qformer.encoder_width ({overrides['encoder_width']}) must equal the ViT width ({vision_width})"
         )
+    if config.model.init:
+        from blip2_fast.checkpoint import load_checkpoint
+
+        overrides.pop("preset", None)
+        try:
+            return load_checkpoint(_existing("model.init", config.model.init), vision=False, **overrides).qformer
+        except ValueError as err:
+            raise ValueError(f"{err} (model.qformer applies on top of model.init's config: {{}} keeps it)") from err
     return from_bert(config.model.bert_path, **overrides)
 
 
@@ -438,13 +485,54 @@ def register_zero3_external_parameters(stage1: torch.nn.Module) -> None:
         deepspeed.zero.register_external_parameter(stage1, p)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """LAVIS' split: parameters with fewer than 2 dims (biases, norms, temperature) get no weight decay."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+class Stage1WithVision(torch.nn.Module):
+    """What DeepSpeed wraps when the ViT trains too: pixels in, :class:`Stage1Loss` out. The ViT's parameters
+    then live in the engine: optimised, checkpointed and partitioned (ZeRO-3) like the Q-Former's."""
+
+    def __init__(self, vision: torch.nn.Module, stage1: torch.nn.Module):
+        super().__init__()
+        self.vision = vision
+        self.stage1 = stage1
+
+    @property
+    def qformer(self):
+        return self.stage1.qformer
+
+    @property
+    def sampler(self):
+        return self.stage1.sampler
+
+    def forward(self, pixels, input_ids, attention_mask, image_ids):
+        return self.stage1(self.vision(pixels), input_ids, attention_mask, image_ids)
+
+
+def vit_lr_scale(name: str, num_layers: int, decay: float) -> float:
+    """LAVIS' layer-wise lr decay of a trainable ViT (``vision.vit.*``): block i of ``num_layers`` learns at
+    decay^(L - i), the embeddings at decay^(L + 1); anything else (the Q-Former, ``ln_vision``) at 1."""
+    if name.startswith("vision.vit.embeddings."):
+        return decay ** (num_layers + 1)
+    if m := re.match(r"vision\.vit\.encoder\.layers\.(\d+)\.", name):
+        return decay ** (num_layers - int(m.group(1)))
+    return 1.0
+
+
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, lr: float = 1.0, vit_layer_decay: float = 1.0
+) -> list[dict[str, Any]]:
+    """LAVIS' split: parameters with fewer than 2 dims (biases, norms, temperature) get no weight decay; a
+    trainable ViT's learn at ``lr`` scaled by :func:`vit_lr_scale`. The groups at the full ``lr`` come first."""
+    vision = getattr(model, "vision", None)
+    num_layers = vision.config.num_hidden_layers if vision is not None else 0
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            scale = vit_lr_scale(name, num_layers, vit_layer_decay)
+            groups.setdefault((scale, p.ndim >= 2), []).append(p)
+    order = sorted(groups, key=lambda k: (-k[0], not k[1]))
+    return [
+        {"params": groups[scale, decay], "weight_decay": weight_decay if decay else 0.0, "lr": lr * scale}
+        for scale, decay in order
+    ]
 
 
 def lr_at(step: int, optim: OptimSection, total: int) -> float:
@@ -678,6 +766,21 @@ def export_trainable(engine, qformer_config: QFormerConfig, path: Path) -> Path 
     return save_qformer(plain, path)
 
 
+def export_vision(engine, path: Path) -> Path | None:
+    """A trained ViT (``engine.module.vision``) as ``save_vision`` writes it, gathered from ZeRO-3 partitions
+    if needed. Rank 0 writes."""
+    import deepspeed
+
+    from blip2_fast.checkpoint import save_vision
+
+    vision = engine.module.vision
+    params = list(vision.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=_zero_stage(engine) == 3):
+        if distributed.get_rank() == 0:
+            return save_vision(vision, path)
+    return None
+
+
 def _zero_stage(engine) -> int:
     return int(engine.zero_optimization_stage())
 
@@ -785,10 +888,9 @@ def build_engine(module: torch.nn.Module, config, ds_config: dict[str, Any]):
     import deepspeed
 
     optim = config.optim
-    optimizer = torch.optim.AdamW(
-        param_groups(module, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps
-    )
-    # LambdaLR multiplies the base lr, so the schedule is written as a ratio to optim.lr
+    groups = param_groups(module, optim.weight_decay, optim.lr, optim.vit_layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+    # LambdaLR multiplies each group's base lr, so the schedule is written as a ratio to optim.lr
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, optim, config.train.steps) / optim.lr)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return engine, optimizer, scheduler
@@ -830,12 +932,12 @@ def run(config: TrainConfig) -> dict[str, Any]:
         register_zero3_external_parameters(stage1)
     vision = vision.to_device(device)
     if rank == 0:
-        from blip2_fast.checkpoint import save_tensors
+        from blip2_fast.checkpoint import save_vision
 
-        state = {k: v.detach().float().cpu().contiguous() for k, v in vision.state_dict().items()}
-        save_tensors(state, run_dir / "vision.safetensors")
+        save_vision(vision, run_dir / "vision.safetensors")  # a trainable ViT's is replaced at the end
 
-    engine, _, scheduler = build_engine(stage1, config, ds_config)
+    train_vit = not vision.frozen
+    engine, _, scheduler = build_engine(Stage1WithVision(vision, stage1) if train_vit else stage1, config, ds_config)
     precision = "bf16" if ds_config["bf16"]["enabled"] else "fp16" if ds_config["fp16"]["enabled"] else "fp32"
     step, micro_step = resume_position(engine, config, ckpt_dir)
     log = MetricsLog(run_dir, step) if rank == 0 else None
@@ -871,12 +973,14 @@ def run(config: TrainConfig) -> dict[str, Any]:
         micro_step, batch = next(stream)
         skipped += int(batch["skipped"])
         pixels = batch["pixels"].to(device)
-        if features is not None:
-            image_embeds = features(batch["indices"], pixels).to(device=device, dtype=vision_dtype)
+        if train_vit:
+            image_input = pixels  # the engine runs the ViT
+        elif features is not None:
+            image_input = features(batch["indices"], pixels).to(device=device, dtype=vision_dtype)
         else:
-            image_embeds = vision(pixels)  # frozen, no_grad, half precision on GPU
+            image_input = vision(pixels)  # frozen, no_grad, half precision on GPU
         out = engine(
-            image_embeds,
+            image_input,
             batch["input_ids"].to(device),
             batch["attention_mask"].to(device),
             torch.as_tensor(batch["image_ids"], device=device),
@@ -918,6 +1022,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
     save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints)
     model_path = run_dir / "model.safetensors"
     export_trainable(engine, qformer.config, model_path)
+    if train_vit:
+        export_vision(engine, run_dir / "vision.safetensors")
     distributed.barrier()
 
     result: dict[str, Any] = {"history": history, "run_dir": run_dir, "model": model_path, "precision": precision}
@@ -926,6 +1032,10 @@ def run(config: TrainConfig) -> dict[str, Any]:
         from blip2_fast.evaluate import evaluate_run
 
         plain = load_qformer(model_path).to(device).eval()
+        if train_vit:
+            from blip2_fast.checkpoint import load_vision
+
+            vision = load_vision(run_dir / "vision.safetensors").to_device(device)
         metrics = evaluate_run(plain, vision, held_out, tokenizer, config, device)
         result["eval"] = metrics
         if rank == 0:
@@ -955,6 +1065,7 @@ def _print_outputs(run_dir, ckpt_dir, model_path, plot, history, metrics) -> Non
         print(f"  curves          {Path(plot).resolve()}")
     print(f"  checkpoints     {ckpt_dir.resolve()} (latest: {(ckpt_dir / 'latest').read_text().strip()})")
     print(f"  trainable model {model_path.resolve()}")
+    print(f"  image encoder   {(run_dir / 'vision.safetensors').resolve()}")
     print(f"  evaluate again  python -m blip2_fast.evaluate --checkpoint {model_path}")
 
 

@@ -29,7 +29,8 @@ def hf_vision_config(config: VisionConfig) -> Blip2VisionConfig:
 
 
 class ImageEncoder(nn.Module):
-    """Frozen ViT: always eval mode, no gradients, half precision on GPU.
+    """The ViT: frozen by default (always eval mode, no gradients, half precision on GPU); :meth:`unfreeze`
+    makes it trainable, as BLIP-2's fine-tuning recipes do.
 
     ``forward(pixels (B, 3, S, S)) -> (B, N, E)`` features, N = (S / patch)^2 + 1.
     """
@@ -37,6 +38,7 @@ class ImageEncoder(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.config = config
+        self.frozen = True
         self.vit = Blip2VisionModel(hf_vision_config(config))
         self.vit.post_layernorm = nn.Identity()
         self.reset_parameters()
@@ -59,24 +61,40 @@ class ImageEncoder(nn.Module):
                 nn.init.trunc_normal_(p, std=0.02)
 
     def freeze(self) -> ImageEncoder:
+        self.frozen = True
         self.requires_grad_(False)
         return self.eval()
 
+    def unfreeze(self, grad_checkpoint: bool = False) -> ImageEncoder:
+        """Trainable from here on; ``grad_checkpoint`` recomputes each block's activations in the backward
+        (what LAVIS does for EVA ViT-g at 364 px, whose activations would not fit otherwise)."""
+        self.frozen = False
+        self.requires_grad_(True)
+        # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*
+        enable = getattr(self.vit, "activation_checkpointing_enable", self.vit.gradient_checkpointing_enable)
+        disable = getattr(self.vit, "activation_checkpointing_disable", self.vit.gradient_checkpointing_disable)
+        if grad_checkpoint:
+            enable()
+        else:
+            disable()
+        return self
+
     def train(self, mode: bool = True) -> ImageEncoder:
-        return super().train(False)  # frozen: dropout and the like stay off
+        return super().train(mode and not self.frozen)  # frozen: dropout and the like stay off
 
     def to_device(self, device: torch.device | str) -> ImageEncoder:
-        """Move to ``device``; on GPU also cast to half precision when the config asks for it."""
+        """Move to ``device``; on GPU also cast a frozen encoder to half precision when the config asks for it
+        (a trainable one keeps fp32 weights: its precision is the training's)."""
         device = torch.device(device)
         dtype = torch.float32
-        if device.type == "cuda" and self.config.half_precision:
+        if device.type == "cuda" and self.config.half_precision and self.frozen:
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return self.to(device=device, dtype=dtype)
 
-    @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         size = self.config.image_size
         if pixels.dim() != 4 or pixels.shape[1:] != (3, size, size):
             raise ValueError(f"pixels must have shape (B, 3, {size}, {size}), got {tuple(pixels.shape)}")
         dtype = self.vit.embeddings.patch_embedding.weight.dtype
-        return self.vit(pixel_values=pixels.to(dtype)).last_hidden_state
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            return self.vit(pixel_values=pixels.to(dtype)).last_hidden_state

@@ -368,3 +368,85 @@ def test_an_interrupted_folder_export_keeps_the_earlier_folder(hf_model, tmp_pat
         save_transformers(loaded.qformer, loaded.vision, out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "hf"]  # no scratch folder left behind
+
+
+# ------------------------------------------------------------------ the image encoder alone
+
+
+def _vit_features(hf_model, pixels, **kwargs):
+    """transformers' ViT output before post_layernorm (which is our ln_vision, not part of the encoder)."""
+    with torch.no_grad():
+        return hf_model.vision_model(pixels, output_hidden_states=True, **kwargs).hidden_states[-1]
+
+
+@pytest.fixture(scope="module")
+def vision_config(hf_model):
+    from blip2_fast.checkpoint import vision_config_from_transformers
+
+    return vision_config_from_transformers(hf_model.config.to_dict())
+
+
+def test_image_encoder_loads_from_every_source(hf_model, lavis_path, vision_config, tmp_path):
+    from blip2_fast.checkpoint import load_vision, save_vision
+
+    pixels = torch.randn(2, 3, 56, 56)
+    expected = _vit_features(hf_model, pixels)
+    hf_model.save_pretrained(tmp_path / "hf")
+    from_transformers = load_vision(tmp_path / "hf")
+    assert from_transformers.config == vision_config
+    from_lavis = load_vision(lavis_path, vision_config)  # EVA's head count cannot be read from shapes
+
+    # LAVIS' eva_vit_g.pth: the bare EVA state dict, a 40th block BLIP-2 drops, a classifier norm it never runs
+    eva = {
+        k.removeprefix("visual_encoder."): v
+        for k, v in torch.load(lavis_path, weights_only=True)["model"].items()
+        if k.startswith("visual_encoder.")
+    }
+    eva.update({k.replace("blocks.1.", "blocks.2."): v + 1 for k, v in eva.items() if k.startswith("blocks.1.")})
+    eva["norm.weight"] = torch.ones(32)
+    torch.save(eva, tmp_path / "eva_vit_g.pth")
+    from_eva = load_vision(tmp_path / "eva_vit_g.pth", vision_config)
+
+    save_vision(from_transformers, tmp_path / "vision.safetensors")
+    from_ours = load_vision(tmp_path / "vision.safetensors")  # the config travels in the metadata
+    for encoder in (from_transformers, from_lavis, from_eva, from_ours):
+        assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
+        assert (encoder(pixels) - expected).abs().max() <= TOL
+
+
+def test_another_image_size_resizes_the_position_embeddings_as_transformers_does(hf_model, vision_config, tmp_path):
+    """BLIP-2 fine-tunes at 364 px from 224 px weights; here 56 px (4 x 4 patches) -> 84 px (6 x 6)."""
+    import dataclasses
+
+    from blip2_fast.checkpoint import load_vision, resize_position_embedding
+
+    hf_model.save_pretrained(tmp_path / "hf")
+    larger = load_vision(tmp_path / "hf", dataclasses.replace(vision_config, image_size=84))
+    assert larger.vit.embeddings.position_embedding.shape == (1, 37, 32)
+    pixels = torch.randn(2, 3, 84, 84)
+    expected = _vit_features(hf_model, pixels, interpolate_pos_encoding=True)
+    assert (larger(pixels) - expected).abs().max() <= TOL
+
+    position = hf_model.vision_model.embeddings.position_embedding.detach()
+    assert resize_position_embedding(position, 17) is position
+    back = resize_position_embedding(resize_position_embedding(position, 37), 17)
+    assert torch.equal(back[:, 0], position[:, 0]) and not torch.equal(back, position)  # a resize, not a copy
+    with pytest.raises(ValueError, match=r"1 \+ G\*G; got \(1, 17, 32\) and 30"):
+        resize_position_embedding(position, 30)
+
+
+def test_image_encoder_errors_name_what_does_not_fit(hf_model, vision_config, tmp_path):
+    import dataclasses
+
+    from blip2_fast.checkpoint import load_vision
+
+    hf_model.save_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match=r"shape mismatches: .*encoder\.layers\.0\.mlp\.fc1\.weight"):
+        load_vision(tmp_path / "hf", dataclasses.replace(vision_config, intermediate_size=64))
+    with pytest.raises(ValueError, match=r"missing keys: encoder\.layers\.2\."):
+        load_vision(tmp_path / "hf", dataclasses.replace(vision_config, num_hidden_layers=3))
+    torch.save({"model": {"Qformer.bert.embeddings.LayerNorm.weight": torch.ones(4)}}, tmp_path / "qformer_only.pth")
+    with pytest.raises(ValueError, match=r"expected a LAVIS BLIP-2 checkpoint \(visual_encoder\.\* keys\) or a bare"):
+        load_vision(tmp_path / "qformer_only.pth")
+    with pytest.raises(FileNotFoundError, match="image encoder weights not found"):
+        load_vision(tmp_path / "nothing.safetensors")

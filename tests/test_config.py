@@ -54,3 +54,15 @@ def test_config_files(tmp_path, suffix):
     assert cfg.num_query_tokens == 4 and cfg.hidden_size == 64
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
         load_file(tmp_path / "missing.yaml")
+
+
+def test_values_are_checked_against_the_field_types():
+    # YAML 1.1 reads 1e-6 (no dot) as a string: a float field takes it as the number it names
+    assert VisionConfig.from_dict({"preset": "tiny", "layer_norm_eps": "1e-6"}).layer_norm_eps == 1e-6
+    assert QFormerConfig.from_dict({"preset": "tiny", "hidden_dropout_prob": 0}).hidden_dropout_prob == 0.0
+    with pytest.raises(ValueError, match=r"VisionConfig.layer_norm_eps must be a float, got 'small'"):
+        VisionConfig.from_dict({"layer_norm_eps": "small"})
+    with pytest.raises(ValueError, match=r"QFormerConfig.num_query_tokens must be an int, got '32'"):
+        QFormerConfig.from_dict({"num_query_tokens": "32"})
+    with pytest.raises(ValueError, match=r"QFormerConfig.ffn_recompute must be a bool, got 1"):
+        QFormerConfig.from_dict({"ffn_recompute": 1})

@@ -299,3 +299,58 @@ def test_gathers_across_two_ranks():
         assert torch.equal(grad, torch.full((2, 3), 3.0 * (rank + 1)))
         # without grad: only my own weight on my own slice
         assert torch.equal(grad_ng, torch.full((2, 3), float((rank + 1) * (rank + 1))))
+
+
+def _itm_vit_setup():
+    """A trainable tiny ViT under the tiny Q-Former, and a global batch of 8 (the same in every process)."""
+    from blip2_fast.config import VisionConfig
+    from blip2_fast.vision import ImageEncoder
+
+    torch.manual_seed(0)
+    vision = ImageEncoder(VisionConfig.preset("tiny")).unfreeze()
+    stage1 = Stage1Loss(tiny_model(), BOS, seed=5)
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.randn(8, 3, 32, 32, generator=g)
+    ids = torch.randint(2, 100, (8, 6), generator=g)
+    return vision, stage1, pixels, ids, torch.ones(8, 6, dtype=torch.bool), torch.arange(8)
+
+
+def _itm_vit_grads(vision, stage1, pixels, ids, mask, image_ids):
+    out = stage1(vision(pixels), ids, mask, image_ids)
+    out.itm.backward()
+    return out.itm.detach(), [p.grad for p in vision.parameters()]
+
+
+def _itm_vit_worker(rank: int, world: int, port: int, out: dict) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        vision, stage1, *batch = _itm_vit_setup()
+        share = slice(rank * 4, (rank + 1) * 4)
+        itm, grads = _itm_vit_grads(vision, stage1, *(t[share] for t in batch))
+        for grad in grads:  # what data-parallel training applies: the mean over ranks
+            dist.all_reduce(grad)
+            grad /= world
+        dist.all_reduce(itm)
+        out[rank] = (itm / world, [g.clone() for g in grads])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_trainable_vit_gets_the_itm_gradient_of_its_images_on_other_ranks():
+    """A rank's images serve as hard negatives on other ranks too: with a trainable ViT, the ITM gradient of
+    2 ranks x 4 (averaged, as data-parallel training does) equals that of one rank x 8."""
+    import torch.multiprocessing as mp
+
+    from blip2_fast.train import _free_port
+
+    itm, grads = _itm_vit_grads(*_itm_vit_setup())
+    out = mp.Manager().dict()
+    mp.spawn(_itm_vit_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    for rank in range(2):
+        itm2, grads2 = out[rank]
+        torch.testing.assert_close(itm2, itm, atol=1e-6, rtol=1e-5)
+        for a, b in zip(grads2, grads, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

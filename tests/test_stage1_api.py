@@ -88,7 +88,7 @@ def test_run_folder_round_trip(tmp_path, images, make_run_folder):
     assert ids.shape[1] == 6  # truncated to the run's max_text_length
 
     (tmp_path / "vision.safetensors").unlink()
-    with pytest.raises(ValueError, match="vision.safetensors and config.yaml"):
+    with pytest.raises(ValueError, match="a run folder needs vision.safetensors beside model.safetensors"):
         Blip2Stage1.from_pretrained(tmp_path)
     model = Blip2Stage1.from_pretrained(tmp_path, vision=vision)  # or the ViT given by hand
     assert model.vision is vision

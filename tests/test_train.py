@@ -62,6 +62,9 @@ def test_defaults_equal_the_shipped_default_yaml():
 def test_real_run_config_and_deepspeed_jsons_load():
     config = load_config(ROOT / "configs" / "stage1_coco.yaml")
     assert config.data.source == "caption_json" and config.model.qformer == {}
+    finetune = load_config(ROOT / "configs" / "stage1_coco_finetune.yaml")
+    assert not finetune.model.freeze_vit and finetune.model.vision["image_size"] == 364
+    assert finetune.optim.vit_layer_decay == 0.95 and finetune.optim.min_lr == 0.0
     for stage in (1, 2, 3):
         path = ROOT / "configs" / f"ds_zero{stage}.json"
         config = load_config(None, [("train.deepspeed_config", str(path))])
@@ -164,6 +167,72 @@ def test_no_weight_decay_on_biases_norms_and_temperature():
     assert "temp" in nd and "ln_vision.weight" in nd and "layers.0.self_attn.query.bias" in nd
     assert "layers.0.self_attn.query.weight" in d and "query_tokens" in d  # LAVIS decays the queries
     assert not nd & d and len(nd) + len(d) == len(list(model.parameters()))
+
+
+def test_trainable_vit_learns_at_lavis_layer_wise_rates():
+    from blip2_fast.config import QFormerConfig, VisionConfig
+    from blip2_fast.losses import Stage1Loss
+    from blip2_fast.qformer import QFormer
+    from blip2_fast.train import Stage1WithVision
+    from blip2_fast.vision import ImageEncoder
+
+    vision = ImageEncoder(VisionConfig.preset("tiny")).unfreeze()  # 2 blocks
+    stage1 = Stage1Loss(QFormer(QFormerConfig.preset("tiny")), bos_token_id=1)
+    model = Stage1WithVision(vision, stage1)
+    groups = param_groups(model, 0.05, lr=1e-4, vit_layer_decay=0.5)
+    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    expected = {
+        "vision.vit.embeddings.patch_embedding.weight": (1e-4 * 0.5**3, 0.05),  # decay^(L + 1), L = 2
+        "vision.vit.embeddings.class_embedding": (1e-4 * 0.5**3, 0.05),
+        "vision.vit.encoder.layers.0.mlp.fc1.weight": (1e-4 * 0.5**2, 0.05),  # decay^(L - i)
+        "vision.vit.encoder.layers.1.layer_norm1.bias": (1e-4 * 0.5, 0.0),
+        "stage1.qformer.ln_vision.weight": (1e-4, 0.0),  # not part of the ViT
+        "stage1.qformer.layers.0.self_attn.query.weight": (1e-4, 0.05),
+    }
+    named = dict(model.named_parameters())
+    for name, (lr, decay) in expected.items():
+        assert lr_of[id(named[name])] == (pytest.approx(lr), decay), name
+    assert len(lr_of) == len(named)  # every parameter in exactly one group
+    assert groups[0]["lr"] == 1e-4  # the group whose lr the metrics log reports
+    frozen = Stage1WithVision(ImageEncoder(VisionConfig.preset("tiny")), stage1)
+    assert len(param_groups(frozen, 0.05, lr=1e-4, vit_layer_decay=0.5)) == 2  # a frozen ViT is not optimised
+
+
+def test_trainable_vit_checkpointing_saves_memory_not_accuracy():
+    from blip2_fast.config import VisionConfig
+    from blip2_fast.vision import ImageEncoder
+
+    vision = ImageEncoder(VisionConfig.preset("tiny"))
+    pixels = torch.randn(2, 3, 32, 32)
+    assert not vision(pixels).requires_grad and not vision.train().training  # frozen: no graph, eval mode
+    saved, grads = [], []
+    for checkpoint in (False, True):
+        vision.zero_grad()
+        vision.unfreeze(grad_checkpoint=checkpoint).train()
+        assert vision.training
+        nbytes = [0]
+
+        def pack(t, nbytes=nbytes):
+            nbytes[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = vision(pixels)
+        (out**2).sum().backward()
+        saved.append(nbytes[0])
+        grads.append([p.grad.clone() for p in vision.parameters()])
+    assert saved[1] < saved[0] / 2
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_fine_tuning_options_are_checked():
+    with pytest.raises(ValueError, match="model.vit_grad_checkpoint needs model.freeze_vit=false"):
+        load_config(None, [("model.vit_grad_checkpoint", "true")])
+    with pytest.raises(ValueError, match=r"data.feature_cache needs model.freeze_vit=true"):
+        load_config(None, [("model.freeze_vit", "false"), ("data.feature_cache", "true")])
+    with pytest.raises(ValueError, match=r"optim.vit_layer_decay must lie in \(0, 1\]"):
+        load_config(None, [("optim.vit_layer_decay", "1.5")])
 
 
 # ------------------------------------------------------------------ data order
@@ -364,6 +433,69 @@ def test_feature_cache_serves_later_epochs(tmp_path):
     assert not (tmp_path / "plain" / "vit_features_rank0.npy").exists()
     with pytest.raises(ValueError, match="feature_cache needs data.augment=false"):
         load_config(None, [("data.feature_cache", "true"), ("data.augment", "true")])
+
+
+@pytest.mark.slow
+def test_fine_tuning_starts_from_a_trained_model_and_trains_its_vit(tmp_path, hf_retrieval_folder):
+    """BLIP-2's COCO fine-tuning in small: a trained model as init, a larger image size, the ViT trained too.
+
+    - From a run of ours at 48 px (its 32 px ViT resized): one step at lr 0 must export exactly the init,
+      the Q-Former bit for bit and the ViT as ``load_vision`` resizes it.
+    - From a transformers BLIP-2 folder at 84 px (its 56 px ViT resized), with layer-wise decay and
+      activation checkpointing: every ViT block learns, and the run's model serves at 84 px afterwards.
+    """
+    from safetensors.torch import load_file
+
+    from blip2_fast import Blip2Stage1
+    from blip2_fast.checkpoint import load_vision
+    from blip2_fast.config import VisionConfig
+
+    common = TINY + [("train.output_dir", str(tmp_path)), ("train.evaluate", "false"), ("train.steps", "1")]
+    unfrozen = [("model.freeze_vit", "false"), ("model.vit_grad_checkpoint", "true")]
+    at_lr_0 = [("optim.warmup_lr", "0"), ("optim.warmup_steps", "5")]
+    hf_vision = {**load_vision(hf_retrieval_folder).config.to_dict(), "image_size": 84}
+    from_hf = [o for o in common if not o[0].startswith(("model.qformer", "model.vision"))] + [
+        ("model.init", str(hf_retrieval_folder)),
+        ("model.qformer", "{hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}"),
+        ("model.vision", json.dumps(hf_vision)),
+        ("optim.vit_layer_decay", "0.9"),
+        ("train.steps", "2"),
+        ("train.evaluate", "true"),
+    ]
+    result = _train_in_subprocess(
+        tmp_path,
+        f"""
+        common = {common!r}
+        run(load_config(None, common + [("train.name", "pretrained")]))
+        init = [("model.init", {str(tmp_path / "pretrained")!r}), ("model.vision.image_size", "48")]
+        run(load_config(None, common + init + {unfrozen!r} + {at_lr_0!r} + [("train.name", "lr0")]))
+        hf = run(load_config(None, {from_hf!r} + {unfrozen!r} + [("train.name", "hf")]))
+        result = [hf["history"], hf["eval"]["n_images"]]
+        """,
+    )
+    pretrained, lr0, hf = (tmp_path / name for name in ("pretrained", "lr0", "hf"))
+    before, after = load_file(pretrained / "model.safetensors"), load_file(lr0 / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    tiny48 = VisionConfig.preset("tiny", image_size=48)
+    resized = load_vision(pretrained, tiny48).state_dict()
+    exported = load_vision(lr0)
+    assert exported.config == tiny48 and resized.keys() == exported.state_dict().keys()
+    assert all(torch.equal(resized[k], v) for k, v in exported.state_dict().items())
+
+    history, n_images = result
+    assert len(history) == 2 and n_images == 12
+    start = load_vision(hf_retrieval_folder, VisionConfig.from_dict(hf_vision)).state_dict()
+    trained = load_vision(hf).state_dict()
+    for i in range(hf_vision["num_hidden_layers"]):
+        key = f"vit.encoder.layers.{i}.mlp.fc1.weight"
+        assert not torch.equal(start[key], trained[key]), key
+    assert not torch.equal(start["vit.embeddings.position_embedding"], trained["vit.embeddings.position_embedding"])
+    model = Blip2Stage1.from_pretrained(hf)
+    assert model.vision.config.image_size == 84
+    assert torch.equal(
+        model.vision.state_dict()["vit.encoder.layers.0.mlp.fc1.weight"], trained[key.replace("1.", "0.", 1)]
+    )
+    assert model.itc_scores(torch.randn(2, 3, 84, 84), ["a red circle", "a blue square"]).shape == (2, 2)
 
 
 @pytest.mark.slow
