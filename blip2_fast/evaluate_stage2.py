@@ -1,0 +1,174 @@
+"""Stage-2 evaluation as LAVIS' captioning and VQA tasks run it: generate, then score.
+
+    python -m blip2_fast.evaluate_stage2 --model runs/stage2-default --task caption \
+        --annotations coco_karpathy_test.json --images coco/              # BLEU-1..4 and CIDEr
+    python -m blip2_fast.evaluate_stage2 --model blip2-opt-2.7b/ --task vqa \
+        --annotations okvqa_val.json --images coco/                        # VQAv2 accuracy
+
+``--model`` is a transformers ``Blip2ForConditionalGeneration`` folder with its
+tokenizer (what ``save_pretrained`` writes, and what a stage-2 run exports under
+``transformers/``) or a stage-2 run folder. Captions: one per image, scored
+against every reference caption of that image with COCO's BLEU and CIDEr-D
+(:mod:`blip2_fast.metrics`). VQA: one answer per question through BLIP-2's
+short-answer prompt, scored with the VQAv2 accuracy. The generation defaults are
+LAVIS' (beam 5; captions 8 to 30 new tokens; answers at most 10, length penalty
+-1 so that beams prefer short answers). Predictions and scores go to ``--out``.
+One process; ``--limit`` evaluates the first images or questions only.
+
+Not modelled: LAVIS' OK-VQA evaluation lemmatises answers with spaCy first; the
+human answers are compared as the annotation file stores them (see
+:func:`blip2_fast.metrics.vqa_accuracy`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from blip2_fast.stage2 import VQA_PROMPT, answer, caption
+
+TASKS = ("caption", "vqa")
+# LAVIS' generation settings: caption_coco_opt*.yaml and the VQA evaluation of blip2_opt / blip2_t5
+DEFAULTS = {
+    "caption": dict(prompt="", max_new_tokens=30, min_new_tokens=8, length_penalty=1.0),
+    "vqa": dict(prompt=VQA_PROMPT, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0),
+}
+
+
+def load_stage2(source: str | Path):
+    """(Blip2Stage2, tokenizer) from a ``Blip2ForConditionalGeneration`` folder or a stage-2 run folder."""
+    from transformers import AutoTokenizer
+
+    from blip2_fast.stage2_convert import load_transformers
+
+    folder = Path(source)
+    if not (folder / "config.json").is_file() and (folder / "transformers" / "config.json").is_file():
+        folder = folder / "transformers"  # a stage-2 run folder
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{source}: expected a Blip2ForConditionalGeneration folder or a stage-2 run folder")
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        raise FileNotFoundError(f"{folder}: no tokenizer files (tokenizer.json / tokenizer_config.json) beside it")
+    return load_transformers(folder).eval(), AutoTokenizer.from_pretrained(str(folder))
+
+
+def read_vqa(path: str | Path) -> list[dict[str, Any]]:
+    """Questions of a VQA JSON: a list of ``{"question_id", "image", "question", "answer": [str, ...]}``
+    (LAVIS' layout; ``"answers"`` and VQAv2's ``[{"answer": str}, ...]`` are read too)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"VQA annotation file not found: {path}")
+    data = json.loads(path.read_text())
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{path}: expected a non-empty JSON list of questions")
+    out = []
+    for n, entry in enumerate(data):
+        answers = entry.get("answer", entry.get("answers")) if isinstance(entry, Mapping) else None
+        if isinstance(answers, str):
+            answers = [answers]
+        if isinstance(answers, list):
+            answers = [a["answer"] if isinstance(a, Mapping) else a for a in answers]
+        fields_ok = isinstance(entry, Mapping) and all(isinstance(entry.get(k), str) for k in ("image", "question"))
+        if not fields_ok or "question_id" not in entry or not answers or not all(isinstance(a, str) for a in answers):
+            raise ValueError(
+                f"{path}: entry {n} must hold 'question_id', 'image' (str), 'question' (str) and 'answer' "
+                f"(a non-empty list of str), got {entry!r:.200}"
+            )
+        out.append({"question_id": entry["question_id"], "image": entry["image"], "question": entry["question"],
+                    "answers": answers})  # fmt: skip
+    return out
+
+
+def _batches(items: Sequence[Any], size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def evaluate_captions(model, tokenizer, annotations, image_root, *, batch_size=16, limit=None, prompt="", **options):
+    """Caption every image of a caption JSON (``data.CaptionJSON``'s layouts) and score against its references.
+    Returns ``{"scores": {bleu_1 .. bleu_4, cider}, "predictions": [{"image", "caption"}]}``."""
+    from blip2_fast.data import CaptionJSON
+    from blip2_fast.metrics import caption_scores
+
+    data = CaptionJSON(annotations, image_root)
+    references: dict[str, list[str]] = {}
+    for image, text, _ in data.samples:
+        references.setdefault(image, []).append(text)
+    images = list(references)[:limit]
+    predictions: dict[str, str] = {}
+    for chunk in _batches(images, batch_size):
+        texts = caption(model, tokenizer, images=[data.image_root / i for i in chunk], prompt=prompt, **options)
+        predictions.update(zip(chunk, texts, strict=True))
+    scores = caption_scores(predictions, {i: references[i] for i in images})
+    return {"scores": scores, "predictions": [{"image": i, "caption": c} for i, c in predictions.items()]}
+
+
+def evaluate_vqa(model, tokenizer, annotations, image_root, *, batch_size=16, limit=None, prompt=VQA_PROMPT, **options):
+    """Answer every question of a VQA JSON (:func:`read_vqa`) and score with the VQAv2 accuracy.
+    Returns ``{"scores": {"accuracy": percent}, "predictions": [{"question_id", "answer"}]}``."""
+    from blip2_fast.metrics import vqa_accuracy
+
+    questions = read_vqa(annotations)[:limit]
+    root = Path(image_root)
+    predictions: dict[Any, str] = {}
+    for chunk in _batches(questions, batch_size):
+        texts = answer(
+            model, tokenizer, [q["question"] for q in chunk], images=[root / q["image"] for q in chunk],
+            template=prompt, **options,
+        )  # fmt: skip
+        predictions.update(zip((q["question_id"] for q in chunk), texts, strict=True))
+    accuracy = vqa_accuracy(predictions, {q["question_id"]: q["answers"] for q in questions})["accuracy"]
+    return {
+        "scores": {"accuracy": accuracy},
+        "predictions": [{"question_id": k, "answer": v} for k, v in predictions.items()],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description="Score a BLIP-2 stage-2 model on captions (BLEU, CIDEr) or VQA.")
+    parser.add_argument("--model", required=True, help="Blip2ForConditionalGeneration folder or stage-2 run folder")
+    parser.add_argument("--task", required=True, choices=TASKS)
+    parser.add_argument("--annotations", required=True, help="caption JSON (COCO or LAVIS) or VQA JSON")
+    parser.add_argument("--images", required=True, help="the folder the annotations' image paths are relative to")
+    parser.add_argument("--prompt", default=None, help="caption prefix / VQA template with {} (default: LAVIS')")
+    parser.add_argument("--num-beams", type=int, default=5)
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--min-new-tokens", type=int, default=None)
+    parser.add_argument("--length-penalty", type=float, default=None)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--limit", type=int, default=None, help="the first N images (caption) or questions (vqa)")
+    parser.add_argument("--out", default=None, help="JSON file for the scores and every prediction")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        parser.error("--batch-size and --limit must be >= 1")
+    given = dict(prompt=args.prompt, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                 length_penalty=args.length_penalty)  # fmt: skip
+    options = {**DEFAULTS[args.task], **{k: v for k, v in given.items() if v is not None}}
+
+    model, tokenizer = load_stage2(args.model)
+    model.to_device("cuda" if torch.cuda.is_available() else "cpu")
+    run = evaluate_captions if args.task == "caption" else evaluate_vqa
+    result = run(
+        model, tokenizer, args.annotations, args.images, batch_size=args.batch_size, limit=args.limit,
+        num_beams=args.num_beams, **options,
+    )  # fmt: skip
+    count = len(result["predictions"])
+    what = "images" if args.task == "caption" else "questions"
+    print(f"{args.task} on {count} {what}: " + "  ".join(f"{k} {v:.4f}" for k, v in result["scores"].items()))
+    if args.out:
+        out = Path(args.out)
+        partial = out.with_name(f".{out.name}.partial")
+        partial.write_text(
+            json.dumps({"task": args.task, "model": str(args.model), "options": options, **result}, indent=1)
+        )
+        os.replace(partial, out)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Stage-2 evaluation: a transformers folder in, captions and answers generated from image files, scored.
+
+The model is the tiny random stage-2 model (a 2-layer OPT): its words are noise, so
+the tests check the plumbing that a real model relies on: every image and question
+reaches the model as ``caption`` / ``answer`` would take it, and the scores are the
+metrics of exactly those predictions against the right references.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from blip2_fast.evaluate_stage2 import load_stage2, main, read_vqa
+from blip2_fast.metrics import caption_scores
+from blip2_fast.stage2 import answer, caption, default_stage2_model
+from blip2_fast.stage2_convert import save_transformers
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage2_eval")
+    torch.manual_seed(0)
+    model, tokenizer = default_stage2_model()
+    save_transformers(model, root / "transformers", tokenizer=tokenizer)  # the root reads as a run folder
+    g = torch.Generator().manual_seed(0)
+    for n in range(3):
+        pixels = (torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(root / f"img{n}.png")
+    return root
+
+
+OPTIONS = dict(num_beams=2, max_new_tokens=5, min_new_tokens=1)
+
+
+def test_captions_are_scored_against_the_references_of_their_image(folder):
+    references = {
+        "img0.png": ["a red circle", "a circle that is red"],
+        "img1.png": ["two blue squares"],
+        "img2.png": ["a green cross", "green cross on white", "a cross"],
+    }
+    annotations = [{"image": image, "caption": texts} for image, texts in references.items()]
+    (folder / "captions.json").write_text(json.dumps(annotations))
+    out = folder / "caption_result.json"
+    args = [
+        "--model",
+        str(folder / "transformers"),
+        "--task",
+        "caption",
+        "--annotations",
+        str(folder / "captions.json"),
+    ]
+    args += ["--images", str(folder), "--batch-size", "2", "--num-beams", "2", "--max-new-tokens", "5"]
+    args += ["--min-new-tokens", "1", "--out", str(out)]
+    result = main(args)
+
+    model, tokenizer = load_stage2(folder / "transformers")
+    want = caption(model, tokenizer, images=[folder / i for i in references], **OPTIONS)
+    got = {p["image"]: p["caption"] for p in result["predictions"]}
+    assert list(got) == list(references) and list(got.values()) == want
+    assert result["scores"] == caption_scores(got, references)
+    saved = json.loads(out.read_text())
+    assert saved["scores"] == result["scores"] and saved["options"]["max_new_tokens"] == 5
+
+
+def test_vqa_accuracy_of_the_generated_answers(folder):
+    questions = ["what colour is it?", "how many shapes?"]
+    model, tokenizer = load_stage2(folder / "transformers")
+    said = answer(model, tokenizer, questions, images=[folder / "img0.png", folder / "img1.png"], **OPTIONS)
+    # question 1: 3 of 10 annotators gave the model's answer; leaving one of those 3 out leaves 2 matches (2/3),
+    # leaving one of the other 7 out leaves 3 (1): (3 * 2/3 + 7) / 10 = 90%. Question 2: nobody did (0%).
+    entries = [
+        {"question_id": 7, "image": "img0.png", "question": questions[0], "answer": [said[0]] * 3 + ["zzz"] * 7},
+        {"question_id": 9, "image": "img1.png", "question": questions[1], "answers": [{"answer": "zzz"}] * 10},
+    ]
+    (folder / "vqa.json").write_text(json.dumps(entries))
+    args = ["--model", str(folder), "--task", "vqa", "--annotations", str(folder / "vqa.json"), "--images", str(folder)]
+    args += ["--num-beams", "2", "--max-new-tokens", "5", "--length-penalty", "1.0"]
+    result = main(args)
+    assert [p["answer"] for p in result["predictions"]] == said
+    assert result["scores"]["accuracy"] == pytest.approx(45.0)
+
+
+def test_bad_inputs_are_named(folder, tmp_path):
+    (tmp_path / "bad.json").write_text(json.dumps([{"question_id": 1, "image": "a.png", "question": "why?"}]))
+    with pytest.raises(ValueError, match=r"entry 0 must hold 'question_id', 'image' \(str\), 'question' \(str\)"):
+        read_vqa(tmp_path / "bad.json")
+    with pytest.raises(FileNotFoundError, match="expected a Blip2ForConditionalGeneration folder"):
+        load_stage2(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["--model", str(folder), "--task", "retrieval", "--annotations", "x", "--images", "y"])
