@@ -884,6 +884,20 @@ def load_vision(source: str | Path, config: VisionConfig | None = None, *, trust
     config = config or recorded
     if config is None:
         raise ValueError(f"{path}: the file records no VisionConfig; pass config=VisionConfig(...)")
+    return _vision_from_state(state, config, str(path), layout)
+
+
+def resize_vision(vision: ImageEncoder, image_size: int) -> ImageEncoder:
+    """A frozen copy of ``vision`` for ``image_size`` px images: the same weights, the position embeddings
+    resized (:func:`resize_position_embedding`)."""
+    config = dataclasses.replace(vision.config, image_size=image_size)
+    state = {k.removeprefix("vit."): v.detach() for k, v in vision.state_dict().items()}
+    return _vision_from_state(state, config, "image encoder", "ImageEncoder").to(next(vision.parameters()).device)
+
+
+def _vision_from_state(state: dict[str, torch.Tensor], config: VisionConfig, source: str, layout: str):
+    """An ImageEncoder of ``config`` from Blip2VisionModel tensors (no prefix), fitted as :func:`load_vision`
+    describes."""
     encoder = ImageEncoder(config)
     notes = []
     blocks = _layer_indices(state, r"encoder\.layers\.(\d+)\.")
@@ -905,13 +919,13 @@ def load_vision(source: str | Path, config: VisionConfig | None = None, *, trust
         _Tensors.from_dict(state),
         None,
         encoder,
-        source=str(path),
+        source=source,
         layout=f"{layout} image encoder",
         droppable=set(),
         ignorable=lambda key: False,
     )
     for note in notes:
-        logger.info("%s: %s", path, note)
+        logger.info("%s: %s", source, note)
     return encoder.freeze()
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from blip2_fast.stage2 import VQA_PROMPT, answer, caption
+from blip2_fast.stage2_convert import load_pretrained
 
 TASKS = ("caption", "vqa")
 # LAVIS' generation settings: caption_coco_opt*.yaml and the VQA evaluation of blip2_opt / blip2_t5
@@ -39,22 +40,6 @@ DEFAULTS = {
     "caption": dict(prompt="", max_new_tokens=30, min_new_tokens=8, length_penalty=1.0),
     "vqa": dict(prompt=VQA_PROMPT, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0),
 }
-
-
-def load_stage2(source: str | Path):
-    """(Blip2Stage2, tokenizer) from a ``Blip2ForConditionalGeneration`` folder or a stage-2 run folder."""
-    from transformers import AutoTokenizer
-
-    from blip2_fast.stage2_convert import load_transformers
-
-    folder = Path(source)
-    if not (folder / "config.json").is_file() and (folder / "transformers" / "config.json").is_file():
-        folder = folder / "transformers"  # a stage-2 run folder
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{source}: expected a Blip2ForConditionalGeneration folder or a stage-2 run folder")
-    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
-        raise FileNotFoundError(f"{folder}: no tokenizer files (tokenizer.json / tokenizer_config.json) beside it")
-    return load_transformers(folder).eval(), AutoTokenizer.from_pretrained(str(folder))
 
 
 def read_vqa(path: str | Path) -> list[dict[str, Any]]:
@@ -91,7 +76,7 @@ def _batches(items: Sequence[Any], size: int):
 
 def evaluate_captions(model, tokenizer, annotations, image_root, *, batch_size=16, limit=None, prompt="", **options):
     """Caption every image of a caption JSON (``data.CaptionJSON``'s layouts) and score against its references.
-    Returns ``{"scores": {bleu_1 .. bleu_4, cider}, "predictions": [{"image", "caption"}]}``."""
+    Returns ``{"scores": {bleu_1 .. bleu_4, cider}, "predictions": [{"image", "caption", "references"}]}``."""
     from blip2_fast.data import CaptionJSON
     from blip2_fast.metrics import caption_scores
 
@@ -105,7 +90,8 @@ def evaluate_captions(model, tokenizer, annotations, image_root, *, batch_size=1
         texts = caption(model, tokenizer, images=[data.image_root / i for i in chunk], prompt=prompt, **options)
         predictions.update(zip(chunk, texts, strict=True))
     scores = caption_scores(predictions, {i: references[i] for i in images})
-    return {"scores": scores, "predictions": [{"image": i, "caption": c} for i, c in predictions.items()]}
+    rows = [{"image": i, "caption": c, "references": references[i]} for i, c in predictions.items()]
+    return {"scores": scores, "predictions": rows}
 
 
 def evaluate_vqa(model, tokenizer, annotations, image_root, *, batch_size=16, limit=None, prompt=VQA_PROMPT, **options):
@@ -150,8 +136,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  length_penalty=args.length_penalty)  # fmt: skip
     options = {**DEFAULTS[args.task], **{k: v for k, v in given.items() if v is not None}}
 
-    model, tokenizer = load_stage2(args.model)
-    model.to_device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_pretrained(args.model)
+    model.eval().to_device("cuda" if torch.cuda.is_available() else "cpu")
     run = evaluate_captions if args.task == "caption" else evaluate_vqa
     result = run(
         model, tokenizer, args.annotations, args.images, batch_size=args.batch_size, limit=args.limit,

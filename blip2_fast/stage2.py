@@ -140,9 +140,7 @@ class Blip2Stage2(nn.Module):
 
     def train(self, mode: bool = True) -> Blip2Stage2:
         super().train(mode)
-        self.llm.eval()  # frozen parts never switch dropout on
-        if self.image_encoder is not None:
-            self.image_encoder.eval()
+        self.llm.eval()  # frozen parts never switch dropout on (a frozen ImageEncoder stays in eval by itself)
         return self
 
     def set_backend(self, backend: str) -> Blip2Stage2:
@@ -150,8 +148,12 @@ class Blip2Stage2(nn.Module):
         return self
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """What a stage-2 checkpoint holds: ``qformer.*`` (with ``ln_vision``) and ``llm_proj.*``."""
-        return {k: v for k, v in self.state_dict().items() if k.startswith(("qformer.", "llm_proj."))}
+        """What a stage-2 checkpoint holds: ``qformer.*`` (with ``ln_vision``) and ``llm_proj.*``, and
+        ``image_encoder.*`` when the ViT trains too (fine-tuning)."""
+        trained = ("qformer.", "llm_proj.")
+        if self.image_encoder is not None and not self.image_encoder.frozen:
+            trained += ("image_encoder.",)
+        return {k: v for k, v in self.state_dict().items() if k.startswith(trained)}
 
     def to_device(self, device: torch.device | str) -> Blip2Stage2:
         """Move to ``device``. On GPU the frozen LLM and image encoder go to bf16 (fp16 without bf16 support);
@@ -650,7 +652,7 @@ TRAINABLE_FORMAT = "blip2_fast.stage2"
 
 
 def save_trainable(model: Blip2Stage2, path: str | Path) -> Path:
-    """The trained part alone (``qformer.*``, ``llm_proj.*``) as safetensors, fp32 or as held, with the
+    """The trained part alone (:meth:`Blip2Stage2.trainable_state_dict`) as safetensors, fp32 or as held, with the
     QFormerConfig, ``ln_vision`` eps and the LLM's config as JSON metadata (the frozen parts are not written)."""
     from blip2_fast.checkpoint import save_tensors
 
@@ -668,7 +670,8 @@ def save_trainable(model: Blip2Stage2, path: str | Path) -> Path:
 
 
 def load_trainable(model: Blip2Stage2, path: str | Path) -> None:
-    """Load a :func:`save_trainable` file into ``model``: exactly its trainable tensors, same shapes."""
+    """Load a :func:`save_trainable` file into ``model``: exactly its trainable tensors, same shapes (and the
+    ViT's when the file's run trained it)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -683,6 +686,8 @@ def load_trainable(model: Blip2Stage2, path: str | Path) -> None:
         )
     sd = load_file(str(path))
     own = model.trainable_state_dict()
+    if model.image_encoder is not None and any(k.startswith("image_encoder.") for k in sd):
+        own = {**own, **{k: v for k, v in model.state_dict().items() if k.startswith("image_encoder.")}}  # trained
     if sd.keys() != own.keys():
         raise ValueError(
             f"{path}: tensors differ from the model's trainable ones: missing {sorted(own.keys() - sd.keys())[:8]}, "

@@ -31,6 +31,7 @@ frozen ViT from the caller (LAVIS's EVA layout is not mapped here).
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -200,6 +201,31 @@ def load_transformers(folder: str | Path, *, with_vision: bool = True) -> Blip2S
         ours[names[key]] = value
     _load_into(model, ours, str(folder))
     return model
+
+
+def load_pretrained(source: str | Path) -> tuple[Blip2Stage2, PreTrainedTokenizerBase]:
+    """A trained stage-2 model and its tokenizer: a ``Blip2ForConditionalGeneration`` folder with its tokenizer
+    files, or a stage-2 run folder (its ``transformers/`` export). In eval mode, as ``from_pretrained`` gives."""
+    from transformers import AutoTokenizer
+
+    folder = Path(source)
+    if not (folder / "config.json").is_file() and (folder / "transformers" / "config.json").is_file():
+        folder = folder / "transformers"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{source}: expected a Blip2ForConditionalGeneration folder or a stage-2 run folder")
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        raise FileNotFoundError(f"{folder}: no tokenizer files (tokenizer.json / tokenizer_config.json) beside it")
+    return load_transformers(folder).eval(), AutoTokenizer.from_pretrained(str(folder))
+
+
+def is_stage2_folder(path: str | Path) -> bool:
+    """Whether ``path`` is what :func:`load_pretrained` reads (rather than a stage-1 output)."""
+    path = Path(path)
+    for folder in (path, path / "transformers"):
+        config = folder / "config.json"
+        if config.is_file() and "text_config" in json.loads(config.read_text()):
+            return True
+    return False
 
 
 def transformers_state_dict(model: Blip2Stage2) -> dict[str, torch.Tensor]:

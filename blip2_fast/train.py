@@ -507,11 +507,11 @@ class Stage1WithVision(torch.nn.Module):
 
 
 def vit_lr_scale(name: str, num_layers: int, decay: float) -> float:
-    """LAVIS' layer-wise lr decay of a trainable ViT (``vision.vit.*``): block i of ``num_layers`` learns at
-    decay^(L - i), the embeddings at decay^(L + 1); anything else (the Q-Former, ``ln_vision``) at 1."""
-    if name.startswith("vision.vit.embeddings."):
+    """LAVIS' layer-wise lr decay of a trainable ViT, for ``name`` relative to the ImageEncoder: block i of
+    ``num_layers`` learns at decay^(L - i), the embeddings at decay^(L + 1)."""
+    if name.startswith("vit.embeddings."):
         return decay ** (num_layers + 1)
-    if m := re.match(r"vision\.vit\.encoder\.layers\.(\d+)\.", name):
+    if m := re.match(r"vit\.encoder\.layers\.(\d+)\.", name):
         return decay ** (num_layers - int(m.group(1)))
     return 1.0
 
@@ -520,13 +520,18 @@ def param_groups(
     model: torch.nn.Module, weight_decay: float, lr: float = 1.0, vit_layer_decay: float = 1.0
 ) -> list[dict[str, Any]]:
     """LAVIS' split: parameters with fewer than 2 dims (biases, norms, temperature) get no weight decay; a
-    trainable ViT's learn at ``lr`` scaled by :func:`vit_lr_scale`. The groups at the full ``lr`` come first."""
-    vision = getattr(model, "vision", None)
-    num_layers = vision.config.num_hidden_layers if vision is not None else 0
+    trainable ViT's learn at ``lr`` scaled by :func:`vit_lr_scale`, everything else at ``lr``. The groups at
+    the full ``lr`` come first."""
+    from blip2_fast.vision import ImageEncoder
+
+    encoders = {
+        f"{name}.": m.config.num_hidden_layers for name, m in model.named_modules() if isinstance(m, ImageEncoder)
+    }
     groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            scale = vit_lr_scale(name, num_layers, vit_layer_decay)
+            prefix = next((k for k in encoders if name.startswith(k)), None)
+            scale = vit_lr_scale(name.removeprefix(prefix), encoders[prefix], vit_layer_decay) if prefix else 1.0
             groups.setdefault((scale, p.ndim >= 2), []).append(p)
     order = sorted(groups, key=lambda k: (-k[0], not k[1]))
     return [

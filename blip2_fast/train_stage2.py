@@ -70,7 +70,8 @@ LLM_FAMILIES = ("auto", "decoder", "encoder_decoder")
 @dataclasses.dataclass
 class Stage2ModelSection:
     # "auto": runs/stage1-default when it exists (the stage-1 default's output), else a fresh Q-Former;
-    # a stage-1 run folder or its model.safetensors; null: always fresh
+    # a stage-1 run folder or its model.safetensors; or a trained stage-2 model to fine-tune, LLM and
+    # tokenizer included: a Blip2ForConditionalGeneration folder or a stage-2 run folder; null: always fresh
     init: str | None = "auto"
     # a local transformers LLM folder (OPT, FlanT5, ...); null: the tiny random OPT of default_stage2_model
     llm: str | None = None
@@ -86,6 +87,9 @@ class Stage2ModelSection:
     max_text_length: int = 24
     # the LLM's input: BLIP-2 pre-trains with an empty prompt (captions follow the queries directly)
     prompt: str = ""
+    freeze_vit: bool = True  # False trains the ViT too, as BLIP-2's COCO caption fine-tuning does
+    vit_grad_checkpoint: bool = False  # trainable ViT: recompute its activations in the backward
+    image_size: int | None = None  # the ViT at another image size, its position embeddings resized; None: its own
 
     def __post_init__(self) -> None:
         if self.llm_family not in LLM_FAMILIES:
@@ -97,6 +101,12 @@ class Stage2ModelSection:
             raise ValueError(f"model.llm_hidden ({self.llm_hidden}) must be divisible by llm_heads ({self.llm_heads})")
         QFormerConfig.from_dict({k: v for k, v in self.qformer.items() if k != "encoder_width"})
         VisionConfig.from_dict(self.vision)
+        if self.vit_grad_checkpoint and self.freeze_vit:
+            raise ValueError(
+                "model.vit_grad_checkpoint needs model.freeze_vit=false (a frozen ViT keeps no activations)"
+            )
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"model.image_size must be a positive int or null, got {self.image_size}")
         if self.max_text_length < 2:
             raise ValueError(f"model.max_text_length must be >= 2 (a word + EOS), got {self.max_text_length}")
 
@@ -167,14 +177,20 @@ def load_config(path: str | Path | None = None, overrides: list[tuple[str, str]]
 
 
 def resolve_init(init: str | None) -> Path | None:
-    """The stage-1 output to start from: ``auto`` is the stage-1 default's folder when it holds a model."""
+    """What to start from: ``auto`` is the stage-1 default's folder when it holds a model."""
+    from blip2_fast.stage2_convert import is_stage2_folder
+
     if init is None or init.lower() in ("", "none", "null", "fresh"):
         return None
     if init == "auto":
         return Path(DEFAULT_INIT) if (Path(DEFAULT_INIT) / "model.safetensors").is_file() else None
     path = Path(init)
-    if not (path / "model.safetensors").is_file() and not (path.is_file() and path.suffix == ".safetensors"):
-        raise FileNotFoundError(f"model.init: expected a stage-1 run folder or its model.safetensors, got {init}")
+    stage1 = (path / "model.safetensors").is_file() or (path.is_file() and path.suffix == ".safetensors")
+    if not stage1 and not is_stage2_folder(path):
+        raise FileNotFoundError(
+            f"model.init: expected a stage-1 run folder or its model.safetensors, a Blip2ForConditionalGeneration "
+            f"folder or a stage-2 run folder, got {init}"
+        )
     return path
 
 
@@ -182,11 +198,31 @@ def resolve_init(init: str | None) -> Path | None:
 
 
 def build_model(config: Stage2Config):
-    """(Blip2Stage2, tokenizer, stage-1 init or None) as the model section says."""
-    from blip2_fast.stage2 import default_stage2_model
+    """(Blip2Stage2, tokenizer, init or None) as the model section says."""
+    from blip2_fast.stage2_convert import is_stage2_folder, load_pretrained
 
     m = config.model
     init = resolve_init(m.init)
+    if init is not None and is_stage2_folder(init):
+        if m.llm is not None:
+            raise ValueError(f"model.init {init} is a whole stage-2 model with its own LLM: model.llm must be null")
+        model, tokenizer = load_pretrained(init)
+    else:
+        model, tokenizer = _stage2_model(config, init)
+    if m.image_size is not None and m.image_size != model.image_encoder.config.image_size:
+        from blip2_fast.checkpoint import resize_vision
+
+        model.image_encoder = resize_vision(model.image_encoder, m.image_size)
+    if not m.freeze_vit:
+        model.image_encoder.unfreeze(m.vit_grad_checkpoint)
+    return model, tokenizer, init
+
+
+def _stage2_model(config: Stage2Config, init: Path | None):
+    """A stage-2 model over a stage-1 init (or fresh parts) and the tiny OPT or a local LLM folder."""
+    from blip2_fast.stage2 import default_stage2_model
+
+    m = config.model
     vision = VisionConfig.from_dict(m.vision)
     qformer = QFormerConfig.from_dict({"encoder_width": vision.hidden_size, **m.qformer})
     if qformer.encoder_width != vision.hidden_size:
@@ -206,8 +242,8 @@ def build_model(config: Stage2Config):
                 qformer_config=qformer, vision_config=vision, llm_layers=m.llm_layers, llm_hidden=m.llm_hidden,
                 llm_heads=m.llm_heads, max_length=m.max_text_length,
             )  # fmt: skip
-        return model, tok, init
-    return (*_pretrained_model(config, init, qformer, vision), init)
+        return model, tok
+    return _pretrained_model(config, init, qformer, vision)
 
 
 def _pretrained_model(config: Stage2Config, init: Path | None, qformer: QFormerConfig, vision: VisionConfig):
@@ -346,12 +382,25 @@ def chance_scores(captions: list[str], scenes: list[Any], shuffles: int, seed: i
 
 @torch.no_grad()
 def caption_held_out(model, tokenizer, config: Stage2Config, device: torch.device) -> dict[str, Any]:
-    """Greedy captions of held-out images; on synthetic shapes, their scores and the shuffled-scene chance."""
+    """Greedy captions of held-out images; on synthetic shapes, their scores and the shuffled-scene chance;
+    on a caption JSON, COCO's BLEU and CIDEr-D against every reference of each image."""
     from blip2_fast import data as D
     from blip2_fast.stage2 import caption, shapes_caption_scores
 
     e, d = config.eval, config.data
     size = model.image_encoder.config.image_size
+    if d.source == "caption_json" and d.eval_annotation_file:
+        from blip2_fast.evaluate_stage2 import evaluate_captions
+
+        got = evaluate_captions(
+            model.eval(), tokenizer, d.eval_annotation_file, d.eval_image_root or d.image_root,
+            batch_size=e.batch_size, limit=e.num_images, prompt=config.model.prompt, method="greedy",
+            max_new_tokens=e.max_new_tokens,
+        )  # fmt: skip
+        rows = [
+            {"caption": r["caption"], "reference": r["references"][0], "image": r["image"]} for r in got["predictions"]
+        ]
+        return {"captions": rows, "metrics": got["scores"]}
     transform = D.build_transform(size, train=False)
     scenes = None
     if d.source == "synthetic":
@@ -403,7 +452,7 @@ def run(config: Stage2Config) -> dict[str, Any]:
     model.to_device(device)
     step_module = Stage2Step(model)
     ds_config = deepspeed_config(config, device)
-    # only qformer and llm_proj require grad: the frozen LLM and ViT get no optimizer state
+    # only qformer and llm_proj (and a ViT being fine-tuned) require grad: the frozen LLM gets no optimizer state
     engine, optimizer, scheduler = build_engine(step_module, config, ds_config)
     zero3 = int(engine.zero_optimization_stage()) == 3
     if zero3:
@@ -504,6 +553,10 @@ def _print_outputs(run_dir: Path, ckpt_dir: Path, plot, history, evaluation, sho
                 f"(chance {100 * c['colour']:.1f}%), shape {100 * s['shape']:.1f}% (chance {100 * c['shape']:.1f}%), "
                 f"colour+shape {100 * s['pair']:.1f}% (chance {100 * c['pair']:.1f}%)"
             )
+        if "metrics" in evaluation:
+            n = len(evaluation["captions"])
+            print(f"held-out captions ({n} images, greedy): " + "  ".join(
+                f"{k} {v:.4f}" for k, v in evaluation["metrics"].items()))  # fmt: skip
     print("outputs:")
     print(f"  run folder      {run_dir.resolve()}")
     print(f"  config          {(run_dir / 'config.yaml').resolve()}")

@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from blip2_fast.evaluate_stage2 import load_stage2, main, read_vqa
+from blip2_fast.evaluate_stage2 import main, read_vqa
 from blip2_fast.metrics import caption_scores
 from blip2_fast.stage2 import answer, caption, default_stage2_model
-from blip2_fast.stage2_convert import save_transformers
+from blip2_fast.stage2_convert import load_pretrained, save_transformers
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_captions_are_scored_against_the_references_of_their_image(folder):
     args += ["--min-new-tokens", "1", "--out", str(out)]
     result = main(args)
 
-    model, tokenizer = load_stage2(folder / "transformers")
+    model, tokenizer = load_pretrained(folder / "transformers")
     want = caption(model, tokenizer, images=[folder / i for i in references], **OPTIONS)
     got = {p["image"]: p["caption"] for p in result["predictions"]}
     assert list(got) == list(references) and list(got.values()) == want
@@ -68,7 +68,7 @@ def test_captions_are_scored_against_the_references_of_their_image(folder):
 
 def test_vqa_accuracy_of_the_generated_answers(folder):
     questions = ["what colour is it?", "how many shapes?"]
-    model, tokenizer = load_stage2(folder / "transformers")
+    model, tokenizer = load_pretrained(folder / "transformers")
     said = answer(model, tokenizer, questions, images=[folder / "img0.png", folder / "img1.png"], **OPTIONS)
     # question 1: 3 of 10 annotators gave the model's answer; leaving one of those 3 out leaves 2 matches (2/3),
     # leaving one of the other 7 out leaves 3 (1): (3 * 2/3 + 7) / 10 = 90%. Question 2: nobody did (0%).
@@ -89,6 +89,6 @@ def test_bad_inputs_are_named(folder, tmp_path):
     with pytest.raises(ValueError, match=r"entry 0 must hold 'question_id', 'image' \(str\), 'question' \(str\)"):
         read_vqa(tmp_path / "bad.json")
     with pytest.raises(FileNotFoundError, match="expected a Blip2ForConditionalGeneration folder"):
-        load_stage2(tmp_path)
+        load_pretrained(tmp_path)
     with pytest.raises(SystemExit):
         main(["--model", str(folder), "--task", "retrieval", "--annotations", "x", "--images", "y"])

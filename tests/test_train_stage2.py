@@ -52,6 +52,10 @@ def test_real_run_config_loads():
     config = load_config(ROOT / "configs" / "stage2_opt.yaml")
     assert config.model.llm and config.data.source == "caption_json"
     assert config.model.llm_family == "decoder"
+    finetune = load_config(ROOT / "configs" / "stage2_caption_coco_finetune.yaml")
+    assert not finetune.model.freeze_vit and finetune.model.image_size == 364 and finetune.model.llm is None
+    with pytest.raises(ValueError, match="model.vit_grad_checkpoint needs model.freeze_vit=false"):
+        load_config(None, [("model.vit_grad_checkpoint", "true")])
 
 
 def test_bad_config_is_named(tmp_path):
@@ -258,3 +262,102 @@ def test_init_from_a_stage1_run_folder(tmp_path):
     assert init == folder and model.num_query_tokens == 4
     assert torch.equal(model.qformer.query_tokens, stage1.query_tokens)
     assert all(torch.equal(a, b) for a, b in zip(model.image_encoder.parameters(), vision.parameters(), strict=True))
+
+
+@pytest.mark.slow
+def test_fine_tuning_a_trained_stage2_model_on_captions(tmp_path):
+    """BLIP-2's COCO caption fine-tuning in small: a Blip2ForConditionalGeneration folder (LLM and tokenizer
+    included) as init, 48 px instead of its ViT's 32, the ViT trained too, a caption JSON of image files,
+    and COCO's BLEU / CIDEr-D on the held-out images at the end, which the exported folder reproduces."""
+    import torch
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from blip2_fast import evaluate_stage2
+    from blip2_fast.checkpoint import resize_vision
+    from blip2_fast.stage2 import default_stage2_model, load_trainable
+    from blip2_fast.stage2_convert import load_pretrained, save_transformers
+
+    torch.manual_seed(0)
+    model, tokenizer = default_stage2_model()
+    save_transformers(model, tmp_path / "blip2", tokenizer=tokenizer)
+    g = torch.Generator().manual_seed(0)
+    for n in range(6):
+        pixels = (torch.rand(40 + 4 * n, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(tmp_path / f"img{n}.png")
+    words = ["red circle", "blue square", "green cross", "yellow star", "white moon", "black sun"]
+    entries = [{"image": f"img{n}.png", "caption": [f"a {w}", f"one {w} alone"]} for n, w in enumerate(words)]
+    (tmp_path / "train.json").write_text(json.dumps(entries[:4]))
+    (tmp_path / "test.json").write_text(json.dumps(entries[4:]))
+    args = [
+        "--model.init", str(tmp_path / "blip2"), "--model.freeze_vit", "false",
+        "--model.vit_grad_checkpoint", "true", "--model.image_size", "48", "--model.prompt", "a photo of",
+        "--data.source", "caption_json", "--data.annotation_file", str(tmp_path / "train.json"),
+        "--data.image_root", str(tmp_path), "--data.eval_annotation_file", str(tmp_path / "test.json"),
+        "--optim.lr", "1e-3", "--optim.warmup_steps", "0", "--train.batch_size", "2", "--train.steps", "2",
+        "--train.precision", "fp32", "--train.output_dir", str(tmp_path / "runs"), "--train.name", "ft",
+        "--eval.num_images", "2", "--eval.max_new_tokens", "4",
+    ]  # fmt: skip
+    script = "import json, sys\nfrom blip2_fast.train_stage2 import main\n"
+    script += "r = main(['--stage', '2', *json.loads(sys.argv[1])])\nprint('EVAL', json.dumps(r['eval']))\n"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(args)], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    evaluation = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("EVAL ")).removeprefix("EVAL "))
+    assert set(evaluation["metrics"]) == {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "cider"}
+    assert [r["image"] for r in evaluation["captions"]] == ["img4.png", "img5.png"]
+
+    run = tmp_path / "runs" / "ft"
+    again = evaluate_stage2.main(
+        ["--model", str(run), "--task", "caption", "--annotations", str(tmp_path / "test.json"), "--images",
+         str(tmp_path), "--prompt", "a photo of", "--num-beams", "1", "--max-new-tokens", "4", "--min-new-tokens",
+         "1", "--length-penalty", "1.0"]
+    )  # fmt: skip
+    assert [r["caption"] for r in again["predictions"]] == [r["caption"] for r in evaluation["captions"]]
+    assert again["scores"] == evaluation["metrics"]
+
+    init = load_file(str(tmp_path / "blip2" / "model.safetensors"))
+    exported = load_file(str(run / "transformers" / "model.safetensors"))
+    llm = [k for k in init if k.startswith("language_model.")]
+    assert llm and all(torch.equal(init[k], exported[k]) for k in llm)  # the frozen LLM is the init's
+    start = resize_vision(load_pretrained(tmp_path / "blip2")[0].image_encoder, 48).state_dict()
+    assert exported["vision_model.embeddings.position_embedding"].shape == (1, 37, 48)
+    for key in ("vit.embeddings.position_embedding", "vit.encoder.layers.0.mlp.fc1.weight"):
+        assert not torch.equal(start[key], exported[key.replace("vit.", "vision_model.")]), key  # the ViT learned
+
+    trainable = load_file(str(run / "model.safetensors"))
+    assert any(k.startswith("image_encoder.") for k in trainable)
+    fresh, _ = load_pretrained(tmp_path / "blip2")
+    fresh.image_encoder = resize_vision(fresh.image_encoder, 48)
+    load_trainable(fresh, run / "model.safetensors")  # a frozen ViT takes the trained one from the file
+    assert torch.equal(
+        fresh.image_encoder.vit.encoder.layers[0].mlp.fc1.weight,
+        trainable["image_encoder.vit.encoder.layers.0.mlp.fc1.weight"],
+    )
+
+
+def test_init_from_a_stage2_folder_builds_it_whole(tmp_path):
+    import torch
+
+    from blip2_fast.stage2 import default_stage2_model
+    from blip2_fast.stage2_convert import save_transformers
+
+    torch.manual_seed(1)
+    model, tokenizer = default_stage2_model()
+    save_transformers(model, tmp_path / "blip2", tokenizer=tokenizer)
+    init = [("model.init", str(tmp_path / "blip2"))]
+    built, tok, found = build_model(
+        load_config(None, init + [("model.freeze_vit", "false"), ("model.image_size", "48")])
+    )
+    assert found == tmp_path / "blip2" and tok("a red circle").input_ids == tokenizer("a red circle").input_ids
+    assert torch.equal(built.llm_proj.weight, model.llm_proj.weight)
+    assert all(torch.equal(a, b) for a, b in zip(built.llm.parameters(), model.llm.parameters(), strict=True))
+    vit = built.image_encoder
+    assert vit.config.image_size == 48 and vit.vit.embeddings.position_embedding.shape[1] == 37
+    assert not vit.frozen and all(p.requires_grad for p in vit.parameters())
+    assert not any(p.requires_grad for p in built.llm.parameters())
+    with pytest.raises(ValueError, match="is a whole stage-2 model with its own LLM: model.llm must be null"):
+        build_model(load_config(None, init + [("model.llm", str(tmp_path / "blip2"))]))
