@@ -269,15 +269,25 @@ class Blip2Stage1(nn.Module):
 
     # ---------------------------------------------------------------- scores
 
+    def _itc_rows(self, context: ImageContext, text_proj: torch.Tensor) -> torch.Tensor:
+        """(b, T) ITC of a batch of images (their context) with every text (its projection)."""
+        q = self.qformer
+        image = q.image_features(q.encode_image(context).hidden)
+        return torch.einsum("iqe,te->itq", image, text_proj).amax(dim=-1)
+
+    def _itm_rows(self, context: ImageContext, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(b, T) ITM probability of a batch of images with every text; each image's K/V serves all texts."""
+        n_images, n_texts = context.batch_size, ids.shape[0]
+        pairs = context.index_select(torch.arange(n_images, device=ids.device).repeat_interleave(n_texts))
+        hidden = self.qformer.match(pairs, ids.repeat(n_images, 1), mask.repeat(n_images, 1))
+        return self.qformer.itm_logits(hidden).softmax(dim=-1)[:, 1].view(n_images, n_texts)
+
     @torch.no_grad()
     def itc_scores(self, images: Images, texts: Sequence[str]) -> torch.Tensor:
         """(n_images, n_texts) cosine similarity, the best over the queries (not divided by the temperature)."""
         self._require(("vision_proj.", "text_proj."), "ITC")
-        q = self.qformer
-        image = torch.cat(
-            [q.image_features(q.encode_image(features).hidden) for features in self._image_embeds(images)]
-        )
-        return torch.einsum("iqe,te->itq", image, self.extract_text(texts).proj).amax(dim=-1)
+        text = self.extract_text(texts).proj
+        return torch.cat([self._itc_rows(self.qformer.image_context(f), text) for f in self._image_embeds(images)])
 
     @torch.no_grad()
     def itm_scores(self, images: Images, texts: Sequence[str]) -> torch.Tensor:
@@ -292,16 +302,19 @@ class Blip2Stage1(nn.Module):
         cross-attention K/V are computed once and shared by all its texts."""
         self._require(("itm_head.",), "ITM")
         ids, mask = self.tokenize(texts)
-        n_texts = ids.shape[0]
-        rows = []
+        return torch.cat([self._itm_rows(self.qformer.image_context(f), ids, mask) for f in self._image_embeds(images)])
+
+    @torch.no_grad()
+    def score_matrices(self, images: Images, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(:meth:`itc_scores`, :meth:`itm_matrix`) from one ViT pass over the images."""
+        self._require(("vision_proj.", "text_proj.", "itm_head."), "ITC and ITM")
+        text = self.extract_text(texts)
+        itc, itm = [], []
         for features in self._image_embeds(images):
-            n_images = features.shape[0]
-            context = self.qformer.image_context(features).index_select(
-                torch.arange(n_images, device=features.device).repeat_interleave(n_texts)
-            )
-            hidden = self.qformer.match(context, ids.repeat(n_images, 1), mask.repeat(n_images, 1))
-            rows.append(self.qformer.itm_logits(hidden).softmax(dim=-1)[:, 1].view(n_images, n_texts))
-        return torch.cat(rows)
+            context = self.qformer.image_context(features)
+            itc.append(self._itc_rows(context, text.proj))
+            itm.append(self._itm_rows(context, text.input_ids, text.attention_mask))
+        return torch.cat(itc), torch.cat(itm)
 
     @torch.no_grad()
     def caption(self, images: Images, *, max_new_tokens: int = 30, num_beams: int = 1, **kwargs: Any) -> list[str]:
@@ -340,7 +353,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {}
     if args.texts:
         pixels = model.pixels(args.images)
-        itc, itm = model.itc_scores(pixels, args.texts), model.itm_matrix(pixels, args.texts)
+        itc, itm = model.score_matrices(pixels, args.texts)
         result.update(itc=itc.cpu(), itm=itm.cpu())
         width = max(len(t) for t in args.texts)
         for i, path in enumerate(args.images):

@@ -121,6 +121,12 @@ def test_command_line_scores_every_pair_and_captions(hf_retrieval_folder, images
         torch.testing.assert_close(result["itm"][:, t], model.itm_scores(images, [text] * 3), atol=TOL, rtol=0)
     out = capsys.readouterr().out
     assert str(images[0]) in out and "itm" in out
+    # the command's scores come from one ViT pass over the images, and equal the two separate calls
+    passes = []
+    model.vision.register_forward_hook(lambda module, args, output: passes.append(args[0].shape[0]))
+    itc, itm = model.score_matrices(images, texts)
+    assert passes == [3]
+    assert torch.equal(itc, model.itc_scores(images, texts)) and torch.equal(itm, model.itm_matrix(images, texts))
     with pytest.raises(SystemExit):
         main(["--model", str(hf_retrieval_folder), "--images", str(images[0])])  # neither texts nor captions asked
     with pytest.raises(ValueError, match="captioning needs lm_head"):
@@ -137,6 +143,7 @@ def test_long_lists_run_batch_by_batch_with_the_same_numbers(tmp_path, images, m
         kv = [t for pair in image.context.kv if pair for t in pair]
         return [
             model.itc_scores(images, TEXTS),
+            *model.score_matrices(images, TEXTS),
             model.itm_scores(images, TEXTS),
             model.extract_multimodal(images, TEXTS),
             model.extract_text(TEXTS).proj,
