@@ -21,7 +21,6 @@ summed across ranks.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
@@ -202,20 +201,6 @@ def evaluate_run(model: QFormer, vision, held_out, tokenizer, config, device: to
     return metrics
 
 
-def _init_from_launcher() -> torch.device:
-    """Join the process group a launcher (torchrun / deepspeed) describes; nothing to do for one process."""
-    import torch.distributed as dist
-
-    cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description="Retrieval R@1/5/10 and captions of a stage-1 checkpoint.")
     parser.add_argument("--checkpoint", required=True, help="model.safetensors of a run (or the run folder)")
@@ -252,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.k_test is not None:
         overrides.append(("eval.k_test", str(args.k_test)))
     config = load_config(config_path, overrides)
-    device = _init_from_launcher()
+    device = distributed.init_from_launcher()
     tokenizer = build_tokenizer(config)
     vision = build_vision(config).freeze().to_device(device)  # a fine-tuning run's config unfreezes it
     model = load_qformer(path).to(device).eval()
@@ -273,7 +258,7 @@ def evaluate_pretrained(
     from blip2_fast.stage1 import Blip2Stage1
     from blip2_fast.train import load_config
 
-    device = _init_from_launcher()
+    device = distributed.init_from_launcher()
     model = Blip2Stage1.from_pretrained(checkpoint).to_device(device)
     overrides = [("model.max_text_length", str(model.max_text_length)), ("eval.num_captions", "0")]
     if k_test is not None:

@@ -13,7 +13,8 @@ against every reference caption of that image with COCO's BLEU and CIDEr-D
 short-answer prompt, scored with the VQAv2 accuracy. The generation defaults are
 LAVIS' (beam 5; captions 8 to 30 new tokens; answers at most 10, length penalty
 -1 so that beams prefer short answers). Predictions and scores go to ``--out``.
-One process; ``--limit`` evaluates the first images or questions only.
+Under ``torchrun --nproc_per_node N -m blip2_fast.evaluate_stage2 ...`` each rank generates a strided
+share and rank 0 scores and writes. ``--limit`` evaluates the first images or questions only.
 
 Not modelled: LAVIS' OK-VQA evaluation lemmatises answers with spaCy first; the
 human answers are compared as the annotation file stores them (see
@@ -25,12 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from blip2_fast import distributed
 from blip2_fast.stage2 import VQA_PROMPT, answer, caption
 from blip2_fast.stage2_convert import load_pretrained
 
@@ -69,13 +69,25 @@ def read_vqa(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-def _batches(items: Sequence[Any], size: int):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def _generate(
+    items: Sequence[Any], batch_size: int, generate: Callable[[list[Any]], list[str]], sharded: bool
+) -> list[str]:
+    """``generate`` over ``items``, ``batch_size`` at a time. ``sharded``: each rank takes its share (r, r + world,
+    ...) and every rank gets all the outputs back, in the order of ``items`` (every rank must call)."""
+    rank, world = (distributed.get_rank(), distributed.get_world_size()) if sharded else (0, 1)
+    mine = list(items[rank::world])
+    outputs = [text for start in range(0, len(mine), batch_size) for text in generate(mine[start : start + batch_size])]
+    merged: list[Any] = [None] * len(items)
+    for r, part in enumerate(distributed.all_gather_object(outputs) if sharded else [outputs]):
+        merged[r::world] = part
+    return merged
 
 
-def evaluate_captions(model, tokenizer, annotations, image_root, *, batch_size=16, limit=None, prompt="", **options):
-    """Caption every image of a caption JSON (``data.CaptionJSON``'s layouts) and score against its references.
+def evaluate_captions(
+    model, tokenizer, annotations, image_root, *, batch_size=16, limit=None, prompt="", sharded=True, **options
+):
+    """Caption every image of a caption JSON (``data.CaptionJSON``'s layouts) and score against its references;
+    ``sharded=False`` keeps the work on this rank alone (see :func:`_generate`).
     Returns ``{"scores": {bleu_1 .. bleu_4, cider}, "predictions": [{"image", "caption", "references"}]}``."""
     from blip2_fast.data import CaptionJSON
     from blip2_fast.metrics import caption_scores
@@ -85,29 +97,33 @@ def evaluate_captions(model, tokenizer, annotations, image_root, *, batch_size=1
     for image, text, _ in data.samples:
         references.setdefault(image, []).append(text)
     images = list(references)[:limit]
-    predictions: dict[str, str] = {}
-    for chunk in _batches(images, batch_size):
-        texts = caption(model, tokenizer, images=[data.image_root / i for i in chunk], prompt=prompt, **options)
-        predictions.update(zip(chunk, texts, strict=True))
+
+    def generate(chunk):
+        return caption(model, tokenizer, images=[data.image_root / i for i in chunk], prompt=prompt, **options)
+
+    predictions = dict(zip(images, _generate(images, batch_size, generate, sharded), strict=True))
     scores = caption_scores(predictions, {i: references[i] for i in images})
     rows = [{"image": i, "caption": c, "references": references[i]} for i, c in predictions.items()]
     return {"scores": scores, "predictions": rows}
 
 
-def evaluate_vqa(model, tokenizer, annotations, image_root, *, batch_size=16, limit=None, prompt=VQA_PROMPT, **options):
-    """Answer every question of a VQA JSON (:func:`read_vqa`) and score with the VQAv2 accuracy.
+def evaluate_vqa(
+    model, tokenizer, annotations, image_root, *, batch_size=16, limit=None, prompt=VQA_PROMPT, sharded=True, **options
+):
+    """Answer every question of a VQA JSON (:func:`read_vqa`) and score with the VQAv2 accuracy (``sharded`` as
+    in :func:`evaluate_captions`).
     Returns ``{"scores": {"accuracy": percent}, "predictions": [{"question_id", "answer"}]}``."""
     from blip2_fast.metrics import vqa_accuracy
 
     questions = read_vqa(annotations)[:limit]
     root = Path(image_root)
-    predictions: dict[Any, str] = {}
-    for chunk in _batches(questions, batch_size):
-        texts = answer(
-            model, tokenizer, [q["question"] for q in chunk], images=[root / q["image"] for q in chunk],
-            template=prompt, **options,
-        )  # fmt: skip
-        predictions.update(zip((q["question_id"] for q in chunk), texts, strict=True))
+
+    def generate(chunk):
+        questions, images = [q["question"] for q in chunk], [root / q["image"] for q in chunk]
+        return answer(model, tokenizer, questions, images=images, template=prompt, **options)
+
+    said = _generate(questions, batch_size, generate, sharded)
+    predictions = dict(zip((q["question_id"] for q in questions), said, strict=True))
     accuracy = vqa_accuracy(predictions, {q["question_id"]: q["answers"] for q in questions})["accuracy"]
     return {
         "scores": {"accuracy": accuracy},
@@ -136,13 +152,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  length_penalty=args.length_penalty)  # fmt: skip
     options = {**DEFAULTS[args.task], **{k: v for k, v in given.items() if v is not None}}
 
+    device = distributed.init_from_launcher()
     model, tokenizer = load_pretrained(args.model)
-    model.eval().to_device("cuda" if torch.cuda.is_available() else "cpu")
+    model.eval().to_device(device)
     run = evaluate_captions if args.task == "caption" else evaluate_vqa
     result = run(
         model, tokenizer, args.annotations, args.images, batch_size=args.batch_size, limit=args.limit,
         num_beams=args.num_beams, **options,
     )  # fmt: skip
+    if distributed.get_rank() != 0:
+        return result
     count = len(result["predictions"])
     what = "images" if args.task == "caption" else "questions"
     print(f"{args.task} on {count} {what}: " + "  ".join(f"{k} {v:.4f}" for k, v in result["scores"].items()))

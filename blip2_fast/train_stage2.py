@@ -395,7 +395,7 @@ def caption_held_out(model, tokenizer, config: Stage2Config, device: torch.devic
         got = evaluate_captions(
             model.eval(), tokenizer, d.eval_annotation_file, d.eval_image_root or d.image_root,
             batch_size=e.batch_size, limit=e.num_images, prompt=config.model.prompt, method="greedy",
-            max_new_tokens=e.max_new_tokens,
+            max_new_tokens=e.max_new_tokens, sharded=False,  # every rank captions them all (see run)
         )  # fmt: skip
         rows = [
             {"caption": r["caption"], "reference": r["references"][0], "image": r["image"]} for r in got["predictions"]
@@ -529,8 +529,10 @@ def run(config: Stage2Config) -> dict[str, Any]:
             save_trainable(model, model_path)
             save_transformers(model, hf_dir, tokenizer=tokenizer)  # the folder loads as a whole
             result.update(model=model_path, transformers=hf_dir)
-            if t.evaluate and step == t.steps:
-                result["eval"] = caption_held_out(model, tokenizer, config, device)
+        if t.evaluate and step == t.steps:
+            # every rank captions the same images: under ZeRO-3 each forward takes part in collectives
+            result["eval"] = caption_held_out(model, tokenizer, config, device)
+            if rank == 0:
                 (run_dir / "captions.json").write_text(json.dumps(result["eval"], indent=1))
     distributed.barrier()
     if rank == 0:

@@ -92,3 +92,31 @@ def test_bad_inputs_are_named(folder, tmp_path):
         load_pretrained(tmp_path)
     with pytest.raises(SystemExit):
         main(["--model", str(folder), "--task", "retrieval", "--annotations", "x", "--images", "y"])
+
+
+@pytest.mark.slow
+def test_two_ranks_share_the_work_and_agree_with_one(folder, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from blip2_fast.train import _free_port
+
+    entries = [{"image": f"img{n}.png", "caption": [f"caption {n}", "a picture"]} for n in range(3)]
+    (tmp_path / "captions.json").write_text(json.dumps(entries))
+    args = ["--model", str(folder), "--task", "caption", "--annotations", str(tmp_path / "captions.json")]
+    args += ["--images", str(folder), "--num-beams", "2", "--max-new-tokens", "5", "--min-new-tokens", "1"]
+    one = main(args)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    out = tmp_path / "two.json"
+    proc = subprocess.run(
+        [*torchrun, "-m", "blip2_fast.evaluate_stage2", *args, "--batch-size", "1", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    two = json.loads(out.read_text())
+    assert two["predictions"] == one["predictions"] and two["scores"] == one["scores"]
+    assert proc.stdout.count("caption on 3 images") == 1  # rank 0 alone reports

@@ -361,3 +361,22 @@ def test_init_from_a_stage2_folder_builds_it_whole(tmp_path):
     assert not any(p.requires_grad for p in built.llm.parameters())
     with pytest.raises(ValueError, match="is a whole stage-2 model with its own LLM: model.llm must be null"):
         build_model(load_config(None, init + [("model.llm", str(tmp_path / "blip2"))]))
+
+
+@pytest.mark.slow
+def test_two_ranks_under_zero3_caption_at_the_end(tmp_path):
+    """Under ZeRO-3 every forward of the engine's model takes part in collectives: the end-of-run captions
+    are generated on every rank (a rank-0-only generation used to wait forever)."""
+    from blip2_fast.train import _free_port
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    args = [*TINY, "--train.steps", "2", "--train.zero_stage", "3", "--eval.num_images", "2"]
+    args += ["--train.output_dir", str(tmp_path / "runs")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [*torchrun, str(ROOT / "blip2_fast" / "train.py"), "--stage", "2", *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("held-out captions (2 images, greedy)") == 1  # rank 0 reports
+    assert (tmp_path / "runs" / "stage2-default" / "captions.json").is_file()
