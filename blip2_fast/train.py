@@ -199,11 +199,16 @@ class EvalSection:
     num_beams: int = 3
     max_new_tokens: int = 20
     min_new_tokens: int = 3
+    # optimizer steps between held-out evaluations during training (logged; the best by mean recall is
+    # kept in <run>/best/); 0: only at the end
+    every: int = 0
 
     def __post_init__(self) -> None:
         for key in ("k_test", "batch_size", "num_beams", "max_new_tokens"):
             if getattr(self, key) < 1:
                 raise ValueError(f"eval.{key} must be >= 1, got {getattr(self, key)}")
+        if self.every < 0:
+            raise ValueError(f"eval.every must be >= 0, got {self.every}")
 
 
 SECTIONS = {
@@ -786,6 +791,46 @@ def export_vision(engine, path: Path) -> Path | None:
     return None
 
 
+def evaluate_now(engine, qformer_config: QFormerConfig, vision, held_out, tokenizer, config, device, run_dir: Path):
+    """Held-out retrieval of the weights in ``engine`` now (every rank takes part): they are exported first
+    (``model.safetensors``, and ``vision.safetensors`` for a trainable ViT), then read back as plain models.
+    Every RNG is left as it was, so that training goes on as it would have without the evaluation."""
+    from blip2_fast.checkpoint import load_qformer, load_vision
+    from blip2_fast.evaluate import evaluate_run
+
+    state, cuda = _rng_state(), _cuda_rng()  # building the plain models draws (then overwrites) weights
+    export_trainable(engine, qformer_config, run_dir / "model.safetensors")
+    if not vision.frozen:
+        export_vision(engine, run_dir / "vision.safetensors")
+    distributed.barrier()
+    plain = load_qformer(run_dir / "model.safetensors").to(device).eval()
+    if not vision.frozen:
+        vision = load_vision(run_dir / "vision.safetensors").to_device(device)
+    metrics = evaluate_run(plain, vision, held_out, tokenizer, config, device)
+    _set_rng_state(state)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
+    return metrics
+
+
+def keep_best(run_dir: Path, step: int, metrics: dict[str, float]) -> Path:
+    """Copy the run's exported model (and ViT, and config) to ``<run>/best/``, replacing it whole."""
+    from blip2_fast.checkpoint import replacing_folder
+
+    best = run_dir / "best"
+    with replacing_folder(best) as scratch:
+        for name in ("model.safetensors", "vision.safetensors", "config.yaml"):
+            shutil.copy2(run_dir / name, scratch / name)
+        (scratch / "best.json").write_text(json.dumps({"step": step, **{k: metrics[k] for k in RECALL_FIELDS}}))
+    return best
+
+
+def best_so_far(run_dir: Path) -> float:
+    """The mean recall of ``<run>/best/`` (-1 without one): a resumed run keeps beating the same record."""
+    record = run_dir / "best" / "best.json"
+    return float(json.loads(record.read_text())["r_mean"]) if record.is_file() else -1.0
+
+
 def _zero_stage(engine) -> int:
     return int(engine.zero_optimization_stage())
 
@@ -960,6 +1005,18 @@ def run(config: TrainConfig) -> dict[str, Any]:
         lambda s: D.collate_batch(s, tokenizer, max_length=max_len),
         config.data.num_workers,
     )
+    best = best_so_far(run_dir)
+
+    def evaluated(metrics: dict[str, float]) -> None:
+        """Log a held-out evaluation at this step; with eval.every, keep the best weights so far."""
+        nonlocal best
+        if rank == 0:
+            log.log({"step": step, **{k: round(metrics[k], 3) for k in RECALL_FIELDS}})
+            if config.eval.every and metrics["r_mean"] > best:
+                best = metrics["r_mean"]
+                keep_best(run_dir, step, metrics)
+        distributed.barrier()
+
     features = None
     if config.data.feature_cache:
         fingerprint = {"vit": D.module_fingerprint(vision), "data": dataclasses.asdict(config.data), "seed": t.seed}
@@ -1023,28 +1080,22 @@ def run(config: TrainConfig) -> dict[str, Any]:
             )
         if t.save_every and step % t.save_every == 0 and step < end:
             save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints)
+        if config.eval.every and step % config.eval.every == 0 and step < end and held_out is not None:
+            evaluated(evaluate_now(engine, qformer.config, vision, held_out, tokenizer, config, device, run_dir))
+            engine.train()
     bar.close()
     save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints)
     model_path = run_dir / "model.safetensors"
-    export_trainable(engine, qformer.config, model_path)
-    if train_vit:
-        export_vision(engine, run_dir / "vision.safetensors")
-    distributed.barrier()
 
     result: dict[str, Any] = {"history": history, "run_dir": run_dir, "model": model_path, "precision": precision}
     if t.evaluate and step == t.steps and held_out is not None:
-        from blip2_fast.checkpoint import load_qformer
-        from blip2_fast.evaluate import evaluate_run
-
-        plain = load_qformer(model_path).to(device).eval()
+        result["eval"] = evaluate_now(engine, qformer.config, vision, held_out, tokenizer, config, device, run_dir)
+        evaluated(result["eval"])
+    else:
+        export_trainable(engine, qformer.config, model_path)
         if train_vit:
-            from blip2_fast.checkpoint import load_vision
-
-            vision = load_vision(run_dir / "vision.safetensors").to_device(device)
-        metrics = evaluate_run(plain, vision, held_out, tokenizer, config, device)
-        result["eval"] = metrics
-        if rank == 0:
-            log.log({"step": step, **{k: round(metrics[k], 3) for k in RECALL_FIELDS}})
+            export_vision(engine, run_dir / "vision.safetensors")
+        distributed.barrier()
     if rank == 0:
         plot = log.plot(run_dir / "curves.png")
         log.close()
@@ -1071,6 +1122,10 @@ def _print_outputs(run_dir, ckpt_dir, model_path, plot, history, metrics) -> Non
     print(f"  checkpoints     {ckpt_dir.resolve()} (latest: {(ckpt_dir / 'latest').read_text().strip()})")
     print(f"  trainable model {model_path.resolve()}")
     print(f"  image encoder   {(run_dir / 'vision.safetensors').resolve()}")
+    if (run_dir / "best" / "best.json").is_file():
+        record = json.loads((run_dir / "best" / "best.json").read_text())
+        where = f"step {record['step']}, mean recall {record['r_mean']:.1f}"
+        print(f"  best so far     {(run_dir / 'best').resolve()} ({where})")
     print(f"  evaluate again  python -m blip2_fast.evaluate --checkpoint {model_path}")
 
 

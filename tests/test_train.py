@@ -499,6 +499,52 @@ def test_fine_tuning_starts_from_a_trained_model_and_trains_its_vit(tmp_path, hf
 
 
 @pytest.mark.slow
+def test_periodic_evaluation_logs_recall_and_keeps_the_best(tmp_path):
+    """eval.every: held-out retrieval every 2 steps, logged; the best weights by mean recall are kept in
+    <run>/best/, which evaluates to the recorded figures again; training itself is not disturbed."""
+    common = TINY + [
+        ("train.steps", "4"),
+        ("train.output_dir", str(tmp_path)),
+        ("model.qformer.hidden_dropout_prob", "0.1"),  # the evaluation must not move the training's RNG
+        ("model.qformer.attention_probs_dropout_prob", "0.1"),
+    ]
+    every, plain = _train_in_subprocess(
+        tmp_path,
+        f"""
+        common = {common!r}
+        every = run(load_config(None, common + [("train.name", "every"), ("eval.every", "2")]))
+        plain = run(load_config(None, common + [("train.name", "plain"), ("train.evaluate", "false")]))
+        result = [every["history"], plain["history"]]
+        """,
+    )
+    for a, b in zip(every, plain, strict=True):
+        for key in ("loss", "itc", "itm", "itg"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), (key, every, plain)
+    evaluations = [r for r in _losses(tmp_path / "every") if "r_mean" in r]
+    assert [r["step"] for r in evaluations] == [2, 4]
+    record = json.loads((tmp_path / "every" / "best" / "best.json").read_text())
+    best = max(evaluations, key=lambda r: r["r_mean"])  # the first of equals: a later one must beat it
+    assert record["step"] == best["step"] and record["r_mean"] == pytest.approx(best["r_mean"], abs=1e-3)
+    proc = subprocess.run(
+        [sys.executable, "-m", "blip2_fast.evaluate", "--checkpoint", str(tmp_path / "every" / "best")],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("retrieval on"))
+    words = line.split(": ", 1)[1].split()
+    figures = dict(zip(words[0::2], map(float, words[1::2]), strict=True))
+    assert {"txt_r1", "img_r1"} <= figures.keys()
+    for key, value in figures.items():
+        assert value == pytest.approx(record[key], abs=0.01), (key, line, record)
+    assert not (tmp_path / "plain" / "best").exists()
+    from blip2_fast import Blip2Stage1
+
+    assert Blip2Stage1.from_pretrained(tmp_path / "every" / "best").itc_scores(
+        torch.randn(1, 3, 32, 32), ["a"]
+    ).shape == (1, 1)
+
+
+@pytest.mark.slow
 def test_two_ranks_equal_one_rank(tmp_path):
     """Same global batch (8), seeded hard negatives: 2 ranks (ZeRO-3, torchrun) == 1 rank (ZeRO-2), one step.
 
