@@ -71,8 +71,12 @@ LLM_FAMILIES = ("auto", "decoder", "encoder_decoder")
 class Stage2ModelSection:
     # "auto": runs/stage1-default when it exists (the stage-1 default's output), else a fresh Q-Former;
     # a stage-1 run folder or its model.safetensors; or a trained stage-2 model to fine-tune, LLM and
-    # tokenizer included: a Blip2ForConditionalGeneration folder or a stage-2 run folder; null: always fresh
+    # tokenizer included: a Blip2ForConditionalGeneration folder or a stage-2 run folder; or a LAVIS
+    # stage-2 .pth (Q-Former and projection) over model.llm and model.vision_weights; null: always fresh
     init: str | None = "auto"
+    # the ViT of a LAVIS stage-2 init, which leaves it out: any source checkpoint.load_vision reads (LAVIS'
+    # eva_vit_g.pth, a transformers BLIP-2 folder, ...), built as model.vision says
+    vision_weights: str | None = None
     # a local transformers LLM folder (OPT, FlanT5, ...); null: the tiny random OPT of default_stage2_model
     llm: str | None = None
     llm_family: str = "auto"  # auto: from the LLM config's is_encoder_decoder
@@ -186,10 +190,11 @@ def resolve_init(init: str | None) -> Path | None:
         return Path(DEFAULT_INIT) if (Path(DEFAULT_INIT) / "model.safetensors").is_file() else None
     path = Path(init)
     stage1 = (path / "model.safetensors").is_file() or (path.is_file() and path.suffix == ".safetensors")
-    if not stage1 and not is_stage2_folder(path):
+    lavis = path.is_file() and path.suffix in (".pth", ".pt")
+    if not stage1 and not lavis and not is_stage2_folder(path):
         raise FileNotFoundError(
             f"model.init: expected a stage-1 run folder or its model.safetensors, a Blip2ForConditionalGeneration "
-            f"folder or a stage-2 run folder, got {init}"
+            f"folder, a stage-2 run folder or a LAVIS stage-2 .pth, got {init}"
         )
     return path
 
@@ -207,6 +212,8 @@ def build_model(config: Stage2Config):
         if m.llm is not None:
             raise ValueError(f"model.init {init} is a whole stage-2 model with its own LLM: model.llm must be null")
         model, tokenizer = load_pretrained(init)
+    elif init is not None and init.suffix in (".pth", ".pt"):
+        model, tokenizer = _lavis_stage2_model(config, init)
     else:
         model, tokenizer = _stage2_model(config, init)
     if m.image_size is not None and m.image_size != model.image_encoder.config.image_size:
@@ -216,6 +223,31 @@ def build_model(config: Stage2Config):
     if not m.freeze_vit:
         model.image_encoder.unfreeze(m.vit_grad_checkpoint)
     return model, tokenizer, init
+
+
+def _lavis_stage2_model(config: Stage2Config, init: Path):
+    """A LAVIS stage-2 checkpoint: its Q-Former (config read from the shapes, ``model.qformer`` keys on top),
+    ``ln_vision`` and projection, over the LLM of ``model.llm`` and the ViT of ``model.vision_weights`` (or of
+    the .pth, if it holds one)."""
+    from transformers import AutoTokenizer
+
+    from blip2_fast.checkpoint import lavis_config, load_vision
+    from blip2_fast.stage2_convert import lavis_model, read_lavis
+
+    m = config.model
+    state = read_lavis(init)
+    if m.llm is None:
+        raise ValueError(
+            f"model.init {init} is a LAVIS stage-2 .pth: model.llm must name the LLM folder it was trained on"
+        )
+    if m.vision_weights is None and not any(k.startswith("visual_encoder.") for k in state):
+        raise ValueError(f"{init} holds no ViT (LAVIS leaves frozen weights out): set model.vision_weights")
+    vision = load_vision(m.vision_weights or init, VisionConfig.from_dict(m.vision))
+    # the shapes say everything but the head count (BERT-base's 12 unless model.qformer says otherwise)
+    overrides = {k: v for k, v in m.qformer.items() if k != "preset"}
+    qformer = lavis_config(state, **{**overrides, "text_input": False})
+    model, _ = lavis_model(state, m.llm, qformer, vision)  # _: the keys skipped
+    return model, AutoTokenizer.from_pretrained(m.llm)
 
 
 def _stage2_model(config: Stage2Config, init: Path | None):

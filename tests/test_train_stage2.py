@@ -380,3 +380,34 @@ def test_two_ranks_under_zero3_caption_at_the_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("held-out captions (2 images, greedy)") == 1  # rank 0 reports
     assert (tmp_path / "runs" / "stage2-default" / "captions.json").is_file()
+
+
+def test_init_from_a_lavis_stage2_checkpoint(tmp_path):
+    """A LAVIS stage-2 .pth (Q-Former, ln_vision, opt_proj; no ViT, no LLM) over an LLM folder and a ViT file
+    builds the model the checkpoint was written from, tensor for tensor."""
+    import torch
+
+    from blip2_fast.checkpoint import save_vision
+    from blip2_fast.stage2 import default_stage2_model
+    from blip2_fast.stage2_convert import qformer_names
+
+    torch.manual_seed(2)
+    model, tokenizer = default_stage2_model()
+    ours = model.state_dict()
+    lavis = {theirs: ours[name] for name, theirs in qformer_names(model.qformer.config, "lavis").items()}
+    lavis.update({f"opt_proj.{p}": ours[f"llm_proj.{p}"] for p in ("weight", "bias")})
+    torch.save({"model": lavis}, tmp_path / "blip2_opt_stage2.pth")
+    model.llm.save_pretrained(str(tmp_path / "opt"))
+    tokenizer.save_pretrained(str(tmp_path / "opt"))
+    save_vision(model.image_encoder, tmp_path / "eva.safetensors")
+
+    init = [("model.init", str(tmp_path / "blip2_opt_stage2.pth")), ("model.llm", str(tmp_path / "opt"))]
+    init += [("model.qformer", "{num_attention_heads: 4}")]  # the one thing shapes cannot tell
+    built, tok, _ = build_model(load_config(None, init + [("model.vision_weights", str(tmp_path / "eva.safetensors"))]))
+    theirs = built.state_dict()
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
+    assert tok("a red circle").input_ids == tokenizer("a red circle").input_ids
+    with pytest.raises(ValueError, match="holds no ViT .* set model.vision_weights"):
+        build_model(load_config(None, init))
+    with pytest.raises(ValueError, match="model.llm must name the LLM folder"):
+        build_model(load_config(None, init[:1] + init[2:]))
