@@ -355,8 +355,12 @@ def _losses(run_dir: Path) -> list[dict[str, float]]:
 
 
 @pytest.mark.slow
-def test_resume_equals_uninterrupted(tmp_path):
-    """4 steps == 2 steps, checkpoint, restart, 2 steps (ZeRO-1, dropout on: the RNG must be restored)."""
+@pytest.mark.parametrize("freeze_vit", ["true", "false"])
+def test_resume_equals_uninterrupted(tmp_path, freeze_vit):
+    """4 steps == 2 steps, checkpoint, restart, 2 steps (ZeRO-1, dropout on: the RNG must be restored); a
+    trainable ViT is part of the checkpoint and ends the same."""
+    from safetensors.torch import load_file
+
     common = TINY + [
         ("train.steps", "4"),
         ("train.zero_stage", "1"),
@@ -364,6 +368,7 @@ def test_resume_equals_uninterrupted(tmp_path):
         ("train.evaluate", "false"),
         ("model.qformer.hidden_dropout_prob", "0.1"),
         ("model.qformer.attention_probs_dropout_prob", "0.1"),
+        ("model.freeze_vit", freeze_vit),
     ]
     full, first, second = _train_in_subprocess(
         tmp_path,
@@ -383,6 +388,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     split = tmp_path / "split"
     assert (split / "checkpoints" / "latest").read_text() == "step00000004"
     assert [r["step"] for r in _losses(split)] == [1, 2, 3, 4]  # the resumed run continues the CSV
+    whole, resumed = load_file(tmp_path / "full" / "vision.safetensors"), load_file(split / "vision.safetensors")
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
 @pytest.mark.slow
