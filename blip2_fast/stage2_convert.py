@@ -223,7 +223,10 @@ def is_stage2_folder(path: str | Path) -> bool:
     path = Path(path)
     for folder in (path, path / "transformers"):
         config = folder / "config.json"
-        if config.is_file() and "text_config" in json.loads(config.read_text()):
+        # every BLIP-2 config.json holds a text_config; only the architecture tells whether an LLM is there
+        if config.is_file() and "Blip2ForConditionalGeneration" in (
+            json.loads(config.read_text()).get("architectures") or []
+        ):
             return True
     return False
 
@@ -319,6 +322,13 @@ def load_lavis(
             raise ValueError(f"LAVIS {key}: shape {tuple(value.shape)}, the model expects {tuple(params[key].shape)}")
     model.load_state_dict(ours, strict=False)
     return sorted(skipped)
+
+
+def lavis_projection(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """``llm_proj`` weight and bias of a LAVIS state dict (``opt_proj`` / ``t5_proj`` / ``llm_proj``); None for
+    a stage-1 checkpoint, which has none."""
+    prefix = next((p for p in _LAVIS_PROJECTIONS if p + "weight" in state), None)
+    return None if prefix is None else {"weight": state[prefix + "weight"], "bias": state[prefix + "bias"]}
 
 
 def _lavis_skippable(key: str) -> bool:

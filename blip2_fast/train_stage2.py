@@ -70,12 +70,12 @@ LLM_FAMILIES = ("auto", "decoder", "encoder_decoder")
 @dataclasses.dataclass
 class Stage2ModelSection:
     # "auto": runs/stage1-default when it exists (the stage-1 default's output), else a fresh Q-Former;
-    # a stage-1 run folder or its model.safetensors; or a trained stage-2 model to fine-tune, LLM and
-    # tokenizer included: a Blip2ForConditionalGeneration folder or a stage-2 run folder; or a LAVIS
-    # stage-2 .pth (Q-Former and projection) over model.llm and model.vision_weights; null: always fresh
+    # a stage-1 run folder or its model.safetensors; a transformers BLIP-2 stage-1 folder or a LAVIS .pth
+    # of either stage (its Q-Former, and projection) over model.llm; or a trained stage-2 model to fine-tune,
+    # LLM and tokenizer included: a Blip2ForConditionalGeneration folder or a stage-2 run; null: always fresh
     init: str | None = "auto"
-    # the ViT of a LAVIS stage-2 init, which leaves it out: any source checkpoint.load_vision reads (LAVIS'
-    # eva_vit_g.pth, a transformers BLIP-2 folder, ...), built as model.vision says
+    # the ViT when a LAVIS init leaves it out (as LAVIS does with frozen weights): any source
+    # checkpoint.load_vision reads (LAVIS' eva_vit_g.pth, a transformers BLIP-2 folder, ...)
     vision_weights: str | None = None
     # a local transformers LLM folder (OPT, FlanT5, ...); null: the tiny random OPT of default_stage2_model
     llm: str | None = None
@@ -190,11 +190,11 @@ def resolve_init(init: str | None) -> Path | None:
         return Path(DEFAULT_INIT) if (Path(DEFAULT_INIT) / "model.safetensors").is_file() else None
     path = Path(init)
     stage1 = (path / "model.safetensors").is_file() or (path.is_file() and path.suffix == ".safetensors")
-    lavis = path.is_file() and path.suffix in (".pth", ".pt")
-    if not stage1 and not lavis and not is_stage2_folder(path):
+    other = (path.is_file() and path.suffix in (".pth", ".pt")) or (path / "config.json").is_file()
+    if not stage1 and not other and not is_stage2_folder(path):
         raise FileNotFoundError(
-            f"model.init: expected a stage-1 run folder or its model.safetensors, a Blip2ForConditionalGeneration "
-            f"folder, a stage-2 run folder or a LAVIS stage-2 .pth, got {init}"
+            f"model.init: expected a run folder of ours (either stage) or a stage-1 model.safetensors, a "
+            f"transformers BLIP-2 folder, or a LAVIS .pth, got {init}"
         )
     return path
 
@@ -212,8 +212,8 @@ def build_model(config: Stage2Config):
         if m.llm is not None:
             raise ValueError(f"model.init {init} is a whole stage-2 model with its own LLM: model.llm must be null")
         model, tokenizer = load_pretrained(init)
-    elif init is not None and init.suffix in (".pth", ".pt"):
-        model, tokenizer = _lavis_stage2_model(config, init)
+    elif init is not None and (init.suffix in (".pth", ".pt") or (init / "config.json").is_file()):
+        model, tokenizer = _checkpoint_model(config, init)
     else:
         model, tokenizer = _stage2_model(config, init)
     if m.image_size is not None and m.image_size != model.image_encoder.config.image_size:
@@ -225,29 +225,31 @@ def build_model(config: Stage2Config):
     return model, tokenizer, init
 
 
-def _lavis_stage2_model(config: Stage2Config, init: Path):
-    """A LAVIS stage-2 checkpoint: its Q-Former (config read from the shapes, ``model.qformer`` keys on top),
-    ``ln_vision`` and projection, over the LLM of ``model.llm`` and the ViT of ``model.vision_weights`` (or of
-    the .pth, if it holds one)."""
-    from transformers import AutoTokenizer
-
-    from blip2_fast.checkpoint import lavis_config, load_vision
-    from blip2_fast.stage2_convert import lavis_model, read_lavis
+def _checkpoint_model(config: Stage2Config, init: Path):
+    """A BLIP-2 checkpoint of another library under ``model.llm``: a LAVIS .pth of either stage or a
+    transformers stage-1 folder. Its Q-Former (``model.qformer`` keys on top: shapes cannot tell the head
+    count) and, from a LAVIS stage-2 file, its projection; the ViT from it or from ``model.vision_weights``
+    (LAVIS leaves frozen weights out of its files), built as ``model.vision`` says."""
+    from blip2_fast.checkpoint import load_checkpoint, load_vision
+    from blip2_fast.stage2 import Blip2Stage2
+    from blip2_fast.stage2_convert import lavis_projection, read_lavis
 
     m = config.model
-    state = read_lavis(init)
     if m.llm is None:
-        raise ValueError(
-            f"model.init {init} is a LAVIS stage-2 .pth: model.llm must name the LLM folder it was trained on"
-        )
-    if m.vision_weights is None and not any(k.startswith("visual_encoder.") for k in state):
+        raise ValueError(f"model.init {init} holds no LLM: model.llm must name the LLM folder to put under it")
+    lavis = init.suffix in (".pth", ".pt")
+    state = read_lavis(init) if lavis else {}
+    if m.vision_weights is None and lavis and not any(k.startswith("visual_encoder.") for k in state):
         raise ValueError(f"{init} holds no ViT (LAVIS leaves frozen weights out): set model.vision_weights")
-    vision = load_vision(m.vision_weights or init, VisionConfig.from_dict(m.vision))
-    # the shapes say everything but the head count (BERT-base's 12 unless model.qformer says otherwise)
     overrides = {k: v for k, v in m.qformer.items() if k != "preset"}
-    qformer = lavis_config(state, **{**overrides, "text_input": False})
-    model, _ = lavis_model(state, m.llm, qformer, vision)  # _: the keys skipped
-    return model, AutoTokenizer.from_pretrained(m.llm)
+    qformer = load_checkpoint(init, vision=False, **{**overrides, "text_input": False}).qformer
+    vision = load_vision(m.vision_weights or init, VisionConfig.from_dict(m.vision))
+    llm, tokenizer = _local_llm(m)
+    model = Blip2Stage2(qformer, llm, vision)
+    projection = lavis_projection(state)
+    if projection is not None:
+        model.llm_proj.load_state_dict(projection)
+    return model, tokenizer
 
 
 def _stage2_model(config: Stage2Config, init: Path | None):
@@ -278,13 +280,10 @@ def _stage2_model(config: Stage2Config, init: Path | None):
     return _pretrained_model(config, init, qformer, vision)
 
 
-def _pretrained_model(config: Stage2Config, init: Path | None, qformer: QFormerConfig, vision: VisionConfig):
-    """A local transformers LLM (OPT, FlanT5, ...) under the stage-1 Q-Former (or a fresh one)."""
+def _local_llm(m: Stage2ModelSection):
+    """(LLM, tokenizer) from the local transformers folder ``model.llm``, frozen later by Blip2Stage2."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from blip2_fast.stage2 import Blip2Stage2, load_stage1, stage1_configs
-
-    m = config.model
     folder = Path(m.llm)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"model.llm: expected a transformers model folder with config.json, got {folder}")
@@ -293,8 +292,14 @@ def _pretrained_model(config: Stage2Config, init: Path | None, qformer: QFormerC
     if m.llm_family != "auto" and seq2seq != (m.llm_family == "encoder_decoder"):
         raise ValueError(f"model.llm_family={m.llm_family} but {folder} is_encoder_decoder={seq2seq}")
     cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
-    llm = cls.from_pretrained(str(folder), torch_dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(folder))
+    return cls.from_pretrained(str(folder), torch_dtype=torch.float32), AutoTokenizer.from_pretrained(str(folder))
+
+
+def _pretrained_model(config: Stage2Config, init: Path | None, qformer: QFormerConfig, vision: VisionConfig):
+    """A local transformers LLM (OPT, FlanT5, ...) under the stage-1 Q-Former of a run of ours (or a fresh one)."""
+    from blip2_fast.stage2 import Blip2Stage2, load_stage1, stage1_configs
+
+    llm, tok = _local_llm(config.model)
     vision_file = model_file = None
     if init is not None:
         qformer, found_vision, model_file, vision_file = stage1_configs(init)

@@ -78,7 +78,7 @@ def test_bad_config_is_named(tmp_path):
         load_config(None, [("model.llm_hidden", "30")])
     with pytest.raises(ValueError, match="data.feature_cache is a stage-1 option"):
         load_config(None, [("data.feature_cache", "true")])
-    with pytest.raises(FileNotFoundError, match="stage-1 run folder or its model.safetensors"):
+    with pytest.raises(FileNotFoundError, match="a run folder of ours .* a transformers BLIP-2 folder, or a LAVIS"):
         resolve_init(str(tmp_path / "nowhere"))
     config = load_config(None, [("model.llm_family", "encoder_decoder"), ("model.init", "null")])
     with pytest.raises(ValueError, match="needs model.llm"):
@@ -382,12 +382,13 @@ def test_two_ranks_under_zero3_caption_at_the_end(tmp_path):
     assert (tmp_path / "runs" / "stage2-default" / "captions.json").is_file()
 
 
-def test_init_from_a_lavis_stage2_checkpoint(tmp_path):
-    """A LAVIS stage-2 .pth (Q-Former, ln_vision, opt_proj; no ViT, no LLM) over an LLM folder and a ViT file
-    builds the model the checkpoint was written from, tensor for tensor."""
+def test_init_from_lavis_and_transformers_checkpoints(tmp_path, hf_retrieval_folder):
+    """Other libraries' checkpoints under a local LLM: a LAVIS stage-2 .pth (Q-Former, ln_vision, opt_proj; no
+    ViT, no LLM) builds the model it was written from, tensor for tensor; a LAVIS stage-1 .pth (text parts
+    too, no projection) and a transformers stage-1 folder give their Q-Former, the projection starting fresh."""
     import torch
 
-    from blip2_fast.checkpoint import save_vision
+    from blip2_fast.checkpoint import load_transformers, save_vision
     from blip2_fast.stage2 import default_stage2_model
     from blip2_fast.stage2_convert import qformer_names
 
@@ -411,3 +412,24 @@ def test_init_from_a_lavis_stage2_checkpoint(tmp_path):
         build_model(load_config(None, init))
     with pytest.raises(ValueError, match="model.llm must name the LLM folder"):
         build_model(load_config(None, init[:1] + init[2:]))
+
+    # LAVIS stage 1 (what LAVIS' stage-2 pre-training starts from): text-only parts left out, no projection
+    stage1 = {k: v for k, v in lavis.items() if not k.startswith("opt_proj.")}
+    stage1["Qformer.bert.embeddings.word_embeddings.weight"] = torch.zeros(101, 64)
+    torch.save({"model": stage1}, tmp_path / "blip2_pretrained.pth")
+    config = [("model.init", str(tmp_path / "blip2_pretrained.pth")), *init[1:]]
+    built, _, _ = build_model(load_config(None, config + [("model.vision_weights", str(tmp_path / "eva.safetensors"))]))
+    theirs = built.state_dict()
+    assert all(torch.equal(theirs[k], ours[k]) for k in ours if not k.startswith("llm_proj."))
+    assert not torch.equal(theirs["llm_proj.weight"], ours["llm_proj.weight"])
+
+    # a transformers stage-1 folder holds its ViT
+    config = [("model.init", str(hf_retrieval_folder)), ("model.llm", str(tmp_path / "opt")), ("model.qformer", "{}")]
+    config += [("model.vision", "{hidden_size: 32, intermediate_size: 48, num_hidden_layers: 2, "
+                "num_attention_heads: 4, image_size: 56, patch_size: 14}")]  # fmt: skip
+    built, _, _ = build_model(load_config(None, config))
+    reference = load_transformers(hf_retrieval_folder, text_input=False)
+    for name, tensor in reference.qformer.state_dict().items():
+        assert torch.equal(built.qformer.state_dict()[name], tensor), name
+    for name, tensor in reference.vision.state_dict().items():
+        assert torch.equal(built.image_encoder.state_dict()[name], tensor), name
