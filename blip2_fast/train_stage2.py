@@ -85,7 +85,8 @@ class Stage2ModelSection:
     llm_hidden: int = 128
     llm_heads: int = 4
     # a fresh Q-Former / ViT (no stage-1 init): QFormerConfig / VisionConfig keys or a preset;
-    # encoder_width follows the ViT
+    # encoder_width follows the ViT. model.vision also describes the ViT of an EVA .pth (eva_vit_g.pth:
+    # {preset: eva_vit_g}), which cannot tell its head count
     qformer: dict = dataclasses.field(default_factory=lambda: {"preset": "tiny"})
     vision: dict = dataclasses.field(default_factory=lambda: {"preset": "tiny"})
     max_text_length: int = 24
@@ -229,7 +230,7 @@ def _checkpoint_model(config: Stage2Config, init: Path):
     """A BLIP-2 checkpoint of another library under ``model.llm``: a LAVIS .pth of either stage or a
     transformers stage-1 folder. Its Q-Former (``model.qformer`` keys on top: shapes cannot tell the head
     count) and, from a LAVIS stage-2 file, its projection; the ViT from it or from ``model.vision_weights``
-    (LAVIS leaves frozen weights out of its files), built as ``model.vision`` says."""
+    (LAVIS leaves frozen weights out of its files)."""
     from blip2_fast.checkpoint import load_checkpoint, load_vision
     from blip2_fast.stage2 import Blip2Stage2
     from blip2_fast.stage2_convert import lavis_projection, read_lavis
@@ -243,7 +244,10 @@ def _checkpoint_model(config: Stage2Config, init: Path):
         raise ValueError(f"{init} holds no ViT (LAVIS leaves frozen weights out): set model.vision_weights")
     overrides = {k: v for k, v in m.qformer.items() if k != "preset"}
     qformer = load_checkpoint(init, vision=False, **{**overrides, "text_input": False}).qformer
-    vision = load_vision(m.vision_weights or init, VisionConfig.from_dict(m.vision))
+    source = Path(m.vision_weights) if m.vision_weights else init
+    # an EVA .pth cannot tell its head count, and BLIP-2 drops the last of EVA ViT-g's 40 blocks: model.vision
+    # describes that ViT; other sources record their own
+    vision = load_vision(source, VisionConfig.from_dict(m.vision) if source.suffix in (".pth", ".pt") else None)
     llm, tokenizer = _local_llm(m)
     model = Blip2Stage2(qformer, llm, vision)
     projection = lavis_projection(state)

@@ -425,9 +425,7 @@ def test_init_from_lavis_and_transformers_checkpoints(tmp_path, hf_retrieval_fol
 
     # a transformers stage-1 folder holds its ViT
     config = [("model.init", str(hf_retrieval_folder)), ("model.llm", str(tmp_path / "opt")), ("model.qformer", "{}")]
-    config += [("model.vision", "{hidden_size: 32, intermediate_size: 48, num_hidden_layers: 2, "
-                "num_attention_heads: 4, image_size: 56, patch_size: 14}")]  # fmt: skip
-    built, _, _ = build_model(load_config(None, config))
+    built, _, _ = build_model(load_config(None, config))  # the folder's ViT config, not model.vision's preset
     reference = load_transformers(hf_retrieval_folder, text_input=False)
     for name, tensor in reference.qformer.state_dict().items():
         assert torch.equal(built.qformer.state_dict()[name], tensor), name
