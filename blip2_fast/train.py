@@ -441,7 +441,13 @@ def build_vision(config: TrainConfig):
     if source is not None:
         from blip2_fast.checkpoint import load_vision
 
-        vision = load_vision(source, vision_config)
+        try:
+            vision = load_vision(source, vision_config)
+        except ValueError as err:
+            if m.vision_weights:
+                raise
+            # LAVIS leaves frozen weights out of its files: its ViT is eva_vit_g.pth, given apart
+            raise ValueError(f"{err} (the ViT comes from model.init unless model.vision_weights names it)") from err
     else:
         vision = ImageEncoder(vision_config)  # drawn after train.seed was set: the same ViT on every rank
     return vision.freeze() if m.freeze_vit else vision.unfreeze(m.vit_grad_checkpoint)

@@ -623,3 +623,16 @@ def test_stage_2_is_handed_to_its_entry_point(monkeypatch):
     monkeypatch.setattr(stage2, "run", lambda config: seen.append(config) or "stage-2 ran")
     assert main(["--stage", "2", "--train.steps", "3"]) == "stage-2 ran"
     assert seen[0].train.steps == 3
+
+
+def test_init_without_a_vit_points_at_vision_weights(tmp_path):
+    from blip2_fast.train import build_vision
+
+    torch.save(
+        {"model": {"Qformer.bert.embeddings.LayerNorm.weight": torch.ones(4)}}, tmp_path / "blip2_pretrained.pth"
+    )
+    config = load_config(None, [("model.init", str(tmp_path / "blip2_pretrained.pth"))])
+    with pytest.raises(ValueError, match="the ViT comes from model.init unless model.vision_weights names it"):
+        build_vision(config)
+    with pytest.raises(FileNotFoundError, match="model.vision_weights: not found"):
+        build_vision(load_config(None, [("model.vision_weights", str(tmp_path / "eva_vit_g.pth"))]))
