@@ -12,7 +12,8 @@ against every reference caption of that image with COCO's BLEU and CIDEr-D
 (:mod:`blip2_fast.metrics`). VQA: one answer per question through BLIP-2's
 short-answer prompt, scored with the VQAv2 accuracy. The generation defaults are
 LAVIS' (beam 5; captions 8 to 30 new tokens; answers at most 10, length penalty
--1 so that beams prefer short answers). Predictions and scores go to ``--out``.
+-1 so that beams prefer short answers). Predictions and scores go to ``--out``; annotations without
+references (a test split) give the predictions alone, in the rows a test server takes.
 Under ``torchrun --nproc_per_node N -m blip2_fast.evaluate_stage2 ...`` each rank generates a strided
 share and rank 0 scores and writes. ``--limit`` evaluates the first images or questions only.
 
@@ -44,13 +45,15 @@ DEFAULTS = {
 
 def read_vqa(path: str | Path) -> list[dict[str, Any]]:
     """Questions of a VQA JSON: a list of ``{"question_id", "image", "question", "answer": [str, ...]}``
-    (LAVIS' layout; ``"answers"`` and VQAv2's ``[{"answer": str}, ...]`` are read too)."""
+    (LAVIS' layout; ``"answers"`` and VQAv2's ``[{"answer": str}, ...]`` are read too). A file with no answers
+    at all (a test split, scored by its server) gives ``answers`` None."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"VQA annotation file not found: {path}")
     data = json.loads(path.read_text())
     if not isinstance(data, list) or not data:
         raise ValueError(f"{path}: expected a non-empty JSON list of questions")
+    scored = any(isinstance(e, Mapping) and ("answer" in e or "answers" in e) for e in data)
     out = []
     for n, entry in enumerate(data):
         answers = entry.get("answer", entry.get("answers")) if isinstance(entry, Mapping) else None
@@ -59,10 +62,11 @@ def read_vqa(path: str | Path) -> list[dict[str, Any]]:
         if isinstance(answers, list):
             answers = [a["answer"] if isinstance(a, Mapping) else a for a in answers]
         fields_ok = isinstance(entry, Mapping) and all(isinstance(entry.get(k), str) for k in ("image", "question"))
-        if not fields_ok or "question_id" not in entry or not answers or not all(isinstance(a, str) for a in answers):
+        answers_ok = answers and all(isinstance(a, str) for a in answers) if scored else True
+        if not fields_ok or "question_id" not in entry or not answers_ok:
             raise ValueError(
-                f"{path}: entry {n} must hold 'question_id', 'image' (str), 'question' (str) and 'answer' "
-                f"(a non-empty list of str), got {entry!r:.200}"
+                f"{path}: entry {n} must hold 'question_id', 'image' (str), 'question' (str) and, as other entries "
+                f"do, 'answer' (a non-empty list of str), got {entry!r:.200}"
             )
         out.append({"question_id": entry["question_id"], "image": entry["image"], "question": entry["question"],
                     "answers": answers})  # fmt: skip
@@ -88,30 +92,48 @@ def evaluate_captions(
 ):
     """Caption every image of a caption JSON (``data.CaptionJSON``'s layouts) and score against its references;
     ``sharded=False`` keeps the work on this rank alone (see :func:`_generate`).
-    Returns ``{"scores": {bleu_1 .. bleu_4, cider}, "predictions": [{"image", "caption", "references"}]}``."""
+    Returns ``{"scores": {bleu_1 .. bleu_4, cider}, "predictions": [{"image", "caption", "references"}]}``; for
+    a list of ``{"image", "image_id"}`` without captions (a test split), no scores and ``{"image", "image_id",
+    "caption"}`` rows."""
     from blip2_fast.data import CaptionJSON
     from blip2_fast.metrics import caption_scores
 
-    data = CaptionJSON(annotations, image_root)
+    image_ids = _unscored_images(Path(annotations))
     references: dict[str, list[str]] = {}
-    for image, text, _ in data.samples:
-        references.setdefault(image, []).append(text)
-    images = list(references)[:limit]
+    if image_ids is None:
+        for image, text, _ in CaptionJSON(annotations, image_root).samples:
+            references.setdefault(image, []).append(text)
+    images = list(references or image_ids)[:limit]
 
     def generate(chunk):
-        return caption(model, tokenizer, images=[data.image_root / i for i in chunk], prompt=prompt, **options)
+        return caption(model, tokenizer, images=[Path(image_root) / i for i in chunk], prompt=prompt, **options)
 
     predictions = dict(zip(images, _generate(images, batch_size, generate, sharded), strict=True))
+    if image_ids is not None:  # a test split: what its server takes
+        rows = [{"image": i, "image_id": image_ids[i], "caption": c} for i, c in predictions.items()]
+        return {"scores": {}, "predictions": rows}
     scores = caption_scores(predictions, {i: references[i] for i in images})
     rows = [{"image": i, "caption": c, "references": references[i]} for i, c in predictions.items()]
     return {"scores": scores, "predictions": rows}
+
+
+def _unscored_images(path: Path) -> dict[str, Any] | None:
+    """image -> image_id of a caption JSON without any caption (a test split such as NoCaps'), else None."""
+    if not path.is_file():
+        return None  # CaptionJSON names the missing file
+    data = json.loads(path.read_text())
+    if not isinstance(data, list) or not data or any(not isinstance(e, Mapping) or "caption" in e for e in data):
+        return None
+    if not all(isinstance(e.get("image"), str) for e in data):
+        raise ValueError(f"{path}: every entry of a caption JSON needs 'image' (a path under the image folder)")
+    return {e["image"]: e.get("image_id", e["image"]) for e in data}
 
 
 def evaluate_vqa(
     model, tokenizer, annotations, image_root, *, batch_size=16, limit=None, prompt=VQA_PROMPT, sharded=True, **options
 ):
     """Answer every question of a VQA JSON (:func:`read_vqa`) and score with the VQAv2 accuracy (``sharded`` as
-    in :func:`evaluate_captions`).
+    in :func:`evaluate_captions`; no answers in the file: no scores).
     Returns ``{"scores": {"accuracy": percent}, "predictions": [{"question_id", "answer"}]}``."""
     from blip2_fast.metrics import vqa_accuracy
 
@@ -124,11 +146,11 @@ def evaluate_vqa(
 
     said = _generate(questions, batch_size, generate, sharded)
     predictions = dict(zip((q["question_id"] for q in questions), said, strict=True))
+    rows = [{"question_id": k, "answer": v} for k, v in predictions.items()]  # the VQAv2 server's format
+    if questions and questions[0]["answers"] is None:
+        return {"scores": {}, "predictions": rows}
     accuracy = vqa_accuracy(predictions, {q["question_id"]: q["answers"] for q in questions})["accuracy"]
-    return {
-        "scores": {"accuracy": accuracy},
-        "predictions": [{"question_id": k, "answer": v} for k, v in predictions.items()],
-    }
+    return {"scores": {"accuracy": accuracy}, "predictions": rows}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -164,7 +186,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return result
     count = len(result["predictions"])
     what = "images" if args.task == "caption" else "questions"
-    print(f"{args.task} on {count} {what}: " + "  ".join(f"{k} {v:.4f}" for k, v in result["scores"].items()))
+    scores = "  ".join(f"{k} {v:.4f}" for k, v in result["scores"].items())
+    print(f"{args.task} on {count} {what}: " + (scores or "predictions only (the annotations hold no references)"))
     if args.out:
         out = Path(args.out)
         partial = out.with_name(f".{out.name}.partial")

@@ -84,8 +84,32 @@ def test_vqa_accuracy_of_the_generated_answers(folder):
     assert result["scores"]["accuracy"] == pytest.approx(45.0)
 
 
+def test_test_splits_without_references_give_predictions_in_server_rows(folder, tmp_path):
+    """NoCaps- / VQAv2-test-dev-style files: no captions, no answers; the predictions alone, with the ids."""
+    (tmp_path / "nocaps.json").write_text(json.dumps([{"image": "img0.png", "image_id": 40}, {"image": "img2.png"}]))
+    args = ["--model", str(folder), "--images", str(folder), "--num-beams", "2", "--max-new-tokens", "5"]
+    args += ["--min-new-tokens", "1"]
+    result = main([*args, "--task", "caption", "--annotations", str(tmp_path / "nocaps.json")])
+    model, tokenizer = load_pretrained(folder)
+    want = caption(model, tokenizer, images=[folder / "img0.png", folder / "img2.png"], **OPTIONS)
+    assert result["scores"] == {}
+    assert result["predictions"] == [
+        {"image": "img0.png", "image_id": 40, "caption": want[0]},
+        {"image": "img2.png", "image_id": "img2.png", "caption": want[1]},
+    ]
+    questions = [{"question_id": 5, "image": "img1.png", "question": "what is it?"}]
+    (tmp_path / "test_dev.json").write_text(json.dumps(questions))
+    result = main([*args, "--task", "vqa", "--annotations", str(tmp_path / "test_dev.json"), "--length-penalty", "1"])
+    said = answer(model, tokenizer, ["what is it?"], images=[folder / "img1.png"], **OPTIONS)
+    assert result == {"scores": {}, "predictions": [{"question_id": 5, "answer": said[0]}]}
+    questions.append({"question_id": 6, "image": "img1.png", "question": "and now?", "answer": ["yes"]})
+    (tmp_path / "mixed.json").write_text(json.dumps(questions))
+    with pytest.raises(ValueError, match=r"entry 0 must hold .* as other entries do, 'answer'"):
+        read_vqa(tmp_path / "mixed.json")
+
+
 def test_bad_inputs_are_named(folder, tmp_path):
-    (tmp_path / "bad.json").write_text(json.dumps([{"question_id": 1, "image": "a.png", "question": "why?"}]))
+    (tmp_path / "bad.json").write_text(json.dumps([{"question_id": 1, "image": "a.png", "answer": ["yes"]}]))
     with pytest.raises(ValueError, match=r"entry 0 must hold 'question_id', 'image' \(str\), 'question' \(str\)"):
         read_vqa(tmp_path / "bad.json")
     with pytest.raises(FileNotFoundError, match="expected a Blip2ForConditionalGeneration folder"):
