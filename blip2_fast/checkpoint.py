@@ -564,9 +564,10 @@ _LAVIS_ROOT = "Qformer.bert."
 _LAVIS_FOREIGN = ("opt_model.", "t5_model.", "llm_model.", "opt_proj.", "t5_proj.", "llm_proj.")
 
 
-def _read_lavis(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
+def _read_pth(path: Path, trust_pickle: bool, what: str) -> dict[str, torch.Tensor]:
+    """The state dict of a ``.pth`` (LAVIS' ``{"model": state_dict}`` or a bare one); {} if it holds none."""
     if not path.is_file():
-        raise FileNotFoundError(f"LAVIS checkpoint not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as err:  # pickle errors come in many types
@@ -575,9 +576,14 @@ def _read_lavis(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
             "if you trust the file, pass trust_pickle=True"
         ) from err
     state = obj.get("model", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not any(k.startswith(_LAVIS_ROOT) for k in state):
+    return dict(state) if isinstance(state, dict) else {}
+
+
+def _read_lavis(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
+    state = _read_pth(path, trust_pickle, "LAVIS checkpoint")
+    if not any(k.startswith(_LAVIS_ROOT) for k in state):
         raise ValueError(f"{path}: expected {{'model': state_dict}} with {_LAVIS_ROOT}* keys (a LAVIS BLIP-2 .pth)")
-    return dict(state)
+    return state
 
 
 def _layer_indices(keys: Iterable[str], pattern: str) -> list[int]:
@@ -843,13 +849,7 @@ def _vision_source(path: Path, trust_pickle: bool) -> tuple[dict[str, torch.Tens
             state = {k.removeprefix("vision_model."): v for k, v in state.items() if "post_layernorm" not in k}
         return state, config, FORMAT
     if path.suffix in (".pth", ".pt"):
-        if not path.is_file():
-            raise FileNotFoundError(f"image encoder weights not found: {path}")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-        except Exception as err:  # pickle errors come in many types
-            raise ValueError(f"{path}: not a weights-only checkpoint ({err}); pass trust_pickle=True") from err
-        state = obj.get("model", obj) if isinstance(obj, dict) else {}
+        state = _read_pth(path, trust_pickle, "image encoder weights")
         if not any(k.startswith("visual_encoder.") for k in state):
             if "cls_token" not in state or "patch_embed.proj.weight" not in state:
                 raise ValueError(

@@ -797,6 +797,15 @@ def export_vision(engine, path: Path) -> Path | None:
     return None
 
 
+def export_run(engine, qformer_config: QFormerConfig, vision, run_dir: Path) -> None:
+    """The weights in ``engine`` now as ``model.safetensors`` (and ``vision.safetensors`` when the ViT trains),
+    seen by every rank when this returns."""
+    export_trainable(engine, qformer_config, run_dir / "model.safetensors")
+    if not vision.frozen:
+        export_vision(engine, run_dir / "vision.safetensors")
+    distributed.barrier()
+
+
 def evaluate_now(engine, qformer_config: QFormerConfig, vision, held_out, tokenizer, config, device, run_dir: Path):
     """Held-out retrieval of the weights in ``engine`` now (every rank takes part): they are exported first
     (``model.safetensors``, and ``vision.safetensors`` for a trainable ViT), then read back as plain models.
@@ -805,10 +814,7 @@ def evaluate_now(engine, qformer_config: QFormerConfig, vision, held_out, tokeni
     from blip2_fast.evaluate import evaluate_run
 
     state, cuda = _rng_state(), _cuda_rng()  # building the plain models draws (then overwrites) weights
-    export_trainable(engine, qformer_config, run_dir / "model.safetensors")
-    if not vision.frozen:
-        export_vision(engine, run_dir / "vision.safetensors")
-    distributed.barrier()
+    export_run(engine, qformer_config, vision, run_dir)
     plain = load_qformer(run_dir / "model.safetensors").to(device).eval()
     if not vision.frozen:
         vision = load_vision(run_dir / "vision.safetensors").to_device(device)
@@ -1098,10 +1104,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         result["eval"] = evaluate_now(engine, qformer.config, vision, held_out, tokenizer, config, device, run_dir)
         evaluated(result["eval"])
     else:
-        export_trainable(engine, qformer.config, model_path)
-        if train_vit:
-            export_vision(engine, run_dir / "vision.safetensors")
-        distributed.barrier()
+        export_run(engine, qformer.config, vision, run_dir)
     if rank == 0:
         plot = log.plot(run_dir / "curves.png")
         log.close()
