@@ -110,12 +110,12 @@ def sample_seed(*parts: int | str) -> int:
 
 
 def _uniform(generator: torch.Generator | None, low: float, high: float) -> float:
-    return low + (high - low) * torch.rand((), generator=generator).item()
+    return low + (high - low) * torch.rand((), generator=generator, device="cpu").item()
 
 
 def _randint(generator: torch.Generator | None, high: int) -> int:
     """Uniform integer in [0, high)."""
-    return int(torch.randint(high, (), generator=generator).item())
+    return int(torch.randint(high, (), generator=generator, device="cpu").item())
 
 
 def random_resized_crop_box(
@@ -211,7 +211,7 @@ class ImageTransform:
             # crop, then resize (not resize(box=...)): the filter sees only the crop, as in torchvision
             image = image.crop((left, top, left + w, top + h)).resize(size, Image.Resampling.BICUBIC)
             # Flipping after the resize touches fewer pixels and gives the same image.
-            if self.hflip > 0 and torch.rand((), generator=generator).item() < self.hflip:
+            if self.hflip > 0 and torch.rand((), generator=generator, device="cpu").item() < self.hflip:
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         else:
             image = image.resize(size, Image.Resampling.BICUBIC)

@@ -625,7 +625,9 @@ class GlobalBatches:
 
     def _indices(self, micro_step: int) -> list[int]:
         epoch, offset = divmod(micro_step, self.per_epoch)
-        perm = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch))
+        perm = torch.randperm(
+            len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch), device="cpu"
+        )
         start = offset * self.G + self.rank * self.B
         return perm[start : start + self.B].tolist()
 

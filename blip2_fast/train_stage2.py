@@ -413,7 +413,7 @@ def chance_scores(captions: list[str], scenes: list[Any], shuffles: int, seed: i
     for _ in range(shuffles):
         # a random shift of a random order: no caption meets its own scene
         perm = torch.randperm(n, generator=g).tolist()
-        shift = 1 + int(torch.randint(max(1, n - 1), (1,), generator=g)) if n > 1 else 0
+        shift = 1 + int(torch.randint(max(1, n - 1), (1,), generator=g, device="cpu")) if n > 1 else 0
         mapping = {perm[i]: perm[(i + shift) % n] for i in range(n)}
         got = shapes_caption_scores(captions, [scenes[mapping[i]] for i in range(n)])
         for key, value in got.items():

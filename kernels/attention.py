@@ -697,7 +697,7 @@ def attention(
     pad = _padding_args(q, Lk, key_padding, key_lengths)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if dropout_p > 0.0 and seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        seed = int(torch.randint(0, 2**31 - 1, (1,), device="cpu").item())
     seed = 0 if seed is None else int(seed)
     if Lq == 0 or Lk == 0 or B * H == 0:
         # nothing to attend (or no row): zeros, still connected to the inputs so autograd sees them used

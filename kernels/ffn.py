@@ -540,7 +540,7 @@ def _new_seed(seed: int | None, dropout_p: float) -> int:
     # torch.utils.checkpoint (which stashes the CPU RNG state) so a recomputed forward drops the same elements.
     # Without dropout nothing is drawn: eval passes leave the generator as the reference path does.
     if seed is None:
-        return int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0.0 else 0
+        return int(torch.randint(0, 2**31 - 1, (1,), device="cpu").item()) if dropout_p > 0.0 else 0
     if not isinstance(seed, int) or not 0 <= seed < 2**31:
         raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
     return seed

@@ -371,6 +371,11 @@ def test_dropout_is_deterministic_per_seed_and_keeps_one_minus_p():
     d = attention(q, k, v, **kw)
     torch.manual_seed(3)
     assert torch.equal(d, attention(q, k, v, **kw))
+    # ...its CPU generator, whatever the default device: a draw on another would sync there (meta: fail)
+    state = torch.get_rng_state()
+    with torch.device("meta"):
+        attention(q, k, v, **kw)
+    assert not torch.equal(torch.get_rng_state(), state)
 
 
 # ------------------------------------------------------------------------------------------------------ bad input
