@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch._functorch.config
 
 from blip2_fast import QFormerConfig
 
@@ -19,6 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 GRAPH_THRESHOLD_MS = 0.020  # below this, launch overhead dominates: also time the call inside a CUDA graph
+
+# "bwd" times the backward alone by re-running it over one kept graph (retain_graph). A compiled backward
+# (flex's) that donates its saved buffers can run only once per graph, so donation is off for every compile
+# of the suite, set before the first.
+torch._functorch.config.donated_buffer = False
 
 
 def make_kernels_importable() -> None:

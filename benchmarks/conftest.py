@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,8 @@ if INTERPRET and not torch.cuda.is_available():
 
 from benchutil import BACKENDS, CUDA, DTYPE_NAMES, sizes  # noqa: E402
 
+_FIRST_TEST = pytest.StashKey[float]()  # when the first test began
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("blip2-fast benchmarks")
@@ -44,6 +47,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=os.environ.get("BLIP2_FAST_BENCH_INTERPRET") == "1",
         help="on CPU, include the triton backend through TRITON_INTERPRET=1 (env BLIP2_FAST_BENCH_INTERPRET=1)",
     )
+    group.addoption(
+        "--time-budget",
+        type=float,
+        metavar="SECONDS",
+        help="skip, with that reason, every test that would start more than SECONDS after the first: the run still "
+        "ends normally and writes --benchmark-json (one stopped by a signal writes nothing)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -51,6 +61,13 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError("--triton-interpret: pass it on the command line (or set BLIP2_FAST_BENCH_INTERPRET=1)")
     if CUDA and os.environ.get("TRITON_INTERPRET") == "1":
         raise pytest.UsageError("TRITON_INTERPRET=1 is set on a CUDA machine: GPU timings would be meaningless")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    budget = item.config.getoption("time_budget")
+    now = time.monotonic()
+    if budget is not None and now - item.config.stash.setdefault(_FIRST_TEST, now) > budget:
+        pytest.skip(f"not measured: the run's --time-budget of {budget:g} s was spent")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # The GPU check, in one command, from the repository root of a machine with a CUDA GPU and no network:
 #
-#   bash benchmarks/gpu_check.sh            # under 8 minutes (time limits sum to 7): installs, parity, benchmarks
+#   bash benchmarks/gpu_check.sh            # under 8 minutes: installs, parity (<= 150 s), benchmarks (~260 s)
 #
 # 1. installs what the machine's Python lacks from benchmarks/wheels/ (filled beforehand by
 #    benchmarks/fetch_wheels.sh) and the project itself, editable, so blip2_fast.kernels resolves;
 # 2. GPU parity: the kernel test files on CUDA, compiled kernels instead of the interpreter (tests/kernel_device.py):
 #    every `gpu`-marked test (bf16 included) lives in them, beside the fp32/fp16 parity and dropout tests and
 #    the whole Q-Former on the triton backend (not the AOT checks, which CI runs); in parallel with pytest-xdist;
-# 3. the benchmark suite (--quick unless BENCH_SIZE=full) with --benchmark-json;
+# 3. the benchmark suite (--quick unless BENCH_SIZE=full), one run per file, each within its share of
+#    BENCH_TIMEOUT, their JSONs merged into one (report.py --merge);
 # 4. writes benchmarks/results/<device>-<date>.json and .md (report.py: ratios of triton to every
-#    other backend), and copies them, with the logs, to $OUT when it is set.
+#    other backend, and what each file's run measured or skipped), and copies them, with the logs, to $OUT
+#    when it is set.
 #
 # Without a GPU it stops at once with one line on stderr and exit status 2. Every step has a time
 # limit, so it never hangs. Environment: PYTHON (default python3), BENCH_SIZE (quick|full),
@@ -22,7 +24,7 @@ python=${PYTHON:-python3}
 wheels=benchmarks/wheels
 results=benchmarks/results
 parity_timeout=${PARITY_TIMEOUT:-150}
-bench_timeout=${BENCH_TIMEOUT:-270}
+bench_timeout=${BENCH_TIMEOUT:-260} # all benchmark files together
 # most telling first: a step cut short by its time limit still writes what it measured
 bench_files=${BENCH_FILES:-benchmarks/bench_mask.py benchmarks/bench_e2e.py benchmarks/bench_ffn.py \
     benchmarks/bench_kvcache.py benchmarks/bench_cross.py}
@@ -99,12 +101,29 @@ run_step parity "$parity_timeout" "$python" -m pytest $parity_tests -q -p no:cac
     -k "not compiles_without_spills"
 
 # ---------------------------------------------------------------- 3. benchmarks
-mkdir -p "$results"
+# One pytest run per file, each with its own JSON: a run stopped by a signal writes none, so each gets a
+# share of the benchmark time (by weight; what one leaves unused goes to those after it) as --time-budget,
+# which skips the tests left once spent and lets the run end normally. A hard limit 60 s later backs it up.
+mkdir -p "$results" "$logs/parts"
 size_flag=--quick
 [ "${BENCH_SIZE:-quick}" = full ] && size_flag=
+weight() { case $(basename "$1" .py) in bench_ffn | bench_cross) echo 1 ;; *) echo 3 ;; esac; }
+bench_end=$((SECONDS + bench_timeout))
+weights_left=0
+for file in $bench_files; do weights_left=$((weights_left + $(weight "$file"))); done
+for file in $bench_files; do
+    stem=$(basename "$file" .py)
+    share=$(((bench_end - SECONDS) * $(weight "$file") / weights_left))
+    weights_left=$((weights_left - $(weight "$file")))
+    [ "$share" -lt 10 ] && share=10
+    run_step "$stem" $((share + 60)) "$python" -m pytest "$file" --benchmark-only $size_flag -q -rs \
+        -p no:cacheprovider --time-budget "$share" --benchmark-json="$logs/parts/$stem.json" \
+        --benchmark-columns=median,rounds
+done
 # shellcheck disable=SC2086  # lists on purpose
-run_step benchmarks "$bench_timeout" "$python" -m pytest $bench_files --benchmark-only $size_flag -q \
-    -p no:cacheprovider --benchmark-json="$results/$name.json" --benchmark-columns=median,rounds
+"$python" benchmarks/report.py --merge "$results/$name.json" "$logs"/parts/*.json >/dev/null 2>"$logs/merge.log" ||
+    status=1
+cat "$logs/merge.log"
 
 # ---------------------------------------------------------------- 4. summary
 if [ -s "$results/$name.json" ]; then
@@ -113,15 +132,27 @@ if [ -s "$results/$name.json" ]; then
         echo
         echo "$versions. GPU parity tests: $(grep -hE '(passed|failed|error)' "$logs"/parity.log | tail -1)"
         echo
+        echo "Benchmark runs (\`--quick\` unless BENCH_SIZE=full; each file's last line, tests skipped by its time budget included):"
+        echo
+        for file in $bench_files; do
+            stem=$(basename "$file" .py)
+            echo "- $stem: $(grep -hE '(passed|failed|error|skipped)' "$logs/$stem.log" | tail -1)"
+        done
+        echo
         "$python" benchmarks/report.py "$results/$name.json"
     } >"$results/$name.md"
     say "wrote $results/$name.json and $results/$name.md"
 else
-    say "the benchmark run left no JSON"
+    say "the benchmark runs left no results"
     status=1
 fi
-if [ -n "${OUT:-}" ]; then
-    cp "$logs"/*.log "$OUT"/ 2>/dev/null
+if [ -n "${OUT:-}" ]; then # at most a few files come back: the logs travel as two
+    cp "$logs/parity.log" "$OUT"/ 2>/dev/null
+    for file in $bench_files; do
+        stem=$(basename "$file" .py)
+        echo "=== $stem"
+        cat "$logs/$stem.log"
+    done >"$OUT/benchmarks.log" 2>/dev/null
     cp "$results/$name".* "$OUT"/ 2>/dev/null
 fi
 exit $status

@@ -2,6 +2,8 @@
 
     python benchmarks/report.py                      # newest benchmarks/results/*.json -> stdout
     python benchmarks/report.py RESULTS.json --out benchmarks/results/README_table.md
+    python benchmarks/report.py --merge RESULTS.json PART.json ...   # per-file runs -> one results file
+    python benchmarks/report.py --summary          # the README's table (triton against each backend)
 
 Every result carries ``extra_info['case']`` (what is compared) and
 ``extra_info['backend']``; ``extra_info['ms']`` is the time ratios use (CUDA
@@ -103,6 +105,35 @@ def fused_ratios(cases: dict[str, dict[str, dict]]) -> list[str]:
     return lines or ["- no triton results in this file (the triton backend did not run here)"]
 
 
+def _speedup_over(backends: dict[str, dict], fused: str, *others: str) -> str:
+    """The first of ``others`` present, in the fused result's mode (KV-cache: cached against cached): its time /
+    the fused time."""
+    mode = fused.partition("/")[2]
+    for other in others:
+        other = f"{other}/{mode}" if mode else other
+        if other in backends:
+            return _x(backends[other]["ms"] / backends[fused]["ms"])
+    return ""
+
+
+def summary(cases: dict[str, dict[str, dict]]) -> list[str]:
+    """The README's table: one row per triton result, its time and its speed-up over each other backend."""
+    lines = [
+        "| case | triton ms | vs reference / eager | vs sdpa | vs flex | vs xformers |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for case in sorted(cases):
+        backends = cases[case]
+        for name in sorted(n for n in backends if n.split("/")[0] == "triton"):
+            mode = name.partition("/")[2]
+            ratios = [
+                _speedup_over(backends, name, *o) for o in (("reference", "eager"), ("sdpa",), ("flex",), ("xformers",))
+            ]
+            label = f"{case}, {mode}" if mode else case
+            lines.append(f"| {label} | {backends[name]['ms']:.4g} | " + " | ".join(ratios) + " |")
+    return lines if len(lines) > 2 else ["No triton results in this file (the triton backend did not run here)."]
+
+
 def step_vs_transformers(cases: dict[str, dict[str, dict]]) -> list[str]:
     """The reproducible figure: reference stage-1 step / transformers' Q-Former forward at the same size."""
     lines = []
@@ -128,12 +159,16 @@ def step_vs_transformers(cases: dict[str, dict[str, dict]]) -> list[str]:
     return lines
 
 
-def render(path: Path) -> str:
+def render(path: Path, *, brief: bool = False) -> str:
     env, cases = load(path)
     out = [
         f"Device: {env.get('device')}; torch {env.get('torch')}, triton {env.get('triton')}; "
         f"run {env['datetime'][:19]} UTC; file `{path.name}`.",
         "",
+    ]
+    if brief:
+        return "\n".join([*out, *summary(cases)]) + "\n"
+    out += [
         *table(cases),
         "",
         "Triton speed-ups (other backend's time / triton's time):",
@@ -146,15 +181,52 @@ def render(path: Path) -> str:
     return "\n".join(out) + "\n"
 
 
+def merge(parts: list[Path], out: Path) -> list[Path]:
+    """Write one results file from runs of separate benchmark files on one machine: the earliest run's
+    header (machine, commit, date), every run's results. Returns the parts that held none: a run stopped
+    by a signal leaves its JSON empty, and one that measured nothing leaves none."""
+    runs, empty = [], []
+    for part in parts:
+        try:
+            data = json.loads(part.read_text())
+        except (OSError, ValueError):
+            data = {}
+        if data.get("benchmarks"):
+            runs.append(data)
+        else:
+            empty.append(part)
+    if not runs:
+        raise SystemExit(f"no results in any of {', '.join(str(p) for p in parts)}")
+    runs.sort(key=lambda d: d.get("datetime", ""))
+    merged = dict(runs[0], benchmarks=[bench for run in runs for bench in run["benchmarks"]])
+    out.write_text(json.dumps(merged, indent=2) + "\n")
+    return empty
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", nargs="?", type=Path, help="pytest-benchmark JSON (default: newest in results/)")
+    parser.add_argument(
+        "results",
+        nargs="*",
+        type=Path,
+        help="pytest-benchmark JSON (default: newest in results/); with --merge, the parts",
+    )
     parser.add_argument("--out", type=Path, help="write the markdown here as well as to stdout")
+    parser.add_argument("--summary", action="store_true", help="only the README's table: triton against each backend")
+    parser.add_argument("--merge", type=Path, metavar="JSON", help="first merge the results files given into this one")
     args = parser.parse_args(argv)
-    path = args.results or newest()
+    if args.merge:
+        for part in merge(args.results, args.merge):
+            print(f"report: no results in {part}", file=sys.stderr)
+        paths = [args.merge]
+    else:
+        paths = args.results or [newest()]
+    if len(paths) > 1:
+        raise SystemExit("one results file at a time (several parts: --merge them into one)")
+    path = paths[0]
     if not path.is_file():
         raise SystemExit(f"results file not found: {path}")
-    text = render(path)
+    text = render(path, brief=args.summary)
     sys.stdout.write(text)
     if args.out:
         args.out.write_text(text)

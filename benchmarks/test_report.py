@@ -66,3 +66,47 @@ def test_newest_is_by_recorded_date_not_name(tmp_path):
     assert report.newest(tmp_path) == newer
     with pytest.raises(SystemExit, match="no results file"):
         report.newest(tmp_path / "missing")
+
+
+def test_merge_joins_per_file_runs_and_names_the_empty_ones(tmp_path, capsys):
+    attn, ffn = "self-attn unimodal fwd dense B=8 bf16", "ffn 768x3072 fwd rows=256 bf16"
+    later = write(
+        tmp_path / "attn.json", "2026-01-02T00:05:00", [result(attn, "sdpa", 1.5), result(attn, "triton", 0.5)]
+    )
+    earlier = write(tmp_path / "ffn.json", "2026-01-02T00:01:00", [result(ffn, "eager", 2.0)])
+    killed = tmp_path / "kv.json"
+    killed.write_text("")  # a run stopped by a signal
+    merged = tmp_path / "merged.json"
+    assert (
+        report.main(["--merge", str(merged), str(later), str(killed), str(earlier), str(tmp_path / "none.json")]) == 0
+    )
+    data = json.loads(merged.read_text())
+    assert data["datetime"] == "2026-01-02T00:01:00"  # the earliest run's header
+    assert sorted(b["extra_info"]["backend"] for b in data["benchmarks"]) == ["eager", "sdpa", "triton"]
+    out = capsys.readouterr()
+    assert "3.00x vs sdpa" in out.out and "merged.json" in out.out
+    assert out.err.splitlines() == [
+        f"report: no results in {killed}",
+        f"report: no results in {tmp_path / 'none.json'}",
+    ]
+    with pytest.raises(SystemExit, match="no results in any"):
+        report.merge([killed], tmp_path / "nothing.json")
+    with pytest.raises(SystemExit, match="one results file at a time"):
+        report.main([str(later), str(earlier)])
+
+
+def test_readme_table_is_the_summary_of_the_newest_results():
+    readme = (report.RESULTS.parents[1] / "README.md").read_text()
+    begin, end = "<!-- report.py --summary: begin -->\n", "<!-- report.py --summary: end -->"
+    block = readme[readme.index(begin) + len(begin) : readme.index(end)]
+    assert block == report.render(report.newest(), brief=True), (
+        "README's benchmark table is stale: paste `python benchmarks/report.py --summary` between its markers"
+    )
+
+
+def test_summary_has_a_row_per_triton_result_against_each_backend(results):
+    rows = report.render(results, brief=True).splitlines()
+    assert "| self-attn unimodal fwd dense B=8 bf16 | 0.5 | 6.00x | 3.00x |  |  |" in rows
+    # KV-cache: cached against cached only (sdpa/recompute is another mode)
+    assert "| caption minilm 8 tokens B=2 bf16, cached | 2 |  | 4.00x |  |  |" in rows
+    assert sum(row.startswith("| ") for row in rows) == 1 + 2  # the header and two triton results

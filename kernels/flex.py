@@ -30,20 +30,25 @@ _block_masks: collections.OrderedDict[tuple, tuple[BlockMask, torch.Tensor | Non
 _compiled_flex = None
 
 
-def _mask_mod(mask_kind: MaskKind, n_query: int, offset: int, valid: torch.Tensor | None):
-    """mask_mod(b, h, row, key) -> True where the row may attend; the same rule as ``dense_mask``."""
+def _mask_mod(mask_kind: MaskKind, n_query: int, offset: int, valid: torch.Tensor):
+    """mask_mod(b, h, row, key) -> True where the row may attend; the same rule as ``dense_mask``.
+
+    Every number the rule reads is a tensor, never a Python int: the compiled flex guards on the values a
+    closure holds (one compile per mask kind, n_query and shape, until dynamo's recompile limit turns flex
+    eager) but only on a tensor's shape, so all masks share a compile.
+    """
+    device = valid.device
+    is_unimodal = torch.tensor(mask_kind == MaskKind.UNIMODAL, device=device)
+    is_causal = torch.tensor(mask_kind == MaskKind.MULTIMODAL_CAUSAL, device=device)
+    n_query, offset = torch.tensor(n_query, device=device), torch.tensor(offset, device=device)
 
     def visible(b, h, row, key):
         pos = row + offset  # rows are aligned to the end of the keys
-        if mask_kind == MaskKind.UNIMODAL:
-            ok = (pos < n_query) == (key < n_query)
-        elif mask_kind == MaskKind.MULTIMODAL_CAUSAL:
-            ok = (key < n_query) | (key <= pos)
-        else:
-            ok = key >= 0
-        if valid is not None:
-            ok = ok & valid[b, key]
-        return ok
+        query_key = key < n_query
+        unimodal = (pos < n_query) == query_key
+        causal = query_key | (key <= pos)
+        bidirectional = key >= 0
+        return torch.where(is_unimodal, unimodal, torch.where(is_causal, causal, bidirectional)) & valid[b, key]
 
     return visible
 
@@ -67,8 +72,13 @@ def block_mask_for(
         _block_masks.move_to_end(key)
         return hit[0]
     valid = key_valid_mask(batch, n_keys, key_padding, key_lengths, device)
-    mask_mod = _mask_mod(mask_kind, n_query, n_keys - n_rows, valid)
-    block_mask = create_block_mask(mask_mod, batch if valid is not None else None, None, n_rows, n_keys, device=device)
+    if valid is None:
+        valid = torch.ones(batch, n_keys, dtype=torch.bool, device=device)
+    # One map per batch entry even without padding: a broadcast map (batch 1) would be a shape of its own
+    # to the compiled flex, one more compile to spend from dynamo's recompile limit.
+    block_mask = create_block_mask(
+        _mask_mod(mask_kind, n_query, n_keys - n_rows, valid), batch, None, n_rows, n_keys, device=device
+    )
     _block_masks[key] = (block_mask, pad)
     while len(_block_masks) > _CACHE_SIZE:
         _block_masks.popitem(last=False)

@@ -102,6 +102,27 @@ def test_flex_block_mask_is_built_once_per_padding_tensor():
     )
 
 
+def test_compiled_flex_serves_every_mask_from_one_compile(monkeypatch):
+    """A mask kind, n_query or padding of its own must not recompile the compiled flex: dynamo allows a few
+    recompiles per function, then runs flex eagerly (its full scores matrix) for every later call."""
+    import torch._dynamo
+
+    from blip2_fast.kernels import flex
+
+    # dynamo's guards, not inductor's kernels, decide recompiles: the eager backend keeps this test quick
+    monkeypatch.setattr(flex, "_compiled_flex", torch.compile(flex.flex_attention, backend="eager"))
+    flex.clear_block_mask_cache()
+    torch._dynamo.reset()
+    q, k, v, _, _ = inputs(32, 67, 67, "none", seed=4)
+    cases = [(kind, n_query, padding) for kind in MaskKind for n_query in (32, 3) for padding in PADDINGS]
+    for i, (kind, n_query, padding) in enumerate(cases):
+        pad = inputs(n_query, 67, 67, padding, seed=5)[3]
+        kw = dict(mask_kind=kind, n_query=n_query, **pad)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            got = flex.attention_flex(q, k, v, compiled=True, **kw)
+        torch.testing.assert_close(got, attention_ref(q, k, v, **kw), atol=2e-5, rtol=0, msg=str(kw))
+
+
 def test_flex_rejects_dropout_clearly():
     q, k, v, _, _ = inputs(7, 12, 12, "none")
     with pytest.raises(ValueError, match="no attention dropout"):
