@@ -9,7 +9,7 @@ its reason, visible in the ``-ra`` summary.
 What each result's ``extra_info`` holds: ``backend`` (or implementation),
 ``case`` (what is compared across backends), the timing used for ratios
 (``ms``: CUDA-event median on a GPU, the fastest pytest-benchmark round on CPU),
-``cuda_graph_ms`` for GPU calls under ~20 us, ``tflops`` or ``gbps`` where
+``cuda_graph_ms`` for GPU calls under 1 ms (their kernels alone), ``tflops`` or ``gbps`` where
 they mean something, ``peak_mem_bytes`` (CUDA allocator peak) or
 ``saved_for_backward_bytes`` (activations autograd keeps, on any device), the
 device name and the torch/triton versions.

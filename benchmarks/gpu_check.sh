@@ -27,7 +27,7 @@ parity_timeout=${PARITY_TIMEOUT:-150}
 bench_timeout=${BENCH_TIMEOUT:-260} # all benchmark files together
 # most telling first: a step cut short by its time limit still writes what it measured
 bench_files=${BENCH_FILES:-benchmarks/bench_mask.py benchmarks/bench_e2e.py benchmarks/bench_ffn.py \
-    benchmarks/bench_kvcache.py benchmarks/bench_cross.py}
+    benchmarks/bench_kvcache.py benchmarks/bench_cross.py benchmarks/bench_tiles.py}
 parity_tests=${PARITY_TESTS:-tests/test_attention_kernels.py tests/test_ffn_kernels.py tests/test_backends.py \
     tests/test_qformer_triton.py}
 
@@ -107,7 +107,7 @@ run_step parity "$parity_timeout" "$python" -m pytest $parity_tests -q -p no:cac
 mkdir -p "$results" "$logs/parts"
 size_flag=--quick
 [ "${BENCH_SIZE:-quick}" = full ] && size_flag=
-weight() { case $(basename "$1" .py) in bench_ffn | bench_cross) echo 1 ;; *) echo 3 ;; esac; }
+weight() { case $(basename "$1" .py) in bench_ffn | bench_cross | bench_tiles) echo 1 ;; *) echo 3 ;; esac; }
 bench_end=$((SECONDS + bench_timeout))
 weights_left=0
 for file in $bench_files; do weights_left=$((weights_left + $(weight "$file"))); done
