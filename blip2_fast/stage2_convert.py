@@ -274,14 +274,11 @@ def save_transformers(
 
 def read_lavis(path: str | Path | Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The state dict of a LAVIS checkpoint (``{"model": sd}`` or a bare state dict)."""
-    if isinstance(path, Mapping):
-        data = dict(path)
-    else:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"LAVIS checkpoint not found: {path}")
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    sd = data.get("model", data)
+    if not isinstance(path, Mapping):
+        from blip2_fast.checkpoint import _read_pth  # one reader: checkpoint.read_each_pth_once applies
+
+        return _read_pth(Path(path), False, "LAVIS checkpoint")
+    sd = path.get("model", path)
     if not isinstance(sd, Mapping):
         raise ValueError("a LAVIS checkpoint is {'model': state_dict}; 'model' is not a mapping")
     return dict(sd)

@@ -981,8 +981,11 @@ def run(config: TrainConfig) -> dict[str, Any]:
     rank, world = distributed.get_rank(), distributed.get_world_size()
     t = config.train
     tokenizer = build_tokenizer(config)
-    vision = build_vision(config)
-    qformer = build_qformer(config, vision.config.hidden_size)
+    from blip2_fast.checkpoint import read_each_pth_once
+
+    with read_each_pth_once():  # a LAVIS model.init gives both: one read
+        vision = build_vision(config)
+        qformer = build_qformer(config, vision.config.hidden_size)
     if len(tokenizer) > qformer.config.vocab_size:
         raise ValueError(
             f"the tokenizer has {len(tokenizer)} tokens but the Q-Former vocab_size is {qformer.config.vocab_size}"

@@ -231,6 +231,13 @@ def _checkpoint_model(config: Stage2Config, init: Path):
     transformers stage-1 folder. Its Q-Former (``model.qformer`` keys on top: shapes cannot tell the head
     count) and, from a LAVIS stage-2 file, its projection; the ViT from it or from ``model.vision_weights``
     (LAVIS leaves frozen weights out of its files)."""
+    from blip2_fast.checkpoint import read_each_pth_once
+
+    with read_each_pth_once():  # a LAVIS file gives the Q-Former, the projection and maybe the ViT: one read
+        return _checkpoint_parts(config, init)
+
+
+def _checkpoint_parts(config: Stage2Config, init: Path):
     from blip2_fast.checkpoint import load_checkpoint, load_vision
     from blip2_fast.stage2 import Blip2Stage2
     from blip2_fast.stage2_convert import lavis_projection, read_lavis

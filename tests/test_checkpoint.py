@@ -450,3 +450,29 @@ def test_image_encoder_errors_name_what_does_not_fit(hf_model, vision_config, tm
         load_vision(tmp_path / "qformer_only.pth")
     with pytest.raises(FileNotFoundError, match="image encoder weights not found"):
         load_vision(tmp_path / "nothing.safetensors")
+
+
+def test_a_pth_is_read_once_inside_read_each_pth_once(lavis_path, vision_config, monkeypatch):
+    from blip2_fast import checkpoint
+
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(f) or real_load(f, *a, **k))
+
+    def both():
+        qformer = load_checkpoint(lavis_path, vision=False, num_attention_heads=HEADS).qformer
+        return qformer.state_dict(), checkpoint.load_vision(lavis_path, vision_config).state_dict()
+
+    apart = both()
+    assert len(reads) == 2
+    reads.clear()
+    with checkpoint.read_each_pth_once():
+        together = both()
+        first = checkpoint._read_pth(lavis_path, False, "test")
+        first.clear()  # each caller gets a dict of its own
+        assert checkpoint._read_pth(lavis_path, False, "test")
+    assert len(reads) == 1
+    for mine, theirs in zip(apart, together, strict=True):
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    checkpoint._read_pth(lavis_path, False, "test")  # the memo ends with the block
+    assert len(reads) == 2

@@ -382,7 +382,7 @@ def test_two_ranks_under_zero3_caption_at_the_end(tmp_path):
     assert (tmp_path / "runs" / "stage2-default" / "captions.json").is_file()
 
 
-def test_init_from_lavis_and_transformers_checkpoints(tmp_path, hf_retrieval_folder):
+def test_init_from_lavis_and_transformers_checkpoints(tmp_path, hf_retrieval_folder, monkeypatch):
     """Other libraries' checkpoints under a local LLM: a LAVIS stage-2 .pth (Q-Former, ln_vision, opt_proj; no
     ViT, no LLM) builds the model it was written from, tensor for tensor; a LAVIS stage-1 .pth (text parts
     too, no projection) and a transformers stage-1 folder give their Q-Former, the projection starting fresh."""
@@ -404,7 +404,11 @@ def test_init_from_lavis_and_transformers_checkpoints(tmp_path, hf_retrieval_fol
 
     init = [("model.init", str(tmp_path / "blip2_opt_stage2.pth")), ("model.llm", str(tmp_path / "opt"))]
     init += [("model.qformer", "{num_attention_heads: 4}")]  # the one thing shapes cannot tell
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(Path(f).name) or real_load(f, *a, **k))
     built, tok, _ = build_model(load_config(None, init + [("model.vision_weights", str(tmp_path / "eva.safetensors"))]))
+    assert reads == ["blip2_opt_stage2.pth"]  # the Q-Former and the projection from one read
     theirs = built.state_dict()
     assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
     assert tok("a red circle").input_ids == tokenizer("a red circle").input_ids
