@@ -54,6 +54,41 @@ def text_batch(batch: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids.masked_fill(~mask, 0), mask
 
 
+# The query pass first: quick, and the outside baseline; a spent --time-budget skips what comes last.
+@pytest.mark.parametrize("impl", ["transformers", "ours"])
+def test_qformer_forward(benchmark, request, rounds, impl, backend, dtype, e2e_batch):
+    """The query pass; ``transformers`` runs once per size (its own attention), listed under backend 'reference'."""
+    if impl == "transformers" and backend != "reference":
+        pytest.skip("transformers' Q-Former has no attention backend switch: measured once, beside 'reference'")
+    require_backend(request, backend)
+    model = qformer(request, torch.float32, backend).eval()
+    hf = transformers_twin(model)
+    image = torch.randn(e2e_batch, N_IMAGE, model.config.encoder_width, device=DEVICE)
+
+    @torch.no_grad()
+    def theirs():
+        queries = model.query_tokens.expand(e2e_batch, -1, -1)
+        return hf(query_embeds=queries, encoder_hidden_states=model.ln_vision(image)).last_hidden_state
+
+    @torch.no_grad()
+    def ours():
+        return model.encode_image(image).hidden
+
+    # same weights, same numbers, or there is no baseline; checked in fp32, where both are exact to ~1e-6
+    torch.testing.assert_close(ours(), theirs(), rtol=1e-4, atol=1e-4)
+    model.to(dtype)
+    hf.to(dtype)
+    image = image.to(dtype)
+    measure(
+        benchmark,
+        theirs if impl == "transformers" else ours,
+        case=f"qformer forward {sizes(request.config).model_label} B={e2e_batch} {DTYPE_NAMES[dtype]}",
+        backend="transformers" if impl == "transformers" else backend,
+        rounds=rounds if CUDA else 3,
+        batch=e2e_batch,
+    )
+
+
 def test_stage1_step(benchmark, request, rounds, backend, dtype, e2e_batch):
     require_backend(request, backend, backward=True)
     try:
@@ -90,37 +125,3 @@ def test_stage1_step(benchmark, request, rounds, backend, dtype, e2e_batch):
         batch=e2e_batch,
     )
     benchmark.extra_info["samples_per_s"] = e2e_batch / (ms * 1e-3)
-
-
-@pytest.mark.parametrize("impl", ["transformers", "ours"])
-def test_qformer_forward(benchmark, request, rounds, impl, backend, dtype, e2e_batch):
-    """The query pass; ``transformers`` runs once per size (its own attention), listed under backend 'reference'."""
-    if impl == "transformers" and backend != "reference":
-        pytest.skip("transformers' Q-Former has no attention backend switch: measured once, beside 'reference'")
-    require_backend(request, backend)
-    model = qformer(request, torch.float32, backend).eval()
-    hf = transformers_twin(model)
-    image = torch.randn(e2e_batch, N_IMAGE, model.config.encoder_width, device=DEVICE)
-
-    @torch.no_grad()
-    def theirs():
-        queries = model.query_tokens.expand(e2e_batch, -1, -1)
-        return hf(query_embeds=queries, encoder_hidden_states=model.ln_vision(image)).last_hidden_state
-
-    @torch.no_grad()
-    def ours():
-        return model.encode_image(image).hidden
-
-    # same weights, same numbers, or there is no baseline; checked in fp32, where both are exact to ~1e-6
-    torch.testing.assert_close(ours(), theirs(), rtol=1e-4, atol=1e-4)
-    model.to(dtype)
-    hf.to(dtype)
-    image = image.to(dtype)
-    measure(
-        benchmark,
-        theirs if impl == "transformers" else ours,
-        case=f"qformer forward {sizes(request.config).model_label} B={e2e_batch} {DTYPE_NAMES[dtype]}",
-        backend="transformers" if impl == "transformers" else backend,
-        rounds=rounds if CUDA else 3,
-        batch=e2e_batch,
-    )
