@@ -25,8 +25,9 @@ GRAPH_THRESHOLD_MS = 1.0
 
 # "bwd" times the backward alone by re-running it over one kept graph (retain_graph). A compiled backward
 # (flex's) that donates its saved buffers can run only once per graph, so donation is off for every compile
-# of the suite, set before the first.
-torch._functorch.config.donated_buffer = False
+# of the suite, set before the first (older torch has no such option and donates nothing).
+if hasattr(torch._functorch.config, "donated_buffer"):
+    torch._functorch.config.donated_buffer = False
 
 
 def make_kernels_importable() -> None:

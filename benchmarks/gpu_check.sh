@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, in one command, from the repository root of a machine with a CUDA GPU and no network:
 #
-#   bash benchmarks/gpu_check.sh            # under 8 minutes: installs, parity (<= 150 s), benchmarks (~260 s)
+#   bash benchmarks/gpu_check.sh            # ~7 minutes: installs, parity (~2), benchmarks (~4.5); limits ~10
 #
 # 1. installs what the machine's Python lacks from benchmarks/wheels/ (filled beforehand by
 #    benchmarks/fetch_wheels.sh) and the project itself, editable, so blip2_fast.kernels resolves;
@@ -11,8 +11,8 @@
 # 3. the benchmark suite (--quick unless BENCH_SIZE=full), one run per file, each within its share of
 #    BENCH_TIMEOUT, their JSONs merged into one (report.py --merge);
 # 4. writes benchmarks/results/<device>-<date>.json and .md (report.py: ratios of triton to every
-#    other backend, and what each file's run measured or skipped), and copies them, with the logs, to $OUT
-#    when it is set.
+#    other backend, and what each file's run measured or skipped). With $OUT set, the logs and results go
+#    there as each step ends, so a run stopped from outside still returns what it measured.
 #
 # Without a GPU it stops at once with one line on stderr and exit status 2. Every step has a time
 # limit, so it never hangs. Environment: PYTHON (default python3), BENCH_SIZE (quick|full),
@@ -85,8 +85,8 @@ run_step() { # name, timeout, command...
     local step=$1 limit=$2
     shift 2
     say "$step (limit ${limit}s)"
-    # SIGINT, not SIGTERM: pytest stops like on Ctrl-C and still writes what it measured (--benchmark-json)
-    timeout --signal=INT --kill-after=30 "$limit" "$@" >"$logs/$step.log" 2>&1
+    # SIGINT, not SIGTERM: pytest stops as on Ctrl-C and prints its summary (pytest-benchmark still writes no JSON)
+    timeout --signal=INT --kill-after=10 "$limit" "$@" >"$logs/$step.log" 2>&1
     local rc=$?
     tail -n 15 "$logs/$step.log"
     [ $rc -eq 124 ] && say "$step: timed out after ${limit}s"
@@ -99,11 +99,13 @@ has xdist && workers="-n 8"
 # shellcheck disable=SC2086  # lists on purpose
 run_step parity "$parity_timeout" "$python" -m pytest $parity_tests -q -p no:cacheprovider $workers \
     -k "not compiles_without_spills"
+[ -n "${OUT:-}" ] && cp "$logs/parity.log" "$OUT"/ # what each step leaves reaches $OUT at once: the caller may stop us
 
 # ---------------------------------------------------------------- 3. benchmarks
 # One pytest run per file, each with its own JSON: a run stopped by a signal writes none, so each gets a
 # share of the benchmark time (by weight; what one leaves unused goes to those after it) as --time-budget,
-# which skips the tests left once spent and lets the run end normally. A hard limit 60 s later backs it up.
+# which skips the tests left once spent and lets the run end normally. A hard limit backs it up, never past
+# the benchmark time's end by more than a minute. After each file the parts so far are merged into the results.
 mkdir -p "$results" "$logs/parts"
 size_flag=--quick
 [ "${BENCH_SIZE:-quick}" = full ] && size_flag=
@@ -117,14 +119,21 @@ for file in $bench_files; do
     share=$(((bench_end - SECONDS) * $(weight "$file") / weights_left))
     weights_left=$((weights_left - $(weight "$file")))
     [ "$share" -lt 10 ] && share=10
+    limit=$((share + 60))
+    [ $((SECONDS + limit)) -gt $((bench_end + 60)) ] && limit=$((bench_end + 60 - SECONDS))
+    [ "$limit" -lt $((share + 10)) ] && limit=$((share + 10))
     # shellcheck disable=SC2086  # an empty $size_flag must vanish
-    run_step "$stem" $((share + 60)) "$python" -m pytest "$file" --benchmark-only $size_flag -q -rs \
+    run_step "$stem" "$limit" "$python" -m pytest "$file" --benchmark-only $size_flag -q -rs \
         -p no:cacheprovider --time-budget "$share" --benchmark-json="$logs/parts/$stem.json" \
         --benchmark-columns=median,rounds
+    "$python" benchmarks/report.py --merge "$results/$name.json" "$logs"/parts/*.json >/dev/null 2>"$logs/merge.log"
+    if [ -n "${OUT:-}" ]; then
+        { echo "=== $stem"; cat "$logs/$stem.log"; } >>"$OUT/benchmarks.log"
+        [ -s "$results/$name.json" ] && cp "$results/$name.json" "$OUT"/
+    fi
 done
-"$python" benchmarks/report.py --merge "$results/$name.json" "$logs"/parts/*.json >/dev/null 2>"$logs/merge.log" ||
-    status=1
-cat "$logs/merge.log"
+cat "$logs/merge.log" # the parts that held no results
+[ -n "${OUT:-}" ] && cat "$logs/merge.log" >>"$OUT/benchmarks.log"
 
 # ---------------------------------------------------------------- 4. summary
 if [ -s "$results/$name.json" ]; then
@@ -147,13 +156,5 @@ else
     say "the benchmark runs left no results"
     status=1
 fi
-if [ -n "${OUT:-}" ]; then # at most a few files come back: the logs travel as two
-    cp "$logs/parity.log" "$OUT"/ 2>/dev/null
-    for file in $bench_files; do
-        stem=$(basename "$file" .py)
-        echo "=== $stem"
-        cat "$logs/$stem.log"
-    done >"$OUT/benchmarks.log" 2>/dev/null
-    cp "$results/$name".* "$OUT"/ 2>/dev/null
-fi
+[ -n "${OUT:-}" ] && cp "$results/$name.md" "$OUT"/ 2>/dev/null
 exit $status

@@ -3,7 +3,7 @@
     python benchmarks/report.py                      # newest benchmarks/results/*.json -> stdout
     python benchmarks/report.py RESULTS.json --out benchmarks/results/README_table.md
     python benchmarks/report.py --merge RESULTS.json PART.json ...   # per-file runs -> one results file
-    python benchmarks/report.py --summary          # the README's table (triton against each backend)
+    python benchmarks/report.py RESULTS.json --summary   # the README's table (triton against each backend)
 
 Every result carries ``extra_info['case']`` (what is compared) and
 ``extra_info['backend']``; ``extra_info['ms']`` is the time ratios use (CUDA

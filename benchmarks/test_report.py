@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import report
@@ -95,13 +96,28 @@ def test_merge_joins_per_file_runs_and_names_the_empty_ones(tmp_path, capsys):
         report.main([str(later), str(earlier)])
 
 
-def test_readme_table_is_the_summary_of_the_newest_results():
-    readme = (report.RESULTS.parents[1] / "README.md").read_text()
-    begin, end = "<!-- report.py --summary: begin -->\n", "<!-- report.py --summary: end -->"
-    block = readme[readme.index(begin) + len(begin) : readme.index(end)]
-    assert block == report.render(report.newest(), brief=True), (
-        "README's benchmark table is stale: paste `python benchmarks/report.py --summary` between its markers"
+def test_readme_table_is_the_summary_of_the_newest_gpu_results():
+    root = report.RESULTS.parents[1]
+    readme = (root / "README.md").read_text()
+    found = re.search(
+        r"<!-- report.py --summary (\S+): begin -->\n(.*?)<!-- report.py --summary: end -->", readme, re.S
     )
+    assert found, "README.md lost its report.py --summary markers"
+    named = root / found.group(1)
+    assert found.group(2) == report.render(named, brief=True), (
+        f"README's benchmark table is stale: paste `python benchmarks/report.py --summary {found.group(1)}`"
+    )
+
+    def recorded(path):
+        env, _ = report.load(path)
+        return env["datetime"], str(env.get("device"))
+
+    newer_gpu = [
+        path.name
+        for path in report.RESULTS.glob("*.json")
+        if recorded(path)[0] > recorded(named)[0] and not recorded(path)[1].startswith("cpu")
+    ]
+    assert not newer_gpu, f"newer GPU results than the README's {named.name}: {newer_gpu}"
 
 
 def test_summary_has_a_row_per_triton_result_against_each_backend(results):

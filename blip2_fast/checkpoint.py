@@ -56,6 +56,7 @@ match (``QFormerConfig.ln_vision_eps``).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import json
 import logging
@@ -564,30 +565,31 @@ _LAVIS_ROOT = "Qformer.bert."
 _LAVIS_FOREIGN = ("opt_model.", "t5_model.", "llm_model.", "opt_proj.", "t5_proj.", "llm_proj.")
 
 
-_pth_memo: dict[tuple[Path, bool], dict[str, torch.Tensor]] | None = None
+_pth_memo: contextvars.ContextVar[dict[tuple[Path, bool], dict[str, torch.Tensor]] | None] = contextvars.ContextVar(
+    "pth_memo", default=None
+)
 
 
 @contextlib.contextmanager
 def read_each_pth_once():
     """Within the block a ``.pth`` is read once, however many loaders take from it (a LAVIS file gives the
     Q-Former, the ViT and the projection: each a read of several GB otherwise). The tensors are shared,
-    never changed in place by a loader; the memo ends with the block."""
-    global _pth_memo
-    outer = _pth_memo
-    _pth_memo = {} if outer is None else outer
+    never changed in place by a loader. The memo ends with the outermost block; it is the caller's context's
+    own, so threads do not share it."""
+    token = _pth_memo.set({} if _pth_memo.get() is None else _pth_memo.get())
     try:
         yield
     finally:
-        _pth_memo = outer
+        _pth_memo.reset(token)
 
 
 def _read_pth(path: Path, trust_pickle: bool, what: str) -> dict[str, torch.Tensor]:
     """The state dict of a ``.pth`` (LAVIS' ``{"model": state_dict}`` or a bare one); {} if it holds none."""
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
-    key = (path.resolve(), trust_pickle)
-    if _pth_memo is not None and key in _pth_memo:
-        return dict(_pth_memo[key])  # a dict of its own: callers may drop keys
+    key, memo = (path.resolve(), trust_pickle), _pth_memo.get()
+    if memo is not None and key in memo:
+        return dict(memo[key])  # a dict of its own: callers may drop keys
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as err:  # pickle errors come in many types
@@ -597,8 +599,8 @@ def _read_pth(path: Path, trust_pickle: bool, what: str) -> dict[str, torch.Tens
         ) from err
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     state = dict(state) if isinstance(state, dict) else {}
-    if _pth_memo is not None:
-        _pth_memo[key] = state
+    if memo is not None:
+        memo[key] = state
     return dict(state)
 
 

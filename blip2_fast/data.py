@@ -567,7 +567,7 @@ class WebDatasetShards(IterableDataset):
         urls = list(self.urls)
         if self.shuffle:
             generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch))
-            urls = [urls[i] for i in torch.randperm(len(urls), generator=generator).tolist()]
+            urls = [urls[i] for i in torch.randperm(len(urls), generator=generator, device="cpu").tolist()]
         if self.split == "shard" or (self.split == "auto" and len(urls) >= readers):
             stream = (s for url in urls[reader::readers] for s in self._read_shard(url))
         else:

@@ -272,12 +272,16 @@ def save_transformers(
 # -------------------------------------------------------------------- LAVIS
 
 
-def read_lavis(path: str | Path | Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The state dict of a LAVIS checkpoint (``{"model": sd}`` or a bare state dict)."""
+def read_lavis(path: str | Path | Mapping[str, Any], *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict of a LAVIS checkpoint (``{"model": sd}`` or a bare state dict), from a file or in memory.
+    ``trust_pickle`` reads a file that needs more than weights-only unpickling."""
     if not isinstance(path, Mapping):
         from blip2_fast.checkpoint import _read_pth  # one reader: checkpoint.read_each_pth_once applies
 
-        return _read_pth(Path(path), False, "LAVIS checkpoint")
+        sd = _read_pth(Path(path), trust_pickle, "LAVIS checkpoint")
+        if not sd:
+            raise ValueError(f"{path}: expected a LAVIS checkpoint ({{'model': state_dict}}); it holds no state dict")
+        return sd
     sd = path.get("model", path)
     if not isinstance(sd, Mapping):
         raise ValueError("a LAVIS checkpoint is {'model': state_dict}; 'model' is not a mapping")

@@ -232,19 +232,26 @@ def _checkpoint_model(config: Stage2Config, init: Path):
     count) and, from a LAVIS stage-2 file, its projection; the ViT from it or from ``model.vision_weights``
     (LAVIS leaves frozen weights out of its files)."""
     from blip2_fast.checkpoint import read_each_pth_once
+    from blip2_fast.stage2 import Blip2Stage2
 
-    with read_each_pth_once():  # a LAVIS file gives the Q-Former, the projection and maybe the ViT: one read
-        return _checkpoint_parts(config, init)
+    if config.model.llm is None:
+        raise ValueError(f"model.init {init} holds no LLM: model.llm must name the LLM folder to put under it")
+    # a LAVIS file gives the Q-Former, the projection and maybe the ViT: one read, let go before the LLM loads
+    with read_each_pth_once():
+        qformer, vision, projection = _checkpoint_parts(config, init)
+    llm, tokenizer = _local_llm(config.model)
+    model = Blip2Stage2(qformer, llm, vision)
+    if projection is not None:
+        model.llm_proj.load_state_dict(projection)
+    return model, tokenizer
 
 
 def _checkpoint_parts(config: Stage2Config, init: Path):
+    """(Q-Former config and weights, ViT, LAVIS projection or None) from ``model.init``."""
     from blip2_fast.checkpoint import load_checkpoint, load_vision
-    from blip2_fast.stage2 import Blip2Stage2
     from blip2_fast.stage2_convert import lavis_projection, read_lavis
 
     m = config.model
-    if m.llm is None:
-        raise ValueError(f"model.init {init} holds no LLM: model.llm must name the LLM folder to put under it")
     lavis = init.suffix in (".pth", ".pt")
     state = read_lavis(init) if lavis else {}
     if m.vision_weights is None and lavis and not any(k.startswith("visual_encoder.") for k in state):
@@ -255,12 +262,7 @@ def _checkpoint_parts(config: Stage2Config, init: Path):
     # an EVA .pth cannot tell its head count, and BLIP-2 drops the last of EVA ViT-g's 40 blocks: model.vision
     # describes that ViT; other sources record their own
     vision = load_vision(source, VisionConfig.from_dict(m.vision) if source.suffix in (".pth", ".pt") else None)
-    llm, tokenizer = _local_llm(m)
-    model = Blip2Stage2(qformer, llm, vision)
-    projection = lavis_projection(state)
-    if projection is not None:
-        model.llm_proj.load_state_dict(projection)
-    return model, tokenizer
+    return qformer, vision, lavis_projection(state)
 
 
 def _stage2_model(config: Stage2Config, init: Path | None):
@@ -419,7 +421,7 @@ def chance_scores(captions: list[str], scenes: list[Any], shuffles: int, seed: i
     g = torch.Generator().manual_seed(seed)
     for _ in range(shuffles):
         # a random shift of a random order: no caption meets its own scene
-        perm = torch.randperm(n, generator=g).tolist()
+        perm = torch.randperm(n, generator=g, device="cpu").tolist()
         shift = 1 + int(torch.randint(max(1, n - 1), (1,), generator=g, device="cpu")) if n > 1 else 0
         mapping = {perm[i]: perm[(i + shift) % n] for i in range(n)}
         got = shapes_caption_scores(captions, [scenes[mapping[i]] for i in range(n)])

@@ -257,3 +257,14 @@ def test_export_needs_an_image_token(pair, tmp_path):
     model.image_token_index = None
     with pytest.raises(ValueError, match="image_token_index"):
         save_transformers(model, tmp_path / "x")
+
+
+def test_a_file_without_a_state_dict_is_named(tmp_path):
+    from blip2_fast.stage2_convert import read_lavis
+
+    for i, content in enumerate(({"model": [1, 2]}, [1, 2], {"model": torch.zeros(2)})):
+        torch.save(content, tmp_path / f"bad{i}.pth")
+        with pytest.raises(ValueError, match=rf"bad{i}.pth: expected a LAVIS checkpoint .* holds no state dict"):
+            read_lavis(tmp_path / f"bad{i}.pth")
+    with pytest.raises(ValueError, match="'model' is not a mapping"):
+        read_lavis({"model": [1, 2]})
