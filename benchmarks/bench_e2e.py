@@ -89,7 +89,9 @@ def test_qformer_forward(benchmark, request, rounds, impl, backend, dtype, e2e_b
     )
 
 
-def test_stage1_step(benchmark, request, rounds, backend, dtype, e2e_batch):
+def stage1_step(request: pytest.FixtureRequest, backend: str, dtype: torch.dtype, batch: int, compiled: bool):
+    """One training step's callable: ITC + ITM + ITG forward, backward and AdamW; with ``compiled`` each
+    Q-Former layer goes through torch.compile (inductor) first."""
     require_backend(request, backend, backward=True)
     try:
         from blip2_fast.losses import Stage1Loss
@@ -102,11 +104,14 @@ def test_stage1_step(benchmark, request, rounds, backend, dtype, e2e_batch):
             f"flex has no attention dropout and the step trains with BLIP-2's "
             f"attention_probs_dropout_prob={cfg.attention_probs_dropout_prob}"
         )
+    if compiled:
+        for layer in model.layers:
+            layer.compile()
     objective = Stage1Loss(model, bos_token_id=cfg.vocab_size - 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05)
-    image = torch.randn(e2e_batch, N_IMAGE, cfg.encoder_width, device=DEVICE, dtype=dtype)
-    ids, mask = text_batch(e2e_batch, cfg.vocab_size)
-    image_ids = torch.arange(e2e_batch, device=DEVICE)
+    image = torch.randn(batch, N_IMAGE, cfg.encoder_width, device=DEVICE, dtype=dtype)
+    ids, mask = text_batch(batch, cfg.vocab_size)
+    image_ids = torch.arange(batch, device=DEVICE)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -115,13 +120,35 @@ def test_stage1_step(benchmark, request, rounds, backend, dtype, e2e_batch):
         optimizer.step()
         return out.loss
 
+    return step
+
+
+def _measure_step(benchmark, request, rounds, step, label: str, dtype: torch.dtype, batch: int, warmup: int) -> None:
     ms = measure(
         benchmark,
         step,
-        case=f"stage-1 step {sizes(request.config).model_label} B={e2e_batch} {DTYPE_NAMES[dtype]}",
-        backend=backend,
+        case=f"stage-1 step {sizes(request.config).model_label} B={batch} {DTYPE_NAMES[dtype]}",
+        backend=label,
         rounds=rounds if CUDA else 2,
-        warmup=1,
-        batch=e2e_batch,
+        warmup=warmup,
+        batch=batch,
     )
-    benchmark.extra_info["samples_per_s"] = e2e_batch / (ms * 1e-3)
+    benchmark.extra_info["samples_per_s"] = batch / (ms * 1e-3)
+
+
+def test_stage1_step(benchmark, request, rounds, backend, dtype, e2e_batch):
+    step = stage1_step(request, backend, dtype, e2e_batch, compiled=False)
+    _measure_step(benchmark, request, rounds, step, backend, dtype, e2e_batch, warmup=1)
+
+
+# Last: the step is host-bound at small batches (~10,000 eager ops); whether compiling the layers helps is
+# measured where a time budget allows. GPU only: inductor on CPU compiles for minutes, and CPU is not where
+# anyone trains.
+def test_stage1_step_compiled(benchmark, request, rounds, backend, dtype, e2e_batch):
+    if not CUDA:
+        pytest.skip("compiled step: GPU only (inductor on CPU compiles for minutes)")
+    if backend not in ("sdpa", "triton"):
+        pytest.skip(f"compiled step: measured for sdpa and triton, not {backend}")
+    step = stage1_step(request, backend, dtype, e2e_batch, compiled=True)
+    # two warm-up steps: the first compiles, the second would show any recompile outside the timing
+    _measure_step(benchmark, request, rounds, step, f"{backend}+compile", dtype, e2e_batch, warmup=2)
