@@ -971,17 +971,49 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
     partial = path.with_name(f".{path.name}.partial")
     try:
         save_file(tensors, str(partial), metadata=metadata)
+        _fsync(partial)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
     return path
 
 
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """``path`` holds ``text`` whole or keeps what it held: written beside it, synced to disk, then renamed over
+    it (config.yaml, metrics.csv, latest, JSON results)."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_text(text)
+        _fsync(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def _fsync(path: Path) -> None:
+    # before the rename: a crash (or power loss) after it must not find the new name over empty blocks
+    with path.open("rb+") as f:
+        os.fsync(f.fileno())
+
+
+def restore_replaced(folder: str | Path) -> None:
+    """Undo a crash between :func:`replacing_folder`'s two renames: ``folder`` gone, its predecessor still at
+    ``.<name>.old``. Put the predecessor back."""
+    folder = Path(folder)
+    old = folder.with_name(f".{folder.name}.old")
+    if not folder.exists() and old.is_dir():
+        old.rename(folder)
+
+
 @contextlib.contextmanager
 def replacing_folder(folder: str | Path) -> Iterator[Path]:
     """Yield an empty scratch folder beside ``folder`` to write into; when the block ends it takes ``folder``'s
-    place (an earlier one is removed only then), and if the block fails ``folder`` stays as it was."""
+    place (an earlier one is removed only then), and if the block fails ``folder`` stays as it was. A crash
+    between the renames is undone by the next call (or :func:`restore_replaced`)."""
     folder = Path(folder)
+    restore_replaced(folder)
     scratch, old = folder.with_name(f".{folder.name}.partial"), folder.with_name(f".{folder.name}.old")
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)

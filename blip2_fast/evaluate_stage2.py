@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -189,12 +188,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     scores = "  ".join(f"{k} {v:.4f}" for k, v in result["scores"].items())
     print(f"{args.task} on {count} {what}: " + (scores or "predictions only (the annotations hold no references)"))
     if args.out:
-        out = Path(args.out)
-        partial = out.with_name(f".{out.name}.partial")
-        partial.write_text(
-            json.dumps({"task": args.task, "model": str(args.model), "options": options, **result}, indent=1)
+        from blip2_fast.checkpoint import write_text_atomic
+
+        write_text_atomic(
+            args.out, json.dumps({"task": args.task, "model": str(args.model), "options": options, **result}, indent=1)
         )
-        os.replace(partial, out)
     return result
 
 

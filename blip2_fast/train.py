@@ -38,6 +38,8 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
 import argparse  # noqa: E402
 import csv  # noqa: E402
 import dataclasses  # noqa: E402
+import io  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
@@ -127,6 +129,11 @@ class DataSection:
                     raise ValueError(f"data.source=caption_json needs data.{key}")
         if self.source == "webdataset" and not self.urls:
             raise ValueError("data.source=webdataset needs data.urls (tar shards)")
+        if self.source == "webdataset" and self.num_workers:
+            raise ValueError(
+                "data.num_workers applies to map-style sources (synthetic, caption_json): a webdataset stream is "
+                "read in the training process, shard by shard per rank; set data.num_workers to 0"
+            )
         if self.train_size < 1 or self.eval_size < 1 or self.num_workers < 0 or self.max_words < 1:
             raise ValueError("data.train_size, data.eval_size, data.max_words must be >= 1 and num_workers >= 0")
 
@@ -187,8 +194,8 @@ class TrainSection:
             raise ValueError("train.save_every and train.grad_clip must be >= 0")
         if self.stop_after is not None and not 1 <= self.stop_after <= self.steps:
             raise ValueError(f"train.stop_after must lie in [1, train.steps={self.steps}], got {self.stop_after}")
-        if not self.name or "/" in self.name:
-            raise ValueError(f"train.name must be a folder name, got {self.name!r}")
+        if self.name in ("", ".", "..") or "/" in self.name or "\\" in self.name:
+            raise ValueError(f"train.name must be a folder name (no '/', not '.' or '..'), got {self.name!r}")
 
 
 @dataclasses.dataclass
@@ -591,6 +598,11 @@ def build_datasets(config: TrainConfig, image_size: int, rank: int = 0, world: i
             d.urls, rank=rank, world_size=world, shuffle=True, shuffle_buffer=1000, seed=seed
         )
         eval_src = D.WebDatasetShards(d.eval_urls) if d.eval_urls else None  # every rank reads all of it
+    if eval_src is None and config.eval.every:
+        raise ValueError(
+            f"eval.every={config.eval.every} needs a held-out set: data.eval_annotation_file (caption_json) "
+            "or data.eval_urls (webdataset)"
+        )
     seed = config.train.seed
     train = D.ImageTextDataset(train_src, train_tf, max_words=d.max_words, seed=seed)
     held_out = None if eval_src is None else D.ImageTextDataset(eval_src, eval_tf, max_words=d.max_words, seed=seed)
@@ -690,8 +702,8 @@ class GlobalBatches:
                     if micro_step >= start:
                         batch = self.collate(buffer)
                         batch["skipped"] = int(batch.get("skipped", 0)) + skipped
-                        skipped = 0
                         yield micro_step, batch
+                    skipped = 0  # a resumed run's replay counts nothing: those batches were counted before
                     micro_step, buffer = micro_step + 1, []
             if not seen:
                 raise ValueError("the training stream yielded no sample on this rank (too few shards or samples?)")
@@ -711,11 +723,26 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def save_checkpoint(engine, folder: Path, step: int, micro_step: int, keep: int) -> Path:
-    """Atomic DeepSpeed checkpoint: write ``tmp-<tag>``, rename to ``<tag>``, then point ``latest`` at it."""
+def run_facts(train: TrainSection) -> dict[str, int]:
+    """What a resumed run must share with its checkpoint for the data position and schedule to carry over: the
+    global batch (batch size x ranks), where accumulation ends, and the seed of the data order."""
+    return {
+        "batch_size": train.batch_size,
+        "grad_accum": train.grad_accum,
+        "world_size": distributed.get_world_size(),
+        "seed": train.seed,
+    }
+
+
+def save_checkpoint(engine, folder: Path, step: int, micro_step: int, keep: int, facts: dict[str, int]) -> Path:
+    """Atomic DeepSpeed checkpoint: write ``tmp-<tag>``, rename to ``<tag>``, then point ``latest`` at it.
+    ``facts`` (:func:`run_facts`) go beside it as ``run.json``, for a resumed run to be checked against."""
     tag = f"step{step:08d}"
     tmp = f"tmp-{tag}"
     rank = distributed.get_rank()
+    latest = folder / "latest"
+    if latest.is_file() and latest.read_text().strip() == tag and (folder / tag).is_dir():
+        return folder / tag  # a resumed run with nothing left to do: that checkpoint is this one
     if rank == 0 and (folder / tmp).exists():
         shutil.rmtree(folder / tmp)  # leftover of a crash mid-save
     distributed.barrier()
@@ -726,15 +753,20 @@ def save_checkpoint(engine, folder: Path, step: int, micro_step: int, keep: int)
     torch.save({**_rng_state(), "cuda": _cuda_rng()}, folder / tmp / f"rng_rank{rank:05d}.pt")
     distributed.barrier()
     if rank == 0:
+        (folder / tmp / "run.json").write_text(json.dumps(facts))
+        aside = folder / f"old-{tag}"  # a tag written before (not the latest): set aside, never deleted first
         if (folder / tag).exists():
-            shutil.rmtree(folder / tag)
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(folder / tag, aside)
         os.replace(folder / tmp, folder / tag)
-        latest_tmp = folder / "latest.tmp"
-        latest_tmp.write_text(tag)
-        os.replace(latest_tmp, folder / "latest")  # the last thing: `latest` never names a half-written tag
+        shutil.rmtree(aside, ignore_errors=True)
+        from blip2_fast.checkpoint import write_text_atomic
+
+        write_text_atomic(latest, tag)  # the last thing: `latest` never names a half-written tag
         tags = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name.startswith("step"))
         for old in tags[:-keep]:
-            shutil.rmtree(folder / old, ignore_errors=True)
+            if old != tag:
+                shutil.rmtree(folder / old, ignore_errors=True)
     distributed.barrier()
     return folder / tag
 
@@ -743,12 +775,24 @@ def _cuda_rng():
     return torch.cuda.get_rng_state() if torch.cuda.is_available() else None
 
 
-def load_checkpoint(engine, folder: Path) -> tuple[int, int]:
-    """Restore weights, optimizer, schedule, RNG and sampler from ``folder/latest``; returns (step, micro_step)."""
+def load_checkpoint(engine, folder: Path, facts: dict[str, int]) -> tuple[int, int]:
+    """Restore weights, optimizer, schedule, RNG and sampler from ``folder/latest``; returns (step, micro_step).
+    A checkpoint written with other ``facts`` (batch size, accumulation, ranks, seed) is refused: its data
+    position and accumulation boundary would mean something else in this run."""
     latest = folder / "latest"
     if not latest.is_file():
         raise FileNotFoundError(f"train.resume: no checkpoint to resume from ({latest} does not exist)")
     tag = latest.read_text().strip()
+    recorded = folder / tag / "run.json"
+    if recorded.is_file():
+        then = json.loads(recorded.read_text())
+        changed = {k: (then[k], v) for k, v in facts.items() if k in then and then[k] != v}
+        if changed:
+            diff = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+            raise ValueError(
+                f"train.resume: {folder / tag} was written with other settings ({diff}); resume with the "
+                "checkpoint's (train.batch_size, train.grad_accum, number of ranks, train.seed) or start afresh"
+            )
     path, client = engine.load_checkpoint(str(folder), tag=tag, load_module_strict=False)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {folder / tag}")
@@ -841,6 +885,9 @@ def keep_best(run_dir: Path, step: int, metrics: dict[str, float]) -> Path:
 
 def best_so_far(run_dir: Path) -> float:
     """The mean recall of ``<run>/best/`` (-1 without one): a resumed run keeps beating the same record."""
+    from blip2_fast.checkpoint import restore_replaced
+
+    restore_replaced(run_dir / "best")  # a crash mid-replacement left it aside
     record = run_dir / "best" / "best.json"
     return float(json.loads(record.read_text())["r_mean"]) if record.is_file() else -1.0
 
@@ -854,6 +901,17 @@ def _zero_stage(engine) -> int:
 
 CSV_FIELDS = ["step", "epoch", "lr", "loss", "itc", "itm", "itg", "temp", "skipped", "sec_per_step"]
 RECALL_FIELDS = ["txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"]
+
+
+def write_csv_atomic(path: Path, fields: list[str], rows: list[dict[str, Any]]) -> None:
+    """A whole CSV in one atomic write: a resumed run's metrics.csv keeps its history through a crash."""
+    from blip2_fast.checkpoint import write_text_atomic
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, text.getvalue())
 
 
 class MetricsLog:
@@ -874,10 +932,7 @@ class MetricsLog:
             self.tb = None
 
     def _rewrite(self) -> None:
-        with self.path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS + RECALL_FIELDS)
-            writer.writeheader()
-            writer.writerows(self.rows)
+        write_csv_atomic(self.path, CSV_FIELDS + RECALL_FIELDS, self.rows)
 
     def log(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -928,6 +983,22 @@ class MetricsLog:
 # ---------------------------------------------------------------------------- the run
 
 
+def _move_earlier_run_aside(run_dir: Path) -> None:
+    """A fresh run (``train.resume`` false) in a folder that holds one already: its checkpoints, best model and
+    metrics would mix with the new run's (checkpoint rotation could even delete the new run's newest), so the
+    earlier run moves to ``<name>.replaced-<time>`` beside it, whole."""
+    ran = [run_dir / "checkpoints" / "latest", run_dir / "best", run_dir / "model.safetensors", run_dir / "metrics.csv"]
+    if any(path.exists() for path in ran):
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = next(
+            path
+            for n in itertools.count()
+            if not (path := run_dir.with_name(f"{run_dir.name}.replaced-{stamp}" + (f"-{n}" if n else ""))).exists()
+        )
+        run_dir.rename(aside)
+        print(f"{run_dir} held an earlier run: moved it to {aside} (train.resume true continues a run instead)")
+
+
 def start_run(config) -> tuple[torch.device, Path, Path]:
     """Join the ranks, create the run folder (``config.yaml`` in it) and seed every RNG the same on all ranks,
     so that fresh weights match everywhere. ``config``: any run config with ``train`` and ``to_dict``.
@@ -937,8 +1008,14 @@ def start_run(config) -> tuple[torch.device, Path, Path]:
     run_dir = Path(t.output_dir) / t.name
     ckpt_dir = run_dir / "checkpoints"
     if distributed.get_rank() == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        if t.resume:  # its config.yaml is rewritten once the checkpoint accepts this config (resume_position)
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            from blip2_fast.checkpoint import write_text_atomic
+
+            _move_earlier_run_aside(run_dir)
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     distributed.barrier()
     torch.manual_seed(t.seed)
     np.random.seed(t.seed)
@@ -964,7 +1041,11 @@ def resume_position(engine, config, ckpt_dir: Path) -> tuple[int, int]:
     """(step, micro_step) to start from: 0, 0, or the latest checkpoint's when ``train.resume`` is set."""
     if not config.train.resume:
         return 0, 0
-    step, micro_step = load_checkpoint(engine, ckpt_dir)
+    step, micro_step = load_checkpoint(engine, ckpt_dir, run_facts(config.train))
+    if distributed.get_rank() == 0:  # the checkpoint accepted this config: it becomes the run's record
+        from blip2_fast.checkpoint import write_text_atomic
+
+        write_text_atomic(ckpt_dir.parent / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     if distributed.get_rank() == 0:
         print(f"resumed from {ckpt_dir / (ckpt_dir / 'latest').read_text().strip()} at step {step}")
     return step, micro_step
@@ -998,12 +1079,13 @@ def run(config: TrainConfig) -> dict[str, Any]:
     if ds_config["zero_optimization"]["stage"] == 3:
         register_zero3_external_parameters(stage1)
     vision = vision.to_device(device)
-    if rank == 0:
+    train_vit = not vision.frozen
+    if rank == 0 and not (train_vit and t.resume):
         from blip2_fast.checkpoint import save_vision
 
-        save_vision(vision, run_dir / "vision.safetensors")  # a trainable ViT's is replaced at the end
+        # a trainable ViT's is replaced at each export; a resumed one's stays the last export until then
+        save_vision(vision, run_dir / "vision.safetensors")
 
-    train_vit = not vision.frozen
     engine, _, scheduler = build_engine(Stage1WithVision(vision, stage1) if train_vit else stage1, config, ds_config)
     precision = "bf16" if ds_config["bf16"]["enabled"] else "fp16" if ds_config["fp16"]["enabled"] else "fp32"
     step, micro_step = resume_position(engine, config, ckpt_dir)
@@ -1095,13 +1177,15 @@ def run(config: TrainConfig) -> dict[str, Any]:
                     "sec_per_step": round(elapsed / t.log_every, 4),
                 }
             )
-        if t.save_every and step % t.save_every == 0 and step < end:
-            save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints)
-        if config.eval.every and step % config.eval.every == 0 and step < end and held_out is not None:
+        # evaluate before the checkpoint of the same step, so that a crash mid-evaluation replays it on resume;
+        # at train.stop_after too, as an uninterrupted run would (the last step's is the final evaluation's)
+        if config.eval.every and step % config.eval.every == 0 and step < t.steps and held_out is not None:
             evaluated(evaluate_now(engine, qformer.config, vision, held_out, tokenizer, config, device, run_dir))
             engine.train()
+        if t.save_every and step % t.save_every == 0 and step < end:
+            save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints, run_facts(t))
     bar.close()
-    save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints)
+    save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints, run_facts(t))
     model_path = run_dir / "model.safetensors"
 
     result: dict[str, Any] = {"history": history, "run_dir": run_dir, "model": model_path, "precision": precision}

@@ -56,9 +56,11 @@ from blip2_fast.train import (  # noqa: E402
     parse_overrides,
     read_config,
     resume_position,
+    run_facts,
     save_checkpoint,
     sections_from_dict,
     start_run,
+    write_csv_atomic,
 )
 
 DEFAULT_INIT = "runs/stage1-default"
@@ -380,10 +382,7 @@ class LossLog:
         if resume_step and self.path.is_file():
             with self.path.open() as f:
                 self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        with self.path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-            writer.writeheader()
-            writer.writerows(self.rows)
+        write_csv_atomic(self.path, CSV_FIELDS, self.rows)
 
     def log(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -560,9 +559,9 @@ def run(config: Stage2Config) -> dict[str, Any]:
                 }
             )
         if t.save_every and step % t.save_every == 0 and step < end:
-            save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints)
+            save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints, run_facts(t))
     bar.close()
-    save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints)
+    save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints, run_facts(t))
 
     result: dict[str, Any] = {
         "history": history,
@@ -583,7 +582,9 @@ def run(config: Stage2Config) -> dict[str, Any]:
             # every rank captions the same images: under ZeRO-3 each forward takes part in collectives
             result["eval"] = caption_held_out(model, tokenizer, config, device)
             if rank == 0:
-                (run_dir / "captions.json").write_text(json.dumps(result["eval"], indent=1))
+                from blip2_fast.checkpoint import write_text_atomic
+
+                write_text_atomic(run_dir / "captions.json", json.dumps(result["eval"], indent=1))
     distributed.barrier()
     if rank == 0:
         plot = log.plot(run_dir / "loss.png")

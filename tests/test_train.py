@@ -308,18 +308,78 @@ class FakeEngine:
             raise OSError("disk full")
 
 
+FACTS = {"batch_size": 4, "grad_accum": 1, "world_size": 1, "seed": 0}
+
+
 def test_checkpoint_is_atomic_and_pruned(tmp_path):
-    save_checkpoint(FakeEngine(), tmp_path, 1, 1, keep=2)
+    save_checkpoint(FakeEngine(), tmp_path, 1, 1, keep=2, facts=FACTS)
     assert (tmp_path / "latest").read_text() == "step00000001"
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(FakeEngine(fail=True), tmp_path, 2, 2, keep=2)
+        save_checkpoint(FakeEngine(fail=True), tmp_path, 2, 2, keep=2, facts=FACTS)
     assert (tmp_path / "latest").read_text() == "step00000001"  # never names the broken tag
     assert not (tmp_path / "step00000002").exists()
     for step in (2, 3, 4):
-        save_checkpoint(FakeEngine(), tmp_path, step, step, keep=2)
+        save_checkpoint(FakeEngine(), tmp_path, step, step, keep=2, facts=FACTS)
     assert (tmp_path / "latest").read_text() == "step00000004"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step00000003", "step00000004"]
     assert (tmp_path / "step00000004" / "rng_rank00000.pt").is_file()
+    assert json.loads((tmp_path / "step00000004" / "run.json").read_text()) == FACTS
+
+    # the checkpoint `latest` names is this step's: nothing is written again
+    written = (tmp_path / "step00000004" / "model.pt").stat().st_mtime_ns
+    save_checkpoint(FakeEngine(fail=True), tmp_path, 4, 4, keep=2, facts=FACTS)
+    assert (tmp_path / "step00000004" / "model.pt").stat().st_mtime_ns == written
+    # an older tag written again takes its place whole; rotation (newest first) never takes the tag just written
+    save_checkpoint(FakeEngine(), tmp_path, 3, 3, keep=1, facts=FACTS)
+    assert (tmp_path / "latest").read_text() == "step00000003"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step00000003", "step00000004"]
+
+
+def test_a_fresh_run_moves_an_earlier_one_aside(tmp_path):
+    from blip2_fast.train import _move_earlier_run_aside
+
+    run_dir = tmp_path / "run"
+    _move_earlier_run_aside(run_dir)  # nothing there: nothing moves
+    run_dir.mkdir()
+    _move_earlier_run_aside(run_dir)  # an empty folder holds no run
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    for _ in range(2):
+        (run_dir / "checkpoints").mkdir(parents=True)
+        (run_dir / "checkpoints" / "latest").write_text("step00000004")
+        _move_earlier_run_aside(run_dir)
+        assert not run_dir.exists()
+    moved = sorted(p.name for p in tmp_path.iterdir())
+    assert len(moved) == 2 and all(name.startswith("run.replaced-") for name in moved)  # two in a second: both kept
+    assert all((tmp_path / name / "checkpoints" / "latest").is_file() for name in moved)
+
+
+def test_best_survives_a_crash_between_its_renames(tmp_path):
+    from blip2_fast.checkpoint import replacing_folder
+    from blip2_fast.train import best_so_far
+
+    best = tmp_path / "best"
+    with replacing_folder(best) as scratch:
+        (scratch / "best.json").write_text(json.dumps({"step": 2, "r_mean": 40.0}))
+    best.rename(tmp_path / ".best.old")  # where a crash between the two renames leaves it
+    assert best_so_far(tmp_path) == 40.0 and (best / "best.json").is_file()
+    best.rename(tmp_path / ".best.old")
+    with replacing_folder(best) as scratch:  # the next replacement puts it back first, then replaces it
+        assert (best / "best.json").is_file()
+        (scratch / "best.json").write_text(json.dumps({"step": 4, "r_mean": 50.0}))
+    assert best_so_far(tmp_path) == 50.0 and not (tmp_path / ".best.old").exists()
+
+
+def test_run_settings_that_would_mislead_are_refused(tmp_path):
+    for name in (".", "..", "a/b"):
+        with pytest.raises(ValueError, match="train.name must be a folder name"):
+            load_config(None, [("train.name", name)])
+    with pytest.raises(ValueError, match="data.num_workers applies to map-style sources"):
+        load_config(None, [("data.source", "webdataset"), ("data.urls", "x.tar"), ("data.num_workers", "2")])
+    (tmp_path / "ann.json").write_text("[]")
+    data = [("data.source", "caption_json"), ("data.annotation_file", str(tmp_path / "ann.json"))]
+    config = load_config(None, data + [("data.image_root", str(tmp_path)), ("eval.every", "2")])
+    with pytest.raises(ValueError, match="eval.every=2 needs a held-out set: data.eval_annotation_file"):
+        build_datasets(config, 32)
 
 
 # ------------------------------------------------------------------ DeepSpeed runs
@@ -370,17 +430,34 @@ def test_resume_equals_uninterrupted(tmp_path, freeze_vit):
         ("model.qformer.attention_probs_dropout_prob", "0.1"),
         ("model.freeze_vit", freeze_vit),
     ]
-    full, first, second = _train_in_subprocess(
+    full, first, second, refused = _train_in_subprocess(
         tmp_path,
         f"""
         common = {common!r}
         full = run(load_config(None, common + [("train.name", "full")]))
         first = run(load_config(None, common + [("train.name", "split"), ("train.stop_after", "2")]))
         second = run(load_config(None, common + [("train.name", "split"), ("train.resume", "true")]))
-        result = [full["history"], first["history"], second["history"]]
+        from pathlib import Path
+        tag = Path(second["run_dir"]) / "checkpoints" / "step00000004"
+        written = tag.stat().st_mtime_ns
+        again = run(load_config(None, common + [("train.name", "split"), ("train.resume", "true")]))
+        assert again["history"] == [] and tag.stat().st_mtime_ns == written  # finished: nothing saved again
+        resume = [("train.name", "split"), ("train.resume", "true")]
+        other_batch = load_config(None, common + resume + [("train.batch_size", "3")])
+        try:
+            run(other_batch)
+            refused = None
+        except ValueError as err:
+            refused = str(err)
+        import yaml
+        recorded = yaml.safe_load((Path(second["run_dir"]) / "config.yaml").read_text())["train"]["batch_size"]
+        result = [full["history"], first["history"], second["history"], [refused, recorded]]
         """,
     )
     assert len(full) == 4 and len(first) == 2 and len(second) == 2
+    refused, recorded = refused
+    assert refused and "batch_size 4 -> 3" in refused, refused
+    assert recorded == 4  # a refused resume leaves the run's config.yaml as it was
     for a, b in zip(full, first + second, strict=True):
         for key in ("loss", "itc", "itm", "itg"):
             assert a[key] == pytest.approx(b[key], abs=1e-6), (key, full, first + second)
