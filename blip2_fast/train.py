@@ -743,8 +743,9 @@ def save_checkpoint(engine, folder: Path, step: int, micro_step: int, keep: int,
     latest = folder / "latest"
     if latest.is_file() and latest.read_text().strip() == tag and (folder / tag).is_dir():
         return folder / tag  # a resumed run with nothing left to do: that checkpoint is this one
-    if rank == 0 and (folder / tmp).exists():
-        shutil.rmtree(folder / tmp)  # leftover of a crash mid-save
+    if rank == 0:
+        for leftover in folder.glob("tmp-step*"):  # of crashes mid-save, at this step or another
+            shutil.rmtree(leftover, ignore_errors=True)
     distributed.barrier()
     stage1 = engine.module
     client = {"step": step, "micro_step": micro_step, "sampler": stage1.sampler.state_dict()}
@@ -1086,7 +1087,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         # a trainable ViT's is replaced at each export; a resumed one's stays the last export until then
         save_vision(vision, run_dir / "vision.safetensors")
 
-    engine, _, scheduler = build_engine(Stage1WithVision(vision, stage1) if train_vit else stage1, config, ds_config)
+    engine, _, _ = build_engine(Stage1WithVision(vision, stage1) if train_vit else stage1, config, ds_config)
     precision = "bf16" if ds_config["bf16"]["enabled"] else "fp16" if ds_config["fp16"]["enabled"] else "fp32"
     step, micro_step = resume_position(engine, config, ckpt_dir)
     log = MetricsLog(run_dir, step) if rank == 0 else None
@@ -1171,7 +1172,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
                 {
                     "step": step,
                     "epoch": round(epoch, 4),
-                    "lr": scheduler.get_last_lr()[0],
+                    "lr": lr_at(step - 1, config.optim, t.steps),  # the step's own (the scheduler is one ahead)
                     **record,
                     "skipped": int(values[5]),
                     "sec_per_step": round(elapsed / t.log_every, 4),

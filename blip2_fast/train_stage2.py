@@ -53,6 +53,7 @@ from blip2_fast.train import (  # noqa: E402
     build_datasets,
     build_engine,
     deepspeed_config,
+    lr_at,
     parse_overrides,
     read_config,
     resume_position,
@@ -502,7 +503,7 @@ def run(config: Stage2Config) -> dict[str, Any]:
     step_module = Stage2Step(model)
     ds_config = deepspeed_config(config, device)
     # only qformer and llm_proj (and a ViT being fine-tuned) require grad: the frozen LLM gets no optimizer state
-    engine, optimizer, scheduler = build_engine(step_module, config, ds_config)
+    engine, optimizer, _ = build_engine(step_module, config, ds_config)
     zero3 = int(engine.zero_optimization_stage()) == 3
     if zero3:
         register_zero3_external_parameters(step_module)
@@ -552,7 +553,7 @@ def run(config: Stage2Config) -> dict[str, Any]:
                 {
                     "step": step,
                     "epoch": round(micro_step / batches.per_epoch, 4) if batches.per_epoch else 0.0,
-                    "lr": scheduler.get_last_lr()[0],
+                    "lr": lr_at(step - 1, config.optim, t.steps),  # the step's own (the scheduler is one ahead)
                     "loss": record,
                     "skipped": int(values[1]),
                     "sec_per_step": round(elapsed / t.log_every, 4),

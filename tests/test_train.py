@@ -465,6 +465,8 @@ def test_resume_equals_uninterrupted(tmp_path, freeze_vit):
     split = tmp_path / "split"
     assert (split / "checkpoints" / "latest").read_text() == "step00000004"
     assert [r["step"] for r in _losses(split)] == [1, 2, 3, 4]  # the resumed run continues the CSV
+    optim = load_config(None, common).optim  # each row's lr is the one its step ran at: lr_at(step - 1)
+    assert [r["lr"] for r in _losses(split)] == pytest.approx([lr_at(s, optim, 4) for s in range(4)], rel=1e-9)
     whole, resumed = load_file(tmp_path / "full" / "vision.safetensors"), load_file(split / "vision.safetensors")
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
