@@ -39,7 +39,6 @@ import argparse  # noqa: E402
 import csv  # noqa: E402
 import dataclasses  # noqa: E402
 import io  # noqa: E402
-import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
@@ -990,12 +989,11 @@ def _move_earlier_run_aside(run_dir: Path) -> None:
     earlier run moves to ``<name>.replaced-<time>`` beside it, whole."""
     ran = [run_dir / "checkpoints" / "latest", run_dir / "best", run_dir / "model.safetensors", run_dir / "metrics.csv"]
     if any(path.exists() for path in ran):
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        aside = next(
-            path
-            for n in itertools.count()
-            if not (path := run_dir.with_name(f"{run_dir.name}.replaced-{stamp}" + (f"-{n}" if n else ""))).exists()
-        )
+        base = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        aside, n = base, 0
+        while aside.exists():  # two fresh starts within a second
+            n += 1
+            aside = base.with_name(f"{base.name}-{n}")
         run_dir.rename(aside)
         print(f"{run_dir} held an earlier run: moved it to {aside} (train.resume true continues a run instead)")
 
@@ -1047,7 +1045,6 @@ def resume_position(engine, config, ckpt_dir: Path) -> tuple[int, int]:
         from blip2_fast.checkpoint import write_text_atomic
 
         write_text_atomic(ckpt_dir.parent / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-    if distributed.get_rank() == 0:
         print(f"resumed from {ckpt_dir / (ckpt_dir / 'latest').read_text().strip()} at step {step}")
     return step, micro_step
 
