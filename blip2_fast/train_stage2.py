@@ -250,7 +250,7 @@ def _checkpoint_model(config: Stage2Config, init: Path):
 
 
 def _checkpoint_parts(config: Stage2Config, init: Path):
-    """(Q-Former config and weights, ViT, LAVIS projection or None) from ``model.init``."""
+    """(Q-Former, ViT, LAVIS projection or None) from ``model.init``."""
     from blip2_fast.checkpoint import load_checkpoint, load_vision
     from blip2_fast.stage2_convert import lavis_projection, read_lavis
 
