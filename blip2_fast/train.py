@@ -21,7 +21,9 @@ then runs inside the DeepSpeed engine, see :class:`Stage1WithVision`).
 Resuming (``--train.resume true``) restores the weights, optimizer, LR
 schedule, the data position (epoch permutation and offset), the torch / numpy
 / python RNG of every rank and the hard-negative generator, so a resumed run
-follows the uninterrupted one.
+follows the uninterrupted one; a checkpoint written with another batch size,
+accumulation, number of ranks or seed is refused. A fresh run in a folder that
+holds one moves the earlier run aside (``<name>.replaced-<time>``).
 """
 
 from __future__ import annotations
