@@ -314,8 +314,9 @@ def caption_scores(
 
 # ---------------------------------------------------------------- VQA accuracy
 
-# The official script's punctuation list: no "!", "-", "." (periods have their own rule) or "*".
-_VQA_PUNCT = (";", ":", "/", "'", "[", "]", '"', "(", ")", "=", "+", "\\", "_", ">", "<", "@", "`", ",", "?")
+# The official script's punctuation list (LAVIS' copy too): no ":", "'", "." (periods have their own rule) or
+# "*", so "8:00" and "don't" stay whole while "t-shirt" becomes "t shirt" and "yes!" "yes".
+_VQA_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
 _DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
 # The official pattern reads "(?!<=\d)(\.)(?!\d)": its first group is a lookahead for the text "<=" and a
 # digit, never there at a period, so in effect every period not followed by a digit goes ("3.5" stays).
