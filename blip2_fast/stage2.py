@@ -334,21 +334,49 @@ def _token_id(tokenizer: PreTrainedTokenizerBase, given: int | None, attr: str) 
     return given if given is not None else getattr(tokenizer, attr)
 
 
+def end_token_id(model: Blip2Stage2, tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The token that ends this model's captions and answers, in training targets and generation alike: the
+    LLM's own (its generation config, then its config), else the tokenizer's EOS. transformers' BLIP-2 OPT
+    checkpoints and LAVIS end OPT's text at "\\n" (see :func:`end_opt_at_newline`), not at "</s>"."""
+    for source in (getattr(model.llm, "generation_config", None), model.llm.config):
+        eos = getattr(source, "eos_token_id", None)
+        eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+        if isinstance(eos, int):
+            return eos
+    return tokenizer.eos_token_id
+
+
+def end_opt_at_newline(llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give an OPT LLM loaded from its own folder BLIP-2's end of text, "\\n": LAVIS appends it to OPT's
+    training captions and stops generation there, and transformers' BLIP-2 OPT checkpoints carry it as EOS.
+    Other LLMs, and tokenizers without a one-token newline, are left as they are."""
+    if getattr(llm.config, "model_type", None) != "opt":
+        return
+    ids = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    if len(ids) == 1:
+        llm.config.eos_token_id = ids[0]
+        if getattr(llm, "generation_config", None) is not None:
+            llm.generation_config.eos_token_id = ids[0]
+
+
 def encode_prompts(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     *,
     bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
     max_length: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts -> (input_ids (B, P), attention_mask (B, P)), LEFT-padded, BOS first when given."""
+    """Prompts -> (input_ids (B, P), attention_mask (B, P)), LEFT-padded, BOS first and EOS last when given
+    (an encoder-decoder's prompt ends with EOS, as T5's tokenizer closes every input)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = []
     for prompt in prompts:
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if max_length is not None:
             ids = ids[:max_length]
-        rows.append(([bos_token_id] if bos_token_id is not None else []) + ids)
+        bos = [bos_token_id] if bos_token_id is not None else []
+        rows.append(bos + ids + ([eos_token_id] if eos_token_id is not None else []))
     width = max(len(r) for r in rows)
     input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
@@ -364,8 +392,8 @@ class Stage2Collator:
     carries ``texts`` (the target strings). Token layout (LAVIS):
 
     - decoder-only: ``[BOS] prompt text [EOS]`` packed per row, right-padded; labels
-      keep the text and EOS, everything else is -100. LAVIS's OPT uses "\\n" as EOS:
-      pass its id as ``eos_token_id``.
+      keep the text and EOS, everything else is -100. EOS is the model's end of text
+      (:func:`end_token_id`: "\\n" for BLIP-2's OPT); training passes it as ``eos_token_id``.
     - encoder-decoder: ``input_ids`` = prompt (right-padded), ``labels`` = text + EOS
       (pads -100), ``decoder_attention_mask``.
     """
@@ -414,7 +442,14 @@ class Stage2Collator:
                 raise ValueError("each stage-2 sample needs 'text' (or 'caption'): the target string")
             strings.append(text)
             bos = [self.bos_token_id] if self.bos_token_id is not None else []
-            prompts.append((bos + self._ids(s.get("prompt", self.prompt)))[: self.max_length])
+            # an encoder-decoder's prompt ends with EOS, as T5's tokenizer closes every input (LAVIS)
+            closing = (
+                [self.tokenizer.eos_token_id]
+                if self.encoder_decoder and self.tokenizer.eos_token_id is not None
+                else []
+            )
+            prompt_ids = bos + self._ids(s.get("prompt", self.prompt))
+            prompts.append(prompt_ids[: self.max_length - len(closing)] + closing)
             eos = [self.eos_token_id] if self.eos_token_id is not None else []
             texts.append(self._ids(text)[: self.max_length - len(eos)] + eos)
         batch["texts"] = strings
@@ -502,10 +537,11 @@ def caption(
     if len(prompts) != B:
         raise ValueError(f"got {len(prompts)} prompts for {B} images")
     bos = None if model.is_encoder_decoder else model.llm.config.bos_token_id
-    ids, mask = encode_prompts(tokenizer, prompts, bos_token_id=bos)
+    closing = tokenizer.eos_token_id if model.is_encoder_decoder else None
+    ids, mask = encode_prompts(tokenizer, prompts, bos_token_id=bos, eos_token_id=closing)
     device = model.llm_proj.weight.device
     kwargs = generation_kwargs(method, **options)
-    eos = _token_id(tokenizer, eos_token_id, "eos_token_id")
+    eos = eos_token_id if eos_token_id is not None else end_token_id(model, tokenizer)
     if eos is not None:
         kwargs["eos_token_id"] = eos
     if tokenizer.pad_token_id is not None:

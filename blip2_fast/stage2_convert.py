@@ -42,6 +42,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
+    AutoTokenizer,
     Blip2Config,
     Blip2ForConditionalGeneration,
     PreTrainedModel,
@@ -206,8 +207,6 @@ def load_transformers(folder: str | Path, *, with_vision: bool = True) -> Blip2S
 def load_pretrained(source: str | Path) -> tuple[Blip2Stage2, PreTrainedTokenizerBase]:
     """A trained stage-2 model and its tokenizer: a ``Blip2ForConditionalGeneration`` folder with its tokenizer
     files, or a stage-2 run folder (its ``transformers/`` export). In eval mode, as ``from_pretrained`` gives."""
-    from transformers import AutoTokenizer
-
     folder = Path(source)
     if not (folder / "config.json").is_file() and (folder / "transformers" / "config.json").is_file():
         folder = folder / "transformers"
@@ -355,6 +354,10 @@ def lavis_model(
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
         cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
         llm = cls.from_pretrained(str(folder), local_files_only=True)
+        if any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+            from blip2_fast.stage2 import end_opt_at_newline
+
+            end_opt_at_newline(llm, AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
     if qformer_config.text_input:
         qformer_config = dataclasses.replace(qformer_config, text_input=False)
     model = Blip2Stage2(qformer_config, llm, image_encoder)

@@ -308,7 +308,14 @@ def _local_llm(m: Stage2ModelSection):
     if m.llm_family != "auto" and seq2seq != (m.llm_family == "encoder_decoder"):
         raise ValueError(f"model.llm_family={m.llm_family} but {folder} is_encoder_decoder={seq2seq}")
     cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
-    return cls.from_pretrained(str(folder), torch_dtype=torch.float32), AutoTokenizer.from_pretrained(str(folder))
+    llm, tokenizer = (
+        cls.from_pretrained(str(folder), torch_dtype=torch.float32),
+        AutoTokenizer.from_pretrained(str(folder)),
+    )
+    from blip2_fast.stage2 import end_opt_at_newline
+
+    end_opt_at_newline(llm, tokenizer)
+    return llm, tokenizer
 
 
 def _pretrained_model(config: Stage2Config, init: Path | None, qformer: QFormerConfig, vision: VisionConfig):
@@ -489,7 +496,7 @@ def run(config: Stage2Config) -> dict[str, Any]:
     import deepspeed
     from tqdm import tqdm
 
-    from blip2_fast.stage2 import Stage2Collator, save_trainable
+    from blip2_fast.stage2 import Stage2Collator, end_token_id, save_trainable
     from blip2_fast.stage2_convert import save_transformers
 
     # seeded alike on all ranks: fresh weights (queries, cross-attention, llm_proj, a random LLM / ViT) match
@@ -519,6 +526,7 @@ def run(config: Stage2Config) -> dict[str, Any]:
         encoder_decoder=model.is_encoder_decoder,
         prompt=config.model.prompt,
         max_length=config.model.max_text_length,
+        eos_token_id=end_token_id(model, tokenizer),  # what generation stops at ends every target
     )
     batches = GlobalBatches(train_set, t.batch_size, t.seed, rank, world, collate, config.data.num_workers)
     end = t.stop_after or t.steps

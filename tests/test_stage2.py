@@ -22,6 +22,8 @@ from blip2_fast.stage2 import (
     caption,
     default_stage2_model,
     encode_prompts,
+    end_opt_at_newline,
+    end_token_id,
     generation_kwargs,
     load_stage1,
     load_trainable,
@@ -96,8 +98,10 @@ def test_encoder_decoder_collator(default):
             {"image_embeds": torch.zeros(5, 8), "text": "yes", "prompt": "is it red or blue"},
         ]
     )
-    assert batch["input_ids"][0].tolist()[: len(_ids(tok, "describe"))] == _ids(tok, "describe")
-    assert batch["attention_mask"].sum(1).tolist() == [len(_ids(tok, "describe")), len(_ids(tok, "is it red or blue"))]
+    # the prompt closes with the tokenizer's EOS, as T5's tokenizer (and LAVIS with it) closes every input
+    prompt = _ids(tok, "describe") + [tok.eos_token_id]
+    assert tok.eos_token_id is not None and batch["input_ids"][0].tolist()[: len(prompt)] == prompt
+    assert batch["attention_mask"].sum(1).tolist() == [len(prompt), len(_ids(tok, "is it red or blue")) + 1]
     text = _ids(tok, "yes") + [tok.sep_token_id]
     assert batch["labels"][1].tolist() == text + [IGNORE_INDEX] * (batch["labels"].shape[1] - len(text))
     assert batch["decoder_attention_mask"].sum(1).tolist() == [len(_ids(tok, "a blue square")) + 1, len(text)]
@@ -423,3 +427,40 @@ def test_shapes_caption_scores():
     assert got == {"colour": 1 / 3, "shape": 2 / 3, "pair": 1 / 3, "parsed": 2 / 3}
     with pytest.raises(ValueError, match="one scene per caption"):
         shapes_caption_scores(truth, scenes[:2])
+
+
+def test_generation_stops_at_the_models_own_end_of_text(default, monkeypatch):
+    """caption() stops where the LLM's text ends (its generation config), not at the tokenizer's EOS:
+    transformers' BLIP-2 OPT checkpoints end at "\\n", and LAVIS with them."""
+    model, tok = default
+    assert end_token_id(model, tok) == tok.eos_token_id  # the default model ends at its tokenizer's EOS
+    seen = {}
+    monkeypatch.setattr(model, "generate", lambda **kw: seen.update(kw) or torch.ones(1, 1, dtype=torch.long))
+    monkeypatch.setattr(model.llm.generation_config, "eos_token_id", 7)
+    caption(model, tok, image_embeds=torch.zeros(1, 5, model.image_encoder.config.hidden_size), method="greedy")
+    assert seen["eos_token_id"] == 7 == end_token_id(model, tok)
+    caption(model, tok, image_embeds=torch.zeros(1, 5, model.image_encoder.config.hidden_size), eos_token_id=9)
+    assert seen["eos_token_id"] == 9  # an explicit one wins
+
+
+def test_an_opt_from_its_own_folder_ends_at_newline():
+    from transformers import OPTConfig, OPTForCausalLM, T5Config, T5ForConditionalGeneration
+
+    def tokenizer(newline):
+        return lambda text, add_special_tokens: {"input_ids": newline if text == "\n" else [1, 2]}
+
+    opt = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                                   num_attention_heads=2, word_embed_proj_dim=16, eos_token_id=2))  # fmt: skip
+    end_opt_at_newline(opt, tokenizer([50]))
+    assert opt.config.eos_token_id == opt.generation_config.eos_token_id == 50
+    end_opt_at_newline(opt, tokenizer([3, 4]))  # no one-token newline: left as it was
+    assert opt.config.eos_token_id == 50
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
+    end_opt_at_newline(t5, tokenizer([50]))
+    assert t5.config.eos_token_id == 1  # other LLMs keep theirs
+
+
+def test_an_encoder_decoder_prompt_closes_with_eos(default):
+    _, tok = default
+    ids, mask = encode_prompts(tok, ["a b c", "a"], eos_token_id=tok.eos_token_id)
+    assert ids[1].tolist()[-2:] == _ids(tok, "a") + [tok.eos_token_id] and mask.sum(1).tolist() == [4, 2]
