@@ -424,7 +424,9 @@ class CaptionJSON(Dataset):
                 )
             if not all(isinstance(c, str) for c in captions):
                 raise ValueError(f"{annotation_file}: entry {n} has a caption that is not a str")
-            raw_id = entry.get("image_id", ("path", image))
+            raw_id = entry.get("image_id")
+            if raw_id is None:  # absent or null: the image file names the image
+                raw_id = ("path", image)
             if isinstance(raw_id, (dict, list)):
                 raise ValueError(f"{annotation_file}: entry {n} has an 'image_id' that is not a str or number")
             image_id = ids.setdefault(raw_id, len(ids))

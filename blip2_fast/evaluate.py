@@ -8,8 +8,10 @@
 Retrieval follows LAVIS' ``compute_sim_matrix``: ITC similarities (max over
 queries) pick the ``k_test`` best candidates of every image and every text;
 those are re-scored by the ITM head (the logit of "match" averaged over the
-queries) and the final score of a candidate is ITM + ITC; everything else
-stays at -100. Recall@K is the share of images whose ground-truth caption (any
+queries) and the final score of a candidate is ITM + ITC. Everything else ranks
+below every candidate in ITC order (LAVIS leaves it at -100, ties in whatever
+order a sort gives them): the same figures whenever ``k_test`` >= 10, and
+defined ones below. Recall@K is the share of images whose ground-truth caption (any
 of them) ranks in the top K (image -> text), and of captions whose image does
 (text -> image), in percent.
 
@@ -112,7 +114,8 @@ def retrieval_scores(
         img_feats.append(model.image_features(model.encode_image(e).hidden))
     width = (vision.config.num_tokens, vision.config.hidden_size)
     embeds = torch.cat(embeds) if embeds else torch.empty(0, *width, device=device)
-    img_feats = torch.cat(img_feats) if img_feats else torch.empty(0, model.config.num_query_tokens, 1, device=device)
+    q_d = (model.config.num_query_tokens, model.config.embed_dim)
+    img_feats = torch.cat(img_feats) if img_feats else torch.empty(0, *q_d, device=device)  # a rank with no image
     image_embeds = _gather_strided(embeds, n_img)  # (I, N, E)
     image_feats = _gather_strided(img_feats, n_img)  # (I, Q, D)
 
@@ -130,19 +133,22 @@ def retrieval_scores(
         hidden = model.match(image_embeds[image_rows], ids[text_rows].to(device), mask[text_rows].to(device))
         return model.itm_logits(hidden)[:, 1].float()
 
+    def ranked(sims: torch.Tensor, top_idx: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        # the re-scored candidates, then the rest below the lowest of them, in ITC order (a small shift: fp32
+        # keeps the ITC differences)
+        row = sims + (candidates.min() - sims.max() - 1.0)
+        row[top_idx] = candidates
+        return row
+
     score_i2t = torch.zeros(n_img, n_txt, device=device)
     for i in range(rank, n_img, world):
         top_sim, top_idx = sim_i2t[i].topk(k_i2t)
-        row = torch.full((n_txt,), -100.0, device=device)
-        row[top_idx] = itm_score(torch.full((k_i2t,), i, device=device), top_idx) + top_sim
-        score_i2t[i] = row
+        score_i2t[i] = ranked(sim_i2t[i], top_idx, itm_score(torch.full((k_i2t,), i, device=device), top_idx) + top_sim)
     score_t2i = torch.zeros(n_txt, n_img, device=device)
     sim_t2i = sim_i2t.t()
     for t in range(rank, n_txt, world):
         top_sim, top_idx = sim_t2i[t].topk(k_t2i)
-        row = torch.full((n_img,), -100.0, device=device)
-        row[top_idx] = itm_score(top_idx, torch.full((k_t2i,), t, device=device)) + top_sim
-        score_t2i[t] = row
+        score_t2i[t] = ranked(sim_t2i[t], top_idx, itm_score(top_idx, torch.full((k_t2i,), t, device=device)) + top_sim)
     distributed.all_reduce_sum(score_i2t)
     distributed.all_reduce_sum(score_t2i)
     return score_i2t, score_t2i
@@ -152,13 +158,13 @@ def recall_at_k(score_i2t: torch.Tensor, score_t2i: torch.Tensor, txt2img: torch
     """R@1/5/10 both ways in percent, and their mean. txt2img (T,): the image of each caption."""
     txt2img = txt2img.to(score_i2t.device)
     n_img = score_i2t.shape[0]
-    order = score_i2t.argsort(dim=1, descending=True)  # (I, T) texts, best first
+    order = score_i2t.argsort(dim=1, descending=True, stable=True)  # (I, T) texts, best first
     position = torch.empty_like(order)
     position.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
     is_gt = txt2img[None, :] == torch.arange(n_img, device=order.device)[:, None]  # (I, T)
     big = torch.iinfo(position.dtype).max
     txt_rank = position.masked_fill(~is_gt, big).amin(dim=1)  # best rank of any true caption
-    order_t = score_t2i.argsort(dim=1, descending=True)  # (T, I)
+    order_t = score_t2i.argsort(dim=1, descending=True, stable=True)  # (T, I)
     img_rank = (order_t == txt2img[:, None]).float().argmax(dim=1)
     out = {}
     for k in (1, 5, 10):
@@ -210,7 +216,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         default=None,
         help="ViT weights, any source model.vision_weights takes (default: vision.safetensors beside it)",
     )
-    parser.add_argument("--k-test", type=int, default=None, help="candidates re-ranked by ITM (default: eval.k_test)")
+    parser.add_argument(
+        "--k-test",
+        type=int,
+        default=None,
+        help="candidates re-ranked by ITM (default: eval.k_test; 128 with --annotations)",
+    )
     parser.add_argument("--annotations", default=None, help="caption JSON (COCO or LAVIS) to evaluate on instead")
     parser.add_argument("--images", default=None, help="image folder of --annotations")
     args = parser.parse_args(argv)
@@ -249,6 +260,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return metrics
 
 
+LAVIS_K_TEST = 128  # LAVIS' retrieval configs: candidates per row re-ranked by ITM on COCO and Flickr
+
+
 def evaluate_pretrained(
     checkpoint: str | Path, annotations: str | Path, image_root: str | Path, *, k_test: int | None = None
 ) -> dict[str, float]:
@@ -261,8 +275,7 @@ def evaluate_pretrained(
     device = distributed.init_from_launcher()
     model = Blip2Stage1.from_pretrained(checkpoint).to_device(device)
     overrides = [("model.max_text_length", str(model.max_text_length)), ("eval.num_captions", "0")]
-    if k_test is not None:
-        overrides.append(("eval.k_test", str(k_test)))
+    overrides.append(("eval.k_test", str(k_test if k_test is not None else LAVIS_K_TEST)))
     config = load_config(None, overrides)
     transform = D.build_transform(model.vision.config.image_size, train=False)
     held_out = D.ImageTextDataset(D.CaptionJSON(annotations, image_root), transform, max_words=config.data.max_words)

@@ -35,7 +35,9 @@ from blip2_fast.stage2 import VQA_PROMPT, answer, caption
 from blip2_fast.stage2_convert import load_pretrained
 
 TASKS = ("caption", "vqa")
-# LAVIS' generation settings: caption_coco_opt*.yaml and the VQA evaluation of blip2_opt / blip2_t5
+# LAVIS' generation settings: its caption task and the VQA evaluation of blip2_opt / blip2_t5. The caption prompt
+# belongs to the model (LAVIS' COCO captioners were fine-tuned after "a photo of", its pre-trained models use
+# none): a run of ours is evaluated with the prompt it trained with (run_prompt), anything else without one.
 DEFAULTS = {
     "caption": dict(prompt="", max_new_tokens=30, min_new_tokens=8, length_penalty=1.0),
     "vqa": dict(prompt=VQA_PROMPT, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0),
@@ -152,13 +154,29 @@ def evaluate_vqa(
     return {"scores": {"accuracy": accuracy}, "predictions": rows}
 
 
+def run_prompt(model: str | Path) -> str | None:
+    """The caption prompt a stage-2 run of ours trained with (its config.yaml), None for any other model."""
+    import yaml
+
+    folder = Path(model)
+    config = folder / "config.yaml"
+    if not config.is_file() and folder.name == "transformers":  # the run's export, inside its folder
+        config = folder.parent / "config.yaml"
+    if not config.is_file():
+        return None
+    prompt = ((yaml.safe_load(config.read_text()) or {}).get("model") or {}).get("prompt")
+    return prompt if isinstance(prompt, str) else None
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description="Score a BLIP-2 stage-2 model on captions (BLEU, CIDEr) or VQA.")
     parser.add_argument("--model", required=True, help="Blip2ForConditionalGeneration folder or stage-2 run folder")
     parser.add_argument("--task", required=True, choices=TASKS)
     parser.add_argument("--annotations", required=True, help="caption JSON (COCO or LAVIS) or VQA JSON")
     parser.add_argument("--images", required=True, help="the folder the annotations' image paths are relative to")
-    parser.add_argument("--prompt", default=None, help="caption prefix / VQA template with {} (default: LAVIS')")
+    parser.add_argument(
+        "--prompt", default=None, help="caption prefix (default: a run's own, else none) / VQA template with {}"
+    )
     parser.add_argument("--num-beams", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--min-new-tokens", type=int, default=None)
@@ -171,7 +189,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("--batch-size and --limit must be >= 1")
     given = dict(prompt=args.prompt, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                  length_penalty=args.length_penalty)  # fmt: skip
-    options = {**DEFAULTS[args.task], **{k: v for k, v in given.items() if v is not None}}
+    defaults = dict(DEFAULTS[args.task])
+    if args.task == "caption" and (recorded := run_prompt(args.model)) is not None:
+        defaults["prompt"] = recorded
+    options = {**defaults, **{k: v for k, v in given.items() if v is not None}}
 
     device = distributed.init_from_launcher()
     model, tokenizer = load_pretrained(args.model)

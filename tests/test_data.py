@@ -263,6 +263,7 @@ def write_images(root: Path) -> list[dict]:
 
 def test_caption_json_reads_real_files_and_skips_bad_ones(tmp_path, tokenizer):
     entries = write_images(tmp_path / "images")
+    entries[2]["image_id"] = entries[3]["image_id"] = None  # null is no id: the file names the image
     (tmp_path / "ann.json").write_text(json.dumps(entries))
     source = CaptionJSON(tmp_path / "ann.json", tmp_path / "images")
     assert len(source) == 6 and source.num_images == 5

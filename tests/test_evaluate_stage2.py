@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from blip2_fast.evaluate_stage2 import main, read_vqa
+from blip2_fast.evaluate_stage2 import main, read_vqa, run_prompt
 from blip2_fast.metrics import caption_scores
 from blip2_fast.stage2 import answer, caption, default_stage2_model
 from blip2_fast.stage2_convert import load_pretrained, save_transformers
@@ -144,3 +144,11 @@ def test_two_ranks_share_the_work_and_agree_with_one(folder, tmp_path):
     two = json.loads(out.read_text())
     assert two["predictions"] == one["predictions"] and two["scores"] == one["scores"]
     assert proc.stdout.count("caption on 3 images") == 1  # rank 0 alone reports
+
+
+def test_a_run_is_captioned_with_the_prompt_it_trained_with(tmp_path):
+    run = tmp_path / "run"
+    (run / "transformers").mkdir(parents=True)
+    assert run_prompt(run) is None  # no config.yaml: not a run of ours, no prompt
+    (run / "config.yaml").write_text('model:\n  prompt: "a photo of"\n')
+    assert run_prompt(run) == run_prompt(run / "transformers") == "a photo of"
