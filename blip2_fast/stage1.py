@@ -276,11 +276,17 @@ class Blip2Stage1(nn.Module):
         return torch.einsum("iqe,te->itq", image, text_proj).amax(dim=-1)
 
     def _itm_rows(self, context: ImageContext, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(b, T) ITM probability of a batch of images with every text; each image's K/V serves all texts."""
+        """(b, T) ITM probability of a batch of images with every text; each image's K/V serves all texts.
+        The b * T pairs go ``batch_size`` at a time: thousands of texts never make one giant pass."""
         n_images, n_texts = context.batch_size, ids.shape[0]
-        pairs = context.index_select(torch.arange(n_images, device=ids.device).repeat_interleave(n_texts))
-        hidden = self.qformer.match(pairs, ids.repeat(n_images, 1), mask.repeat(n_images, 1))
-        return self.qformer.itm_logits(hidden).softmax(dim=-1)[:, 1].view(n_images, n_texts)
+        image_of = torch.arange(n_images, device=ids.device).repeat_interleave(n_texts)
+        text_of = torch.arange(n_texts, device=ids.device).repeat(n_images)
+        probs = []
+        for chunk in torch.arange(n_images * n_texts, device=ids.device).split(self.batch_size):
+            t = text_of[chunk]
+            hidden = self.qformer.match(context.index_select(image_of[chunk]), ids[t], mask[t])
+            probs.append(self.qformer.itm_logits(hidden).softmax(dim=-1)[:, 1])
+        return torch.cat(probs).view(n_images, n_texts)
 
     @torch.no_grad()
     def itc_scores(self, images: Images, texts: Sequence[str]) -> torch.Tensor:

@@ -127,6 +127,8 @@ def test_command_line_scores_every_pair_and_captions(hf_retrieval_folder, images
     itc, itm = model.score_matrices(images, texts)
     assert passes == [3]
     assert torch.equal(itc, model.itc_scores(images, texts)) and torch.equal(itm, model.itm_matrix(images, texts))
+    model.batch_size = 2  # images, and image-text pairs, in passes of 2: the same numbers
+    torch.testing.assert_close(model.itm_matrix(images, texts), itm, atol=TOL, rtol=0)
     with pytest.raises(SystemExit):
         main(["--model", str(hf_retrieval_folder), "--images", str(images[0])])  # neither texts nor captions asked
     with pytest.raises(ValueError, match="captioning needs lm_head"):
