@@ -334,16 +334,24 @@ def _token_id(tokenizer: PreTrainedTokenizerBase, given: int | None, attr: str) 
     return given if given is not None else getattr(tokenizer, attr)
 
 
-def end_token_id(model: Blip2Stage2, tokenizer: PreTrainedTokenizerBase) -> int | None:
-    """The token that ends this model's captions and answers, in training targets and generation alike: the
-    LLM's own (its generation config, then its config), else the tokenizer's EOS. transformers' BLIP-2 OPT
-    checkpoints and LAVIS end OPT's text at "\\n" (see :func:`end_opt_at_newline`), not at "</s>"."""
+def _llm_eos(model: Blip2Stage2) -> int | list[int] | None:
+    """The LLM's own end of text: its generation config's, then its config's (one id or several)."""
     for source in (getattr(model.llm, "generation_config", None), model.llm.config):
         eos = getattr(source, "eos_token_id", None)
-        eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
-        if isinstance(eos, int):
-            return eos
-    return tokenizer.eos_token_id
+        if isinstance(eos, int) or (isinstance(eos, (list, tuple)) and eos):
+            return eos if isinstance(eos, int) else list(eos)
+    return None
+
+
+def end_token_id(model: Blip2Stage2, tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The token that ends this model's training targets, where generation stops too: the LLM's own (its
+    generation config, then its config; of several, the tokenizer's EOS if among them, else the first), else
+    the tokenizer's EOS. transformers' BLIP-2 OPT checkpoints and LAVIS end OPT's text at "\\n" (see
+    :func:`end_opt_at_newline`), not at "</s>"."""
+    eos = _llm_eos(model)
+    if isinstance(eos, list):
+        return tokenizer.eos_token_id if tokenizer.eos_token_id in eos else eos[0]
+    return eos if eos is not None else tokenizer.eos_token_id
 
 
 def end_opt_at_newline(llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -368,7 +376,8 @@ def encode_prompts(
     max_length: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts -> (input_ids (B, P), attention_mask (B, P)), LEFT-padded, BOS first and EOS last when given
-    (an encoder-decoder's prompt ends with EOS, as T5's tokenizer closes every input)."""
+    (an encoder-decoder's prompt ends with EOS, as T5's tokenizer closes every input). ``max_length`` caps
+    each prompt's own tokens, BOS and EOS aside."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = []
     for prompt in prompts:
@@ -392,8 +401,9 @@ class Stage2Collator:
     carries ``texts`` (the target strings). Token layout (LAVIS):
 
     - decoder-only: ``[BOS] prompt text [EOS]`` packed per row, right-padded; labels
-      keep the text and EOS, everything else is -100. EOS is the model's end of text
-      (:func:`end_token_id`: "\\n" for BLIP-2's OPT); training passes it as ``eos_token_id``.
+      keep the text and EOS, everything else is -100. EOS defaults to the tokenizer's; pass
+      :func:`end_token_id` (the model's end of text, "\\n" for BLIP-2's OPT) so that targets end where
+      generation stops, as training does.
     - encoder-decoder: ``input_ids`` = prompt (right-padded), ``labels`` = text + EOS
       (pads -100), ``decoder_attention_mask``.
     """
@@ -541,7 +551,8 @@ def caption(
     ids, mask = encode_prompts(tokenizer, prompts, bos_token_id=bos, eos_token_id=closing)
     device = model.llm_proj.weight.device
     kwargs = generation_kwargs(method, **options)
-    eos = eos_token_id if eos_token_id is not None else end_token_id(model, tokenizer)
+    # generation stops at any of the LLM's own end tokens (several, for some chat LLMs)
+    eos = next((e for e in (eos_token_id, _llm_eos(model), tokenizer.eos_token_id) if e is not None), None)
     if eos is not None:
         kwargs["eos_token_id"] = eos
     if tokenizer.pad_token_id is not None:

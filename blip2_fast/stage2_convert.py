@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -358,6 +359,12 @@ def lavis_model(
             from blip2_fast.stage2 import end_opt_at_newline
 
             end_opt_at_newline(llm, AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
+        elif config.model_type == "opt":
+            warnings.warn(
+                f"{folder} has no tokenizer files: its OPT keeps EOS {llm.config.eos_token_id}, where LAVIS ends "
+                'text at "\\n"; pass eos_token_id to caption()/answer(), or call stage2.end_opt_at_newline',
+                stacklevel=2,
+            )
     if qformer_config.text_input:
         qformer_config = dataclasses.replace(qformer_config, text_input=False)
     model = Blip2Stage2(qformer_config, llm, image_encoder)

@@ -599,9 +599,10 @@ def build_datasets(config: TrainConfig, image_size: int, rank: int = 0, world: i
             d.urls, rank=rank, world_size=world, shuffle=True, shuffle_buffer=1000, seed=seed
         )
         eval_src = D.WebDatasetShards(d.eval_urls) if d.eval_urls else None  # every rank reads all of it
-    if eval_src is None and config.eval.every:
+    every = getattr(config.eval, "every", 0)  # stage 1's periodic retrieval; stage 2 has none
+    if eval_src is None and every:
         raise ValueError(
-            f"eval.every={config.eval.every} needs a held-out set: data.eval_annotation_file (caption_json) "
+            f"eval.every={every} needs a held-out set: data.eval_annotation_file (caption_json) "
             "or data.eval_urls (webdataset)"
         )
     seed = config.train.seed
@@ -724,14 +725,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def run_facts(train: TrainSection) -> dict[str, int]:
-    """What a resumed run must share with its checkpoint for the data position and schedule to carry over: the
-    global batch (batch size x ranks), where accumulation ends, and the seed of the data order."""
+def run_facts(config) -> dict[str, int]:
+    """What a resumed run must share with its checkpoint: the global batch (batch size x ranks), where
+    accumulation ends and the seed of the data order, for the data position and schedule to carry over, and
+    whether the ViT trains, for the checkpoint to hold the weights the engine expects."""
+    train = config.train
     return {
         "batch_size": train.batch_size,
         "grad_accum": train.grad_accum,
         "world_size": distributed.get_world_size(),
         "seed": train.seed,
+        "freeze_vit": int(config.model.freeze_vit),
     }
 
 
@@ -742,10 +746,12 @@ def save_checkpoint(engine, folder: Path, step: int, micro_step: int, keep: int,
     tmp = f"tmp-{tag}"
     rank = distributed.get_rank()
     latest = folder / "latest"
-    if latest.is_file() and latest.read_text().strip() == tag and (folder / tag).is_dir():
-        return folder / tag  # a resumed run with nothing left to do: that checkpoint is this one
+    # a resumed run with nothing left to do: that checkpoint is this one (rank 0 decides for all)
+    done = rank == 0 and latest.is_file() and latest.read_text().strip() == tag and (folder / tag).is_dir()
+    if distributed.all_gather_object(done)[0]:
+        return folder / tag
     if rank == 0:
-        for leftover in folder.glob("tmp-step*"):  # of crashes mid-save, at this step or another
+        for leftover in [*folder.glob("tmp-step*"), *folder.glob("old-step*")]:  # of crashes mid-save
             shutil.rmtree(leftover, ignore_errors=True)
     distributed.barrier()
     stage1 = engine.module
@@ -793,7 +799,7 @@ def load_checkpoint(engine, folder: Path, facts: dict[str, int]) -> tuple[int, i
             diff = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
             raise ValueError(
                 f"train.resume: {folder / tag} was written with other settings ({diff}); resume with the "
-                "checkpoint's (train.batch_size, train.grad_accum, number of ranks, train.seed) or start afresh"
+                "checkpoint's (train.batch_size, train.grad_accum, ranks, train.seed, model.freeze_vit) or start anew"
             )
     path, client = engine.load_checkpoint(str(folder), tag=tag, load_module_strict=False)
     if path is None:
@@ -889,7 +895,8 @@ def best_so_far(run_dir: Path) -> float:
     """The mean recall of ``<run>/best/`` (-1 without one): a resumed run keeps beating the same record."""
     from blip2_fast.checkpoint import restore_replaced
 
-    restore_replaced(run_dir / "best")  # a crash mid-replacement left it aside
+    if distributed.get_rank() == 0:  # the rank that keeps best/ (two renaming it would race)
+        restore_replaced(run_dir / "best")  # a crash mid-replacement left it aside
     record = run_dir / "best" / "best.json"
     return float(json.loads(record.read_text())["r_mean"]) if record.is_file() else -1.0
 
@@ -1042,7 +1049,7 @@ def resume_position(engine, config, ckpt_dir: Path) -> tuple[int, int]:
     """(step, micro_step) to start from: 0, 0, or the latest checkpoint's when ``train.resume`` is set."""
     if not config.train.resume:
         return 0, 0
-    step, micro_step = load_checkpoint(engine, ckpt_dir, run_facts(config.train))
+    step, micro_step = load_checkpoint(engine, ckpt_dir, run_facts(config))
     if distributed.get_rank() == 0:  # the checkpoint accepted this config: it becomes the run's record
         from blip2_fast.checkpoint import write_text_atomic
 
@@ -1147,6 +1154,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
             torch.as_tensor(batch["image_ids"], device=device),
         )
         engine.backward(out.loss)
+        lr = engine.get_lr()[0]  # the rate this step applies (an fp16 step skipped on overflow holds it back)
         engine.step()
         for key, value in out.scalars().items():
             acc[key] = acc.get(key, 0.0) + value / t.grad_accum
@@ -1171,7 +1179,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
                 {
                     "step": step,
                     "epoch": round(epoch, 4),
-                    "lr": lr_at(step - 1, config.optim, t.steps),  # the step's own (the scheduler is one ahead)
+                    "lr": lr,
                     **record,
                     "skipped": int(values[5]),
                     "sec_per_step": round(elapsed / t.log_every, 4),
@@ -1183,9 +1191,9 @@ def run(config: TrainConfig) -> dict[str, Any]:
             evaluated(evaluate_now(engine, qformer.config, vision, held_out, tokenizer, config, device, run_dir))
             engine.train()
         if t.save_every and step % t.save_every == 0 and step < end:
-            save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints, run_facts(t))
+            save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints, run_facts(config))
     bar.close()
-    save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints, run_facts(t))
+    save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints, run_facts(config))
     model_path = run_dir / "model.safetensors"
 
     result: dict[str, Any] = {"history": history, "run_dir": run_dir, "model": model_path, "precision": precision}

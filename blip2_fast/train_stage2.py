@@ -53,7 +53,6 @@ from blip2_fast.train import (  # noqa: E402
     build_datasets,
     build_engine,
     deepspeed_config,
-    lr_at,
     parse_overrides,
     read_config,
     resume_position,
@@ -542,6 +541,7 @@ def run(config: Stage2Config) -> dict[str, Any]:
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         loss = engine(batch)
         engine.backward(loss)
+        lr = engine.get_lr()[0]  # the rate this step applies (an fp16 step skipped on overflow holds it back)
         engine.step()
         acc += loss.item() / t.grad_accum
         micro_step += 1
@@ -561,16 +561,16 @@ def run(config: Stage2Config) -> dict[str, Any]:
                 {
                     "step": step,
                     "epoch": round(micro_step / batches.per_epoch, 4) if batches.per_epoch else 0.0,
-                    "lr": lr_at(step - 1, config.optim, t.steps),  # the step's own (the scheduler is one ahead)
+                    "lr": lr,
                     "loss": record,
                     "skipped": int(values[1]),
                     "sec_per_step": round(elapsed / t.log_every, 4),
                 }
             )
         if t.save_every and step % t.save_every == 0 and step < end:
-            save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints, run_facts(t))
+            save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints, run_facts(config))
     bar.close()
-    save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints, run_facts(t))
+    save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints, run_facts(config))
 
     result: dict[str, Any] = {
         "history": history,

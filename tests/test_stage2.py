@@ -441,6 +441,12 @@ def test_generation_stops_at_the_models_own_end_of_text(default, monkeypatch):
     assert seen["eos_token_id"] == 7 == end_token_id(model, tok)
     caption(model, tok, image_embeds=torch.zeros(1, 5, model.image_encoder.config.hidden_size), eos_token_id=9)
     assert seen["eos_token_id"] == 9  # an explicit one wins
+    # several end tokens: generation stops at any; targets end with the tokenizer's if it is one of them
+    monkeypatch.setattr(model.llm.generation_config, "eos_token_id", [5, tok.eos_token_id])
+    caption(model, tok, image_embeds=torch.zeros(1, 5, model.image_encoder.config.hidden_size), method="greedy")
+    assert seen["eos_token_id"] == [5, tok.eos_token_id] and end_token_id(model, tok) == tok.eos_token_id
+    monkeypatch.setattr(model.llm.generation_config, "eos_token_id", [5, 6])
+    assert end_token_id(model, tok) == 5
 
 
 def test_an_opt_from_its_own_folder_ends_at_newline():

@@ -435,3 +435,14 @@ def test_init_from_lavis_and_transformers_checkpoints(tmp_path, hf_retrieval_fol
         assert torch.equal(built.qformer.state_dict()[name], tensor), name
     for name, tensor in reference.vision.state_dict().items():
         assert torch.equal(built.image_encoder.state_dict()[name], tensor), name
+
+
+def test_caption_json_without_a_held_out_set_trains(tmp_path):
+    """Stage 2 has no periodic evaluation: a caption JSON alone is a complete data source for it."""
+    from blip2_fast.train import build_datasets
+
+    (tmp_path / "ann.json").write_text(json.dumps([{"image": "a.png", "caption": "a red circle"}]))
+    data = [("data.source", "caption_json"), ("data.annotation_file", str(tmp_path / "ann.json"))]
+    config = load_config(None, data + [("data.image_root", str(tmp_path))])
+    train, held_out = build_datasets(config, 32)
+    assert len(train) == 1 and held_out is None
