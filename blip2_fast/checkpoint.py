@@ -962,40 +962,39 @@ def _tied(model: QFormer) -> bool:
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """safetensors ``path`` written whole or not at all: into a temporary file beside it, then renamed over it,
-    so a crash mid-write leaves any earlier file intact."""
+    """safetensors ``path`` written whole or not at all (:func:`replacing_file`), so a crash mid-write leaves any
+    earlier file intact."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    try:
+    with replacing_file(path) as partial:
         save_file(tensors, str(partial), metadata=metadata)
-        _fsync(partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
     return path
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """``path`` holds ``text`` whole or keeps what it held: written beside it, synced to disk, then renamed over
-    it (config.yaml, metrics.csv, latest, JSON results)."""
+    """``path`` holds ``text`` whole or keeps what it held (:func:`replacing_file`): config.yaml, metrics.csv,
+    latest, JSON results."""
     path = Path(path)
-    partial = path.with_name(f".{path.name}.partial")
-    try:
+    with replacing_file(path) as partial:
         partial.write_text(text)
-        _fsync(partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
     return path
 
 
-def _fsync(path: Path) -> None:
-    # before the rename: a crash (or power loss) after it must not find the new name over empty blocks
-    with path.open("rb+") as f:
-        os.fsync(f.fileno())
+@contextlib.contextmanager
+def replacing_file(path: Path) -> Iterator[Path]:
+    """Yield a scratch name beside ``path`` to write; when the block ends the file is synced to disk and renamed
+    over ``path`` (a crash or power loss then never finds the new name over empty blocks). If the block fails,
+    ``path`` stays as it was and the scratch file goes."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        yield partial
+        with partial.open("rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def restore_replaced(folder: str | Path) -> None:
