@@ -835,6 +835,16 @@ def save_vision(vision: ImageEncoder, path: str | Path) -> Path:
     return save_tensors(state, path, {"format": FORMAT, "vision_config": json.dumps(vision.config.to_dict())})
 
 
+def run_config(folder: str | Path) -> dict[str, Any]:
+    """A run folder's ``config.yaml``, parsed ({} without one)."""
+    path = Path(folder) / "config.yaml"
+    if not path.is_file():
+        return {}
+    import yaml
+
+    return yaml.safe_load(path.read_text()) or {}
+
+
 def _vision_source(path: Path, trust_pickle: bool) -> tuple[dict[str, torch.Tensor], VisionConfig | None, str]:
     """(Blip2VisionModel tensors without a prefix, the config the source records or None, its layout name)."""
     from safetensors import safe_open
@@ -861,12 +871,8 @@ def _vision_source(path: Path, trust_pickle: bool) -> tuple[dict[str, torch.Tens
         config = None
         if "vision_config" in metadata:
             config = VisionConfig.from_dict(json.loads(metadata["vision_config"]))
-        elif (path.parent / "config.yaml").is_file():  # a run folder's vision.safetensors
-            import yaml
-
-            recorded = (yaml.safe_load((path.parent / "config.yaml").read_text()) or {}).get("model", {})
-            if isinstance(recorded.get("vision"), dict):
-                config = VisionConfig.from_dict(recorded["vision"])
+        elif isinstance(vision := (run_config(path.parent).get("model") or {}).get("vision"), dict):
+            config = VisionConfig.from_dict(vision)  # a run folder's vision.safetensors
         state = load_file(str(path))
         if all(k.startswith("vit.") for k in state):
             state = {k.removeprefix("vit."): v for k, v in state.items()}

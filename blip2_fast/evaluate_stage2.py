@@ -156,15 +156,12 @@ def evaluate_vqa(
 
 def run_prompt(model: str | Path) -> str | None:
     """The caption prompt a stage-2 run of ours trained with (its config.yaml), None for any other model."""
-    import yaml
+    from blip2_fast.checkpoint import run_config
 
     folder = Path(model)
-    config = folder / "config.yaml"
-    if not config.is_file() and folder.name == "transformers":  # the run's export, inside its folder
-        config = folder.parent / "config.yaml"
-    if not config.is_file():
-        return None
-    prompt = ((yaml.safe_load(config.read_text()) or {}).get("model") or {}).get("prompt")
+    if folder.name == "transformers" and not (folder / "config.yaml").is_file():
+        folder = folder.parent  # the run's export, inside its folder
+    prompt = (run_config(folder).get("model") or {}).get("prompt")
     return prompt if isinstance(prompt, str) else None
 
 

@@ -62,13 +62,10 @@ def run_files(path: str | Path) -> RunFiles:
     folder, model = (path, path / "model.safetensors") if path.is_dir() else (path.parent, path)
     if not model.is_file():
         raise FileNotFoundError(f"stage-1 checkpoint not found: {model}")
-    config = {}
-    if (folder / "config.yaml").is_file():
-        import yaml
+    from blip2_fast.checkpoint import run_config
 
-        config = yaml.safe_load((folder / "config.yaml").read_text()) or {}
     vision = folder / "vision.safetensors"
-    return RunFiles(model, vision if vision.is_file() else None, config)
+    return RunFiles(model, vision if vision.is_file() else None, run_config(folder))
 
 
 def _has_tokenizer(folder: Path) -> bool:
