@@ -22,7 +22,7 @@ Resuming (``--train.resume true``) restores the weights, optimizer, LR
 schedule, the data position (epoch permutation and offset), the torch / numpy
 / python RNG of every rank and the hard-negative generator, so a resumed run
 follows the uninterrupted one; a checkpoint written with another batch size,
-accumulation, number of ranks or seed is refused. A fresh run in a folder that
+accumulation, number of ranks, seed or ``model.freeze_vit`` is refused. A fresh run in a folder that
 holds one moves the earlier run aside (``<name>.replaced-<time>``).
 """
 
@@ -785,8 +785,9 @@ def _cuda_rng():
 
 def load_checkpoint(engine, folder: Path, facts: dict[str, int]) -> tuple[int, int]:
     """Restore weights, optimizer, schedule, RNG and sampler from ``folder/latest``; returns (step, micro_step).
-    A checkpoint written with other ``facts`` (batch size, accumulation, ranks, seed) is refused: its data
-    position and accumulation boundary would mean something else in this run."""
+    A checkpoint written with other ``facts`` (:func:`run_facts`: batch size, accumulation, ranks, seed, a
+    trained or frozen ViT) is refused: its data position, accumulation boundary or weights would mean something
+    else in this run."""
     latest = folder / "latest"
     if not latest.is_file():
         raise FileNotFoundError(f"train.resume: no checkpoint to resume from ({latest} does not exist)")
@@ -1007,6 +1008,13 @@ def _move_earlier_run_aside(run_dir: Path) -> None:
         print(f"{run_dir} held an earlier run: moved it to {aside} (train.resume true continues a run instead)")
 
 
+def _record_config(run_dir: Path, config) -> None:
+    """The run's resolved config as ``config.yaml``, written whole."""
+    from blip2_fast.checkpoint import write_text_atomic
+
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
 def start_run(config) -> tuple[torch.device, Path, Path]:
     """Join the ranks, create the run folder (``config.yaml`` in it) and seed every RNG the same on all ranks,
     so that fresh weights match everywhere. ``config``: any run config with ``train`` and ``to_dict``.
@@ -1019,11 +1027,9 @@ def start_run(config) -> tuple[torch.device, Path, Path]:
         if t.resume:  # its config.yaml is rewritten once the checkpoint accepts this config (resume_position)
             ckpt_dir.mkdir(parents=True, exist_ok=True)
         else:
-            from blip2_fast.checkpoint import write_text_atomic
-
             _move_earlier_run_aside(run_dir)
             ckpt_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+            _record_config(run_dir, config)
     distributed.barrier()
     torch.manual_seed(t.seed)
     np.random.seed(t.seed)
@@ -1050,10 +1056,8 @@ def resume_position(engine, config, ckpt_dir: Path) -> tuple[int, int]:
     if not config.train.resume:
         return 0, 0
     step, micro_step = load_checkpoint(engine, ckpt_dir, run_facts(config))
-    if distributed.get_rank() == 0:  # the checkpoint accepted this config: it becomes the run's record
-        from blip2_fast.checkpoint import write_text_atomic
-
-        write_text_atomic(ckpt_dir.parent / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    if distributed.get_rank() == 0:
+        _record_config(ckpt_dir.parent, config)  # the checkpoint accepted this config: it becomes the run's record
         print(f"resumed from {ckpt_dir / (ckpt_dir / 'latest').read_text().strip()} at step {step}")
     return step, micro_step
 
