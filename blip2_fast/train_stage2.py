@@ -28,11 +28,12 @@ from __future__ import annotations
 import os
 import sys
 
-# Run as a script, Python puts blip2_fast/ first on sys.path, where our data.py would shadow
-# packages of the same name; put the repository root there instead.
+# Run as a script, Python puts blip2_fast/ first on sys.path, where our data.py would shadow the
+# package of that name; the installed blip2_fast is imported instead (never the repository root:
+# its kernels/ would shadow PyPI's `kernels`, which transformers imports).
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
-    sys.path[0] = os.path.dirname(_HERE)
+    del sys.path[0]
 
 import argparse  # noqa: E402
 import csv  # noqa: E402

@@ -9,6 +9,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Before any test module imports transformers: importing blip2_fast takes the repository root off
+# sys.path, where kernels/ would shadow PyPI's `kernels` (blip2_fast/__init__.py).
+import blip2_fast  # noqa: E402, F401
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -399,7 +399,7 @@ def _train_in_subprocess(tmp_path, body: str):
     script = "import json\nfrom blip2_fast.train import load_config, run\n" + textwrap.dedent(body)
     script += '\nprint("RESULT", json.dumps(result))\n'
     proc = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400
+        [sys.executable, "-c", script], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=1200
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
@@ -614,7 +614,7 @@ def test_periodic_evaluation_logs_recall_and_keeps_the_best(tmp_path):
     assert record["step"] == best["step"] and record["r_mean"] == pytest.approx(best["r_mean"], abs=1e-3)
     proc = subprocess.run(
         [sys.executable, "-m", "blip2_fast.evaluate", "--checkpoint", str(tmp_path / "every" / "best")],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("retrieval on"))
@@ -651,7 +651,7 @@ def test_two_ranks_equal_one_rank(tmp_path):
         env=_env(),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     from blip2_fast.train import _free_port
@@ -663,7 +663,7 @@ def test_two_ranks_equal_one_rank(tmp_path):
         env=_env(),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
     )
     assert proc2.returncode == 0, proc2.stdout[-3000:] + proc2.stderr[-3000:]
     a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
@@ -685,7 +685,7 @@ def test_two_ranks_equal_one_rank(tmp_path):
         env=_env(),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
     )
     assert proc3.returncode == 0, proc3.stdout[-3000:] + proc3.stderr[-3000:]
     line = next(x for x in proc3.stdout.splitlines() if x.startswith("retrieval on"))
