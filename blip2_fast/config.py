@@ -99,7 +99,8 @@ class QFormerConfig:
     # False drops everything text-only (word/position embeddings, text FFNs, ITC/ITM/LM heads,
     # temperature): the Q-Former of stage 2, which only turns images into query outputs.
     text_input: bool = True
-    backend: str = "reference"
+    # attention (and FFN) implementation; "auto" picks the fastest measured one for the device (attention.AUTO_BACKEND)
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         positive = (

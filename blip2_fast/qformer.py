@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blip2_fast.attention import MaskKind, attention, check_backend
+from blip2_fast.attention import MaskKind, attention, check_backend, resolve_backend
 from blip2_fast.config import QFormerConfig
 from blip2_fast.layers import FeedForward, ResidualNorm
 
@@ -405,6 +405,7 @@ class QFormer(nn.Module):
             new = row_valid if row_valid is not None else hidden.new_ones(B, L, dtype=torch.bool)
             key_valid = torch.cat([old, new], dim=1)
         buffer = past.buffer if past is not None and past.can_grow_in_place(hidden.shape[1]) else None
+        backend = resolve_backend(self.backend, hidden.device)
         layers = []
         for i, layer in enumerate(self.layers):
             hidden, kv = layer(
@@ -417,7 +418,7 @@ class QFormer(nn.Module):
                 key_padding=key_valid,
                 image_kv=None if image is None else image.kv[i],
                 image_valid=None if image is None else image.valid,
-                backend=self.backend,
+                backend=backend,
             )
             layers.append(kv)
         if buffer is not None:

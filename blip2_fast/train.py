@@ -72,7 +72,9 @@ class ModelSection:
     # initializer_range reaches only the fresh parts (cross-attention, queries, heads; BERT's weights are
     # copied over them): at BERT's 0.02 the queries barely see the image and ITC sits at chance for
     # hundreds of steps; 0.08 lets a few-minute run learn.
-    qformer: dict = dataclasses.field(default_factory=lambda: {"num_query_tokens": 8, "initializer_range": 0.08})
+    qformer: dict = dataclasses.field(
+        default_factory=lambda: {"num_query_tokens": 8, "initializer_range": 0.08, "backend": "auto"}
+    )
     vision: dict = dataclasses.field(default_factory=lambda: {"preset": "small"})  # VisionConfig keys or a preset
     # the ViT's weights: a transformers BLIP-2 folder, a run folder or its vision.safetensors, a LAVIS BLIP-2
     # .pth or a bare EVA .pth (eva_vit_g.pth); another image size resizes its position embeddings.

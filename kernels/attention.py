@@ -105,7 +105,10 @@ def _row_range(col_lo, col_hi, n_query, n_rows, offset, MASK_KIND: tl.constexpr,
 
 @triton.jit
 def _dropout_keep(seed, bh, rows, cols, n_rows, n_keys, dropout_p):
-    """Keep-mask of one tile: one Philox draw per (batch*head, row, key), the same in forward, backward and debug."""
+    """Keep-mask of one tile: one Philox draw per (batch*head, row, key), the same in forward, backward and debug.
+
+    ``seed`` is loaded from a device tensor: no host draw, nothing specialised on it, and a CUDA graph replays
+    with whatever seed the step wrote there."""
     offs = (bh.to(tl.int64) * n_rows + rows[:, None]) * n_keys + cols[None, :]
     return tl.rand(seed, offs) >= dropout_p
 
@@ -114,10 +117,10 @@ def _dropout_keep(seed, bh, rows, cols, n_rows, n_keys, dropout_p):
 # kernels
 
 
-@triton.jit(do_not_specialize=["seed", "n_rows", "n_keys", "n_query"])
+@triton.jit(do_not_specialize=["n_rows", "n_keys", "n_query"])
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, LENS, PAD,
-    seed, dropout_p, qk_scale,
+    SEED, dropout_p, qk_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -177,7 +180,7 @@ def _attn_fwd_kernel(
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, rows, cols, n_rows, n_keys, dropout_p)
+            keep = _dropout_keep(tl.load(SEED), bh, rows, cols, n_rows, n_keys, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -216,10 +219,10 @@ def _attn_bwd_delta_kernel(
     tl.store(DELTA + bh.to(tl.int64) * n_rows + rows, delta, mask=rows < n_rows)
 
 
-@triton.jit(do_not_specialize=["seed", "n_rows", "n_keys", "n_query"])
+@triton.jit(do_not_specialize=["n_rows", "n_keys", "n_query"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, LENS, PAD,
-    seed, dropout_p, qk_scale, sm_scale,
+    SEED, dropout_p, qk_scale, sm_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -287,7 +290,7 @@ def _attn_bwd_dkdv_kernel(
         p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, rows, cols, n_rows, n_keys, dropout_p)
+            keep = _dropout_keep(tl.load(SEED), bh, rows, cols, n_rows, n_keys, dropout_p)
             p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         else:
@@ -309,10 +312,10 @@ def _attn_bwd_dkdv_kernel(
     )
 
 
-@triton.jit(do_not_specialize=["seed", "n_rows", "n_keys", "n_query"])
+@triton.jit(do_not_specialize=["n_rows", "n_keys", "n_query"])
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, LENS, PAD,
-    seed, dropout_p, qk_scale, sm_scale,
+    SEED, dropout_p, qk_scale, sm_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -376,7 +379,7 @@ def _attn_bwd_dq_kernel(
         p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, rows, cols, n_rows, n_keys, dropout_p)
+            keep = _dropout_keep(tl.load(SEED), bh, rows, cols, n_rows, n_keys, dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -389,9 +392,9 @@ def _attn_bwd_dq_kernel(
     )
 
 
-@triton.jit(do_not_specialize=["seed", "n_rows", "n_keys"])
+@triton.jit(do_not_specialize=["n_rows", "n_keys"])
 def _dropout_mask_kernel(
-    MASK, seed, dropout_p, n_rows, n_keys, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+    MASK, SEED, dropout_p, n_rows, n_keys, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 ):  # fmt: skip
     """Writes the keep-mask the attention kernels draw for ``seed`` (debug and tests only)."""
     pid_m = tl.program_id(0)
@@ -400,7 +403,7 @@ def _dropout_mask_kernel(
     base = MASK + bh.to(tl.int64) * n_rows * n_keys
     for start in range(0, n_keys, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        keep = _dropout_keep(seed, bh, rows, cols, n_rows, n_keys, dropout_p)
+        keep = _dropout_keep(tl.load(SEED), bh, rows, cols, n_rows, n_keys, dropout_p)
         tl.store(
             base + rows[:, None] * n_keys + cols[None, :],
             keep.to(tl.int8),
@@ -509,16 +512,16 @@ def _last_valid_plus_one(key_padding: torch.Tensor) -> torch.Tensor:
 
 def _padding_args(
     q: torch.Tensor, n_keys: int, key_padding: torch.Tensor | None, key_lengths: torch.Tensor | None
-) -> tuple[int, torch.Tensor, torch.Tensor, int, int]:
-    """(KEY_PAD mode, lengths (B,) int32, padding (B, Lk) uint8, its strides); dummies where unused."""
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(KEY_PAD mode, lengths (B,) int32, padding (B, Lk) uint8); where unused, ``q`` stands in (never read)."""
     B = q.shape[0]
-    dummy = torch.empty(1, dtype=torch.uint8, device=q.device)
     if key_padding is not None:
         key_valid_mask(B, n_keys, key_padding, key_lengths, q.device)  # validates; computes nothing for a vector
         if key_padding.device != q.device:
             raise ValueError(f"key_padding must be on {q.device}, got {key_padding.device}")
-        pad = key_padding.view(torch.uint8)
-        return _PAD_VECTOR, _last_valid_plus_one(key_padding), pad, pad.stride(0), pad.stride(1)
+        # under torch.compile the per-tensor cache would be a guard on object identity: compute it in the graph
+        lengths = _lengths_of(key_padding) if torch.compiler.is_compiling() else _last_valid_plus_one(key_padding)
+        return _PAD_VECTOR, lengths, key_padding.view(torch.uint8)
     if key_lengths is not None:
         if key_lengths.shape != (B,) or key_lengths.is_floating_point() or key_lengths.dtype == torch.bool:
             raise ValueError(
@@ -527,11 +530,20 @@ def _padding_args(
             )
         if key_lengths.device != q.device:
             raise ValueError(f"key_lengths must be on {q.device}, got {key_lengths.device}")
-        return _PAD_LENGTHS, key_lengths.to(torch.int32), dummy, 0, 0  # clamped to [0, Lk] in the kernels
-    return _PAD_NONE, torch.empty(1, dtype=torch.int32, device=q.device), dummy, 0, 0
+        return _PAD_LENGTHS, key_lengths.to(torch.int32), q  # clamped to [0, Lk] in the kernels
+    return _PAD_NONE, q, q
 
 
-def _common_constexprs(q: torch.Tensor, mask_kind: MaskKind, key_pad: int, dropout: bool) -> dict:
+def _lengths_of(key_padding: torch.Tensor) -> torch.Tensor:
+    idx = torch.arange(1, key_padding.shape[1] + 1, device=key_padding.device, dtype=torch.int32)
+    return (key_padding.to(torch.int32) * idx).amax(dim=1).to(torch.int32)
+
+
+def _pad_strides(key_pad: int, padding: torch.Tensor) -> tuple[int, int]:
+    return (padding.stride(0), padding.stride(1)) if key_pad == _PAD_VECTOR else (0, 0)
+
+
+def _common_constexprs(q: torch.Tensor, mask_kind: int, key_pad: int, dropout: bool) -> dict:
     D = q.shape[3]
     return dict(
         HEAD_DIM=D,
@@ -548,18 +560,21 @@ def attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask_kind: MaskKind,
+    mask_kind: int,
     n_query: int,
-    pad: tuple,
+    pad: tuple[int, torch.Tensor, torch.Tensor],
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor,
     scale: float,
     config: AttnConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs the forward kernel. Returns out (B, H, Lq, D), laid out (B, Lq, H, D) in memory, and lse (B, H, Lq)."""
+    """Runs the forward kernel. Returns out (B, H, Lq, D), laid out (B, Lq, H, D) in memory, and lse (B, H, Lq).
+
+    ``pad`` is what :func:`_padding_args` returns; ``seed`` a (1,) int64 tensor on q's device (read only with
+    dropout)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    key_pad, lengths, padding, spb, spn = pad
+    key_pad, lengths, padding = pad
     cfg = config or fwd_config(Lq, D)
     # (B, Lq, H, D) storage: the caller's transpose(1, 2).reshape(B, Lq, H * D) is then free
     out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
@@ -569,7 +584,7 @@ def attention_forward(
         q, k, v, out, lse, lengths, padding,
         seed, dropout_p, scale * LOG2E,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        spb, spn,
+        *_pad_strides(key_pad, padding),
         H, Lq, Lk, n_query,
         **_common_constexprs(q, mask_kind, key_pad, dropout_p > 0.0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -585,18 +600,19 @@ def attention_backward(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    mask_kind: MaskKind,
+    mask_kind: int,
     n_query: int,
-    pad: tuple,
+    pad: tuple[int, torch.Tensor, torch.Tensor],
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor,
     scale: float,
     config: AttnConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dQ, dK, dV from the saved output and log-sum-exp; each is laid out like its input."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    key_pad, lengths, padding, spb, spn = pad
+    key_pad, lengths, padding = pad
+    spb, spn = _pad_strides(key_pad, padding)
     dkdv_cfg, dq_cfg = (config, config) if config else bwd_configs(D, q.dtype)
     consts = _common_constexprs(q, mask_kind, key_pad, dropout_p > 0.0)
     delta = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
@@ -628,7 +644,7 @@ def attention_backward(
 
 
 def dropout_keep_mask(
-    batch: int, heads: int, n_rows: int, n_keys: int, dropout_p: float, seed: int, device: torch.device
+    batch: int, heads: int, n_rows: int, n_keys: int, dropout_p: float, seed: torch.Tensor, device: torch.device
 ) -> torch.Tensor:
     """(B, H, Lq, Lk) bool: the keep-mask the kernels draw for ``seed`` and ``dropout_p``."""
     mask = torch.empty(batch, heads, n_rows, n_keys, dtype=torch.int8, device=device)
@@ -638,28 +654,83 @@ def dropout_keep_mask(
     return mask.bool()
 
 
+def dropout_seed(seed: int | None, device: torch.device) -> torch.Tensor:
+    """The (1,) int64 seed tensor the kernels read: drawn on ``device`` from torch's generator there (no host
+    sync; repeatable under ``torch.manual_seed``; restored by ``torch.utils.checkpoint``, which stashes the RNG
+    states, so a recomputed forward drops the same elements), or ``seed`` itself."""
+    if seed is None:
+        return torch.randint(0, 2**31 - 1, (1,), device=device)
+    if not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
+    return torch.full((1,), seed, dtype=torch.int64, device=device)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# autograd
+# autograd: a torch.autograd.Function in eager mode (the least host work per call), the same launchers as
+# custom ops under torch.compile (opaque to Dynamo, with fake shapes: no graph break, CUDA graphs capture them)
 
 
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask_kind, n_query, pad, dropout_p, seed, scale, config):
         out, lse = attention_forward(q, k, v, mask_kind, n_query, pad, dropout_p, seed, scale, config)
-        ctx.save_for_backward(q, k, v, out, lse, pad[1], pad[2])
-        ctx.args = (mask_kind, n_query, pad[0], pad[3], pad[4], dropout_p, seed, scale, config)
+        ctx.save_for_backward(q, k, v, out, lse, pad[1], pad[2], seed)
+        ctx.args = (mask_kind, n_query, pad[0], dropout_p, scale, config)
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, out, lse, lengths, padding = ctx.saved_tensors
-        mask_kind, n_query, key_pad, spb, spn, dropout_p, seed, scale, config = ctx.args
-        pad = (key_pad, lengths, padding, spb, spn)
+        q, k, v, out, lse, lengths, padding, seed = ctx.saved_tensors
+        mask_kind, n_query, key_pad, dropout_p, scale, config = ctx.args
+        pad = (key_pad, lengths, padding)
         dq, dk, dv = attention_backward(do, q, k, v, out, lse, mask_kind, n_query, pad, dropout_p, seed, scale, config)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
-@torch.compiler.disable
+@torch.library.custom_op("blip2_fast::attention_fwd", mutates_args=())
+def _attention_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, padding: torch.Tensor,
+    seed: torch.Tensor, mask_kind: int, n_query: int, key_pad: int, dropout_p: float, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    return attention_forward(q, k, v, mask_kind, n_query, (key_pad, lengths, padding), dropout_p, seed, scale)
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, lengths, padding, seed, mask_kind, n_query, key_pad, dropout_p, scale):
+    B, H, Lq, D = q.shape
+    out = q.new_empty(B, Lq, H, D).transpose(1, 2)
+    return out, q.new_empty(B, H, Lq, dtype=torch.float32)
+
+
+@torch.library.custom_op("blip2_fast::attention_bwd", mutates_args=())
+def _attention_bwd_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    lengths: torch.Tensor, padding: torch.Tensor, seed: torch.Tensor,
+    mask_kind: int, n_query: int, key_pad: int, dropout_p: float, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    pad = (key_pad, lengths, padding)
+    return attention_backward(do, q, k, v, out, lse, mask_kind, n_query, pad, dropout_p, seed, scale)
+
+
+@_attention_bwd_op.register_fake
+def _(do, q, k, v, out, lse, lengths, padding, seed, mask_kind, n_query, key_pad, dropout_p, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attention_op_setup(ctx, inputs, output):
+    q, k, v, lengths, padding, seed, *ctx.args = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], lengths, padding, seed)
+
+
+def _attention_op_backward(ctx, do, _dlse):
+    q, k, v, out, lse, lengths, padding, seed = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd_op(do, q, k, v, out, lse, lengths, padding, seed, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+_attention_fwd_op.register_autograd(_attention_op_backward, setup_context=_attention_op_setup)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -680,10 +751,12 @@ def attention(
     q: (B, H, Lq, D); k, v: (B, H, Lk, D); key_padding: (B, Lk) bool, True = may
     attend; key_lengths: (B,) int. Returns (B, H, Lq, D) in q's dtype.
 
-    Debug-only keywords: ``seed`` fixes the dropout draw (otherwise taken from
-    torch's CPU generator, so ``torch.manual_seed`` makes runs repeatable);
+    Debug-only keywords: ``seed`` fixes the dropout draw (otherwise drawn on q's
+    device from torch's generator, so ``torch.manual_seed`` makes runs repeatable);
     ``return_dropout_mask`` also returns the (B, H, Lq, Lk) bool keep-mask used
     (None when ``dropout_p == 0``); ``config`` overrides the tile sizes of all kernels.
+    Under ``torch.compile`` the kernels run as the custom ops ``blip2_fast::attention_fwd`` / ``_bwd``
+    (the debug keywords ``return_dropout_mask`` and ``config`` are eager-only).
     """
     mask_kind = MaskKind(mask_kind)
     _check_qkv(q, k, v, n_query, mask_kind)
@@ -696,17 +769,23 @@ def attention(
     Lk = k.shape[2]
     pad = _padding_args(q, Lk, key_padding, key_lengths)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    if dropout_p > 0.0 and seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,), device="cpu").item())
-    seed = 0 if seed is None else int(seed)
+    dropout_p = float(dropout_p)
+    seed_t = dropout_seed(seed, q.device) if dropout_p > 0.0 else q  # q stands in: no dropout, never read
     if Lq == 0 or Lk == 0 or B * H == 0:
         # nothing to attend (or no row): zeros, still connected to the inputs so autograd sees them used
         out = q.new_zeros(q.shape) + 0.0 * (q.sum() + k.sum() + v.sum())
+    elif torch.compiler.is_compiling():
+        if return_dropout_mask or config is not None:
+            raise ValueError("return_dropout_mask and config are eager-only debug keywords")
+        key_pad, lengths, padding = pad
+        out = _attention_fwd_op(q, k, v, lengths, padding, seed_t, int(mask_kind), n_query, key_pad, dropout_p, scale)[
+            0
+        ]
     else:
-        out = AttentionFunction.apply(q, k, v, mask_kind, n_query, pad, float(dropout_p), seed, scale, config)
+        out = AttentionFunction.apply(q, k, v, mask_kind, n_query, pad, dropout_p, seed_t, scale, config)
     if not return_dropout_mask:
         return out
-    mask = dropout_keep_mask(B, H, Lq, Lk, dropout_p, seed, q.device) if dropout_p > 0.0 else None
+    mask = dropout_keep_mask(B, H, Lq, Lk, dropout_p, seed_t, q.device) if dropout_p > 0.0 else None
     return out, mask
 
 
@@ -742,7 +821,7 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict, int, int]]:
     out = []
     for dt, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         ptrs = {n: dt for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
-        ptrs |= dict(LSE="fp32", DELTA="fp32", LENS="i32", PAD="u8")
+        ptrs |= dict(LSE="fp32", DELTA="fp32", LENS="i32", PAD="u8", SEED="i64")
         dot = "ieee" if dt == "fp32" else "tf32"
         jobs = [(_attn_fwd_kernel, fwd_config(n_rows, d), d) for n_rows, d in ((1, 128), (67, 64), (67, 128))]
         for d in _AOT_HEAD_DIMS:
@@ -754,5 +833,7 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict, int, int]]:
         consts = dict(HEAD_DIM=128, BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=128)
         out.append((_attn_bwd_delta_kernel, _signature(_attn_bwd_delta_kernel, ptrs, consts), consts, 4, 1))
     consts = dict(BLOCK_M=_MASK_BLOCK_M, BLOCK_N=_MASK_BLOCK_N)
-    out.append((_dropout_mask_kernel, _signature(_dropout_mask_kernel, {"MASK": "i8"}, consts), consts, 4, 1))
+    out.append(
+        (_dropout_mask_kernel, _signature(_dropout_mask_kernel, {"MASK": "i8", "SEED": "i64"}, consts), consts, 4, 1)
+    )
     return out

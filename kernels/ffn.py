@@ -27,7 +27,7 @@ time. ``recompute=False`` trades memory back for speed: it keeps the (rows, 4H)
 pre-activation and the backward skips the ``x @ up.T`` GEMM.
 
 Dropout uses Triton's counter-based RNG: the keep decision of element (row, col)
-is ``tl.rand(seed, row * N + col) >= p`` with the row counted over the whole
+is ``tl.rand(seed, row * N + col) >= p`` (the seed read from a device tensor) with the row counted over the whole
 flattened input, so it does not depend on the chunking and the backward
 regenerates it instead of storing a mask. ``return_mask=True`` returns the mask
 (for tests).
@@ -54,6 +54,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from blip2_fast.kernels.attention import dropout_seed
 
 __all__ = ["ffn", "residual_norm", "FFNFunction", "ResidualNormFunction", "kernel_configs"]
 
@@ -122,7 +124,7 @@ def _res_norm_fwd_kernel(
     n_rows,
     n_cols,
     eps,
-    seed,
+    seed_ptr,  # (1,) int64: the dropout seed, read on the device
     p,
     scale,
     HAS_DROPOUT: tl.constexpr,
@@ -139,7 +141,7 @@ def _res_norm_fwd_kernel(
     z = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     z += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_DROPOUT:
-        keep = tl.rand(seed, offs) >= p
+        keep = tl.rand(tl.load(seed_ptr), offs) >= p
         z = tl.where(keep, z * scale, 0.0)
         if STORE_MASK:
             tl.store(mask_ptr + offs, keep.to(tl.int8), mask=mask)
@@ -175,7 +177,7 @@ def _res_norm_bwd_kernel(
     n_rows,
     n_cols,
     rows_per_prog,
-    seed,
+    seed_ptr,
     p,
     scale,
     HAS_DROPOUT: tl.constexpr,
@@ -207,7 +209,7 @@ def _res_norm_bwd_kernel(
         ds = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
         tl.store(dres_ptr + offs, ds.to(dres_ptr.dtype.element_ty), mask=mask)
         if HAS_DROPOUT:
-            keep = tl.rand(seed, offs) >= p
+            keep = tl.rand(tl.load(seed_ptr), offs) >= p
             dz = tl.where(keep, ds * scale, 0.0)
         else:
             dz = ds
@@ -298,7 +300,7 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
                     "n_rows": "i32",
                     "n_cols": "i32",
                     "eps": "fp32",
-                    "seed": "i32",
+                    "seed_ptr": "*i64",
                     "p": "fp32",
                     "scale": "fp32",
                     "HAS_DROPOUT": "constexpr",
@@ -328,7 +330,7 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
                     "n_rows": "i32",
                     "n_cols": "i32",
                     "rows_per_prog": "i32",
-                    "seed": "i32",
+                    "seed_ptr": "*i64",
                     "p": "fp32",
                     "scale": "fp32",
                     "HAS_DROPOUT": "constexpr",
@@ -380,7 +382,7 @@ def res_norm_forward(
     norm_bias: torch.Tensor,
     eps: float,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor,
     store_mask: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """LayerNorm(residual + dropout(y + bias)) on contiguous (rows, N): (out, pre-norm sum, mean, rstd, mask)."""
@@ -408,7 +410,7 @@ def res_norm_forward(
         rows,
         cols,
         eps,
-        seed,
+        seed if has_dropout else mean,  # without dropout the pointer is never read
         dropout_p,
         1.0 / (1.0 - dropout_p),
         HAS_DROPOUT=has_dropout,
@@ -441,7 +443,7 @@ def res_norm_backward(
     rstd: torch.Tensor,
     norm_weight: torch.Tensor,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor,
     dense_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad of residual, grad of dense output, LayerNorm weight, LayerNorm bias and dense bias grads (fp32)).
@@ -473,7 +475,7 @@ def res_norm_backward(
         rows,
         cols,
         rows_per_prog,
-        seed,
+        seed if dropout_p > 0.0 else mean,
         dropout_p,
         1.0 / (1.0 - dropout_p),
         HAS_DROPOUT=dropout_p > 0.0,
@@ -535,50 +537,136 @@ def _cast(dtype: torch.dtype, *tensors):
     return [t.to(dtype) if isinstance(t, torch.Tensor) else t for t in tensors]
 
 
-def _new_seed(seed: int | None, dropout_p: float) -> int:
-    # Drawn from torch's CPU generator: reproducible under torch.manual_seed, no device sync, and restored by
-    # torch.utils.checkpoint (which stashes the CPU RNG state) so a recomputed forward drops the same elements.
-    # Without dropout nothing is drawn: eval passes leave the generator as the reference path does.
-    if seed is None:
-        return int(torch.randint(0, 2**31 - 1, (1,), device="cpu").item()) if dropout_p > 0.0 else 0
-    if not isinstance(seed, int) or not 0 <= seed < 2**31:
-        raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
-    return seed
+def _new_seed(seed: int | None, dropout_p: float, device: torch.device) -> torch.Tensor | None:
+    # Without dropout nothing is drawn (None): eval passes leave the generator as the reference path does.
+    return dropout_seed(seed, device) if dropout_p > 0.0 else None
 
 
-# ----------------------------------------------------------------------------- autograd
+# ----------------------------------------------------------------------------- forward and backward
+# One implementation of each op's two halves, run by a torch.autograd.Function in eager mode (the least host
+# work per call) and by custom ops under torch.compile (opaque to Dynamo, with fake shapes: no graph break).
+
+
+def _res_norm_fwd(x, residual, weight, bias, norm_weight, norm_bias, eps, dropout_p, seed, store_mask):
+    """(out shaped like residual, mask or None, pre-norm sum, mean, rstd)."""
+    y = _rows(x) @ weight.t()  # cuBLAS; bias, dropout, residual and LayerNorm fused below
+    out, pre, mean, rstd, mask = res_norm_forward(
+        y, bias, _rows(residual), norm_weight, norm_bias, eps, dropout_p, seed, store_mask
+    )
+    return out.view(residual.shape), None if mask is None else mask.view(residual.shape), pre, mean, rstd
+
+
+def _res_norm_bwd(dout, x, weight, norm_weight, pre, mean, rstd, dropout_p, seed, bias_dtype, norm_bias_dtype, need):
+    """Grads of (x, residual, weight, bias, norm_weight, norm_bias); GEMMs whose grad ``need`` lacks are skipped."""
+    dres, dz, dnw, dnb, db = res_norm_backward(_rows(dout), pre, mean, rstd, norm_weight, dropout_p, seed, x.dtype)
+    dx = (dz @ weight).view(x.shape) if need[0] else None
+    dw = dz.t() @ _rows(x) if need[2] else None
+    return dx, dres.view(dout.shape), dw, db.to(bias_dtype), dnw.to(norm_weight.dtype), dnb.to(norm_bias_dtype)
+
+
+def _chunk_rows(x: torch.Tensor, chunk_size: int) -> int:
+    """chunk_size counts sequence positions, as in BERT: a chunk is batch * chunk_size rows (0: all rows)."""
+    rows, seq_len = x.numel() // x.shape[-1], x.shape[-2]
+    return rows if chunk_size <= 0 or chunk_size >= seq_len else (rows // seq_len) * chunk_size
+
+
+def _ffn_fwd(x, up_w, up_b, down_w, down_b, norm_w, norm_b, eps, dropout_p, chunk_size, seed, store_mask, recompute):
+    """(out shaped like x, mask or None, pre-norm sum, mean, rstd, kept pre-activation or None, chunk rows)."""
+    x2 = _rows(x)
+    xg = x2.to(up_w.dtype)  # the GEMMs' copy: under autocast x is the fp32 residual, the weights half precision
+    rows = x2.shape[0]
+    chunk_rows = _chunk_rows(x, chunk_size)
+    # Without recompute the pre-activation (rows, I) is kept for the backward, saving one GEMM there.
+    kept = None if recompute else torch.empty((rows, up_w.shape[0]), device=x.device, dtype=xg.dtype)
+    y = torch.empty_like(xg)
+    for r0 in range(0, rows, chunk_rows):
+        xc = xg[r0 : r0 + chunk_rows]
+        if kept is None:
+            u = xc @ up_w.t()
+            act = bias_gelu(u, up_b, out=u)  # in place: with recompute nothing 4H wide outlives the chunk
+        else:
+            u = torch.matmul(xc, up_w.t(), out=kept[r0 : r0 + chunk_rows])
+            act = bias_gelu(u, up_b)
+        torch.matmul(act, down_w.t(), out=y[r0 : r0 + chunk_rows])
+        del act, u
+    out, pre, mean, rstd, mask = res_norm_forward(y, down_b, x2, norm_w, norm_b, eps, dropout_p, seed, store_mask)
+    mask = None if mask is None else mask.view(x.shape)
+    return out.view(x.shape), mask, pre, mean, rstd, kept, chunk_rows
+
+
+def _ffn_bwd(dout, x, up_w, up_b, down_w, norm_w, pre, mean, rstd, kept, dropout_p, seed, chunk_rows, down_b_dtype,
+             norm_b_dtype):  # fmt: skip
+    """Grads of (x, up_w, up_b, down_w, down_b, norm_w, norm_b)."""
+    xg = _rows(x).to(up_w.dtype)
+    rows = xg.shape[0]
+    # LayerNorm + dropout backward does not need the 4H activation: one launch over all rows.
+    dres, dz, dnw, dnb, d_down_b = res_norm_backward(
+        _rows(dout), pre, mean, rstd, norm_w, dropout_p, seed, dense_dtype=xg.dtype
+    )
+    single = chunk_rows >= rows
+    # Weight grads summed over chunks in fp32, so fp16/bf16 chunking does not add rounding per chunk.
+    acc = None if single else torch.float32
+    d_down_w = torch.zeros(down_w.shape, device=xg.device, dtype=acc or xg.dtype)
+    d_up_w = torch.zeros(up_w.shape, device=xg.device, dtype=acc or xg.dtype)
+    d_up_b = torch.zeros(up_b.shape, device=xg.device, dtype=torch.float32)
+    dx = dres  # dx = residual grad + grad through the up projection, accumulated in place
+    for r0 in range(0, rows, chunk_rows):
+        xc = xg[r0 : r0 + chunk_rows]
+        dzc = dz[r0 : r0 + chunk_rows]
+        u = xc @ up_w.t() if kept is None else kept[r0 : r0 + chunk_rows]
+        # The recomputed u is overwritten by the activation; a kept one belongs to the graph (retain_graph).
+        act, du = gelu_forward_backward_(u, up_b, dzc @ down_w, u if kept is None else torch.empty_like(u))
+        del u
+        if single:
+            d_down_w = dzc.t() @ act
+        else:
+            d_down_w += (dzc.t() @ act).float()
+        del act
+        d_up_b += du.sum(0, dtype=torch.float32)
+        if single:
+            d_up_w = du.t() @ xc
+        else:
+            d_up_w += (du.t() @ xc).float()
+        if dx.dtype == du.dtype:
+            dx[r0 : r0 + chunk_rows].addmm_(du, up_w)
+        else:  # autocast: an fp32 residual grad, half-precision GEMMs
+            dx[r0 : r0 + chunk_rows] += du @ up_w
+        del du
+    return (
+        dx.view(x.shape),
+        d_up_w.to(up_w.dtype),
+        d_up_b.to(up_b.dtype),
+        d_down_w.to(down_w.dtype),
+        d_down_b.to(down_b_dtype),
+        dnw.to(norm_w.dtype),
+        dnb.to(norm_b_dtype),
+    )
+
+
+# ----------------------------------------------------------------------------- autograd (eager)
 
 
 class ResidualNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, norm_weight, norm_bias, eps, dropout_p, seed, store_mask):
-        x2 = _rows(x)
-        res2 = _rows(residual)
-        y = x2 @ weight.t()  # cuBLAS; bias, dropout, residual and LayerNorm fused below
-        out, pre, mean, rstd, mask = res_norm_forward(
-            y, bias, res2, norm_weight, norm_bias, eps, dropout_p, seed, store_mask
+        out, mask, pre, mean, rstd = _res_norm_fwd(
+            x, residual, weight, bias, norm_weight, norm_bias, eps, dropout_p, seed, store_mask
         )
-        del y
-        ctx.save_for_backward(x, weight, norm_weight, pre, mean, rstd)  # x, not x2: views keep sharing storage
-        ctx.cfg = (dropout_p, seed, residual.shape, bias.dtype, norm_bias.dtype)
-        out = out.view(residual.shape)
-        if mask is None:
-            return out, None
-        ctx.mark_non_differentiable(mask)
-        return out, mask.view(residual.shape)
+        ctx.save_for_backward(x, weight, norm_weight, pre, mean, rstd)  # x, not its copy: views keep sharing storage
+        ctx.cfg = (dropout_p, seed, bias.dtype, norm_bias.dtype)
+        if mask is not None:
+            ctx.mark_non_differentiable(mask)
+        return out, mask
 
     @staticmethod
     def backward(ctx, dout, _dmask):
         x, weight, norm_weight, pre, mean, rstd = ctx.saved_tensors
-        dropout_p, seed, res_shape, bias_dtype, norm_bias_dtype = ctx.cfg
-        x2 = _rows(x) if ctx.needs_input_grad[2] else None
-        dout2 = _rows(dout)
-        dres, dz, dnw, dnb, db = res_norm_backward(dout2, pre, mean, rstd, norm_weight, dropout_p, seed, x.dtype)
-        # Skip the GEMMs whose grads nobody asked for (a frozen dense layer, an input without grad).
-        dx = (dz @ weight).view(x.shape) if ctx.needs_input_grad[0] else None
-        dw = dz.t() @ x2 if ctx.needs_input_grad[2] else None
-        dnw, dnb = dnw.to(norm_weight.dtype), dnb.to(norm_bias_dtype)
-        return dx, dres.view(res_shape), dw, db.to(bias_dtype), dnw, dnb, None, None, None, None
+        dropout_p, seed, bias_dtype, norm_bias_dtype = ctx.cfg
+        grads = _res_norm_bwd(
+            dout, x, weight, norm_weight, pre, mean, rstd, dropout_p, seed, bias_dtype, norm_bias_dtype,
+            ctx.needs_input_grad,
+        )  # fmt: skip
+        return (*grads, None, None, None, None)
 
 
 class FFNFunction(torch.autograd.Function):
@@ -586,85 +674,137 @@ class FFNFunction(torch.autograd.Function):
     def forward(
         ctx, x, up_w, up_b, down_w, down_b, norm_w, norm_b, eps, dropout_p, chunk_size, seed, store_mask, recompute
     ):
-        x2 = _rows(x)
-        xg = x2.to(up_w.dtype)  # the GEMMs' copy: under autocast x is the fp32 residual, the weights half precision
-        rows, hidden = x2.shape
-        # chunk_size counts sequence positions, as in BERT: a chunk is batch * chunk_size rows.
-        seq_len = x.shape[-2]
-        chunk_rows = rows if chunk_size <= 0 or chunk_size >= seq_len else (rows // seq_len) * chunk_size
-        # Without recompute the pre-activation (rows, I) is kept for the backward, saving one GEMM there.
-        kept = None if recompute else torch.empty((rows, up_w.shape[0]), device=x.device, dtype=xg.dtype)
-        y = torch.empty_like(xg)
-        for r0 in range(0, rows, chunk_rows):
-            xc = xg[r0 : r0 + chunk_rows]
-            if kept is None:
-                u = xc @ up_w.t()
-                act = bias_gelu(u, up_b, out=u)  # in place: with recompute nothing 4H wide outlives the chunk
-            else:
-                u = torch.matmul(xc, up_w.t(), out=kept[r0 : r0 + chunk_rows])
-                act = bias_gelu(u, up_b)
-            torch.matmul(act, down_w.t(), out=y[r0 : r0 + chunk_rows])
-            del act, u
-        out, pre, mean, rstd, mask = res_norm_forward(y, down_b, x2, norm_w, norm_b, eps, dropout_p, seed, store_mask)
-        del y, xg
+        out, mask, pre, mean, rstd, kept, chunk_rows = _ffn_fwd(
+            x, up_w, up_b, down_w, down_b, norm_w, norm_b, eps, dropout_p, chunk_size, seed, store_mask, recompute
+        )
         # x itself, not its (rows, H) copy: a view such as x[:, :32] shares the caller's storage.
         ctx.save_for_backward(x, up_w, up_b, down_w, norm_w, pre, mean, rstd, kept)
         ctx.cfg = (dropout_p, seed, chunk_rows, down_b.dtype, norm_b.dtype)
-        out = out.view(x.shape)
-        if mask is None:
-            return out, None
-        ctx.mark_non_differentiable(mask)
-        return out, mask.view(x.shape)
+        if mask is not None:
+            ctx.mark_non_differentiable(mask)
+        return out, mask
 
     @staticmethod
     def backward(ctx, dout, _dmask):
         x, up_w, up_b, down_w, norm_w, pre, mean, rstd, kept = ctx.saved_tensors
-        dropout_p, seed, chunk_rows, down_b_dtype, norm_b_dtype = ctx.cfg
-        xg = _rows(x).to(up_w.dtype)
-        rows = xg.shape[0]
-        # LayerNorm + dropout backward does not need the 4H activation: one launch over all rows.
-        dres, dz, dnw, dnb, d_down_b = res_norm_backward(
-            _rows(dout), pre, mean, rstd, norm_w, dropout_p, seed, dense_dtype=xg.dtype
-        )
-        single = chunk_rows >= rows
-        # Weight grads summed over chunks in fp32, so fp16/bf16 chunking does not add rounding per chunk.
-        acc = None if single else torch.float32
-        d_down_w = torch.zeros(down_w.shape, device=xg.device, dtype=acc or xg.dtype)
-        d_up_w = torch.zeros(up_w.shape, device=xg.device, dtype=acc or xg.dtype)
-        d_up_b = torch.zeros(up_b.shape, device=xg.device, dtype=torch.float32)
-        dx = dres  # dx = residual grad + grad through the up projection, accumulated in place
-        for r0 in range(0, rows, chunk_rows):
-            xc = xg[r0 : r0 + chunk_rows]
-            dzc = dz[r0 : r0 + chunk_rows]
-            u = xc @ up_w.t() if kept is None else kept[r0 : r0 + chunk_rows]
-            # The recomputed u is overwritten by the activation; a kept one belongs to the graph (retain_graph).
-            act, du = gelu_forward_backward_(u, up_b, dzc @ down_w, u if kept is None else torch.empty_like(u))
-            del u
-            if single:
-                d_down_w = dzc.t() @ act
-            else:
-                d_down_w += (dzc.t() @ act).float()
-            del act
-            d_up_b += du.sum(0, dtype=torch.float32)
-            if single:
-                d_up_w = du.t() @ xc
-            else:
-                d_up_w += (du.t() @ xc).float()
-            if dx.dtype == du.dtype:
-                dx[r0 : r0 + chunk_rows].addmm_(du, up_w)
-            else:  # autocast: an fp32 residual grad, half-precision GEMMs
-                dx[r0 : r0 + chunk_rows] += du @ up_w
-            del du
-        grads = (
-            dx.view(x.shape),
-            d_up_w.to(up_w.dtype),
-            d_up_b.to(up_b.dtype),
-            d_down_w.to(down_w.dtype),
-            d_down_b.to(down_b_dtype),
-            dnw.to(norm_w.dtype),
-            dnb.to(norm_b_dtype),
-        )
+        grads = _ffn_bwd(dout, x, up_w, up_b, down_w, norm_w, pre, mean, rstd, kept, *ctx.cfg)
         return (*grads, None, None, None, None, None, None)
+
+
+# ----------------------------------------------------------------------------- custom ops (torch.compile)
+# Tensors only cross the op boundary: an absent seed or kept activation travels as an empty tensor, dtypes as
+# the dtype of a tensor that has it.
+
+
+def _maybe(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0) if t is None else t
+
+
+def _present(t: torch.Tensor) -> torch.Tensor | None:
+    return t if t.numel() else None
+
+
+@torch.library.custom_op("blip2_fast::residual_norm_fwd", mutates_args=())
+def _res_norm_fwd_op(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor, seed: torch.Tensor, eps: float, dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    out, _, pre, mean, rstd = _res_norm_fwd(
+        x, residual, weight, bias, norm_weight, norm_bias, eps, dropout_p, _present(seed), False
+    )
+    return out, pre, mean, rstd
+
+
+@_res_norm_fwd_op.register_fake
+def _(x, residual, weight, bias, norm_weight, norm_bias, seed, eps, dropout_p):
+    rows = residual.numel() // residual.shape[-1]
+    stat = residual.new_empty(rows, dtype=torch.float32)
+    return residual.new_empty(residual.shape), residual.new_empty(rows, residual.shape[-1]), stat, stat.clone()
+
+
+@torch.library.custom_op("blip2_fast::residual_norm_bwd", mutates_args=())
+def _res_norm_bwd_op(
+    dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor, pre: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, seed: torch.Tensor,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    return _res_norm_bwd(
+        dout, x, weight, norm_weight, pre, mean, rstd, dropout_p, _present(seed), bias.dtype, norm_bias.dtype,
+        (True, True, True),
+    )  # fmt: skip
+
+
+@_res_norm_bwd_op.register_fake
+def _(dout, x, weight, bias, norm_weight, norm_bias, pre, mean, rstd, seed, dropout_p):
+    return tuple(torch.empty_like(t) for t in (x, dout, weight, bias, norm_weight, norm_bias))
+
+
+def _res_norm_setup(ctx, inputs, output):
+    x, _, weight, bias, norm_weight, norm_bias, seed, _, dropout_p = inputs
+    ctx.save_for_backward(x, weight, bias, norm_weight, norm_bias, *output[1:], seed)
+    ctx.dropout_p = dropout_p
+
+
+def _res_norm_op_backward(ctx, dout, _dpre, _dmean, _drstd):
+    x, weight, bias, norm_weight, norm_bias, pre, mean, rstd, seed = ctx.saved_tensors
+    grads = _res_norm_bwd_op(dout, x, weight, bias, norm_weight, norm_bias, pre, mean, rstd, seed, ctx.dropout_p)
+    return (*grads, None, None, None)
+
+
+_res_norm_fwd_op.register_autograd(_res_norm_op_backward, setup_context=_res_norm_setup)
+
+
+@torch.library.custom_op("blip2_fast::ffn_fwd", mutates_args=())
+def _ffn_fwd_op(
+    x: torch.Tensor, up_w: torch.Tensor, up_b: torch.Tensor, down_w: torch.Tensor, down_b: torch.Tensor,
+    norm_w: torch.Tensor, norm_b: torch.Tensor, seed: torch.Tensor, eps: float, dropout_p: float, chunk_size: int,
+    recompute: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    out, _, pre, mean, rstd, kept, _ = _ffn_fwd(
+        x, up_w, up_b, down_w, down_b, norm_w, norm_b, eps, dropout_p, chunk_size, _present(seed), False, recompute
+    )
+    return out, pre, mean, rstd, _maybe(kept, up_w)
+
+
+@_ffn_fwd_op.register_fake
+def _(x, up_w, up_b, down_w, down_b, norm_w, norm_b, seed, eps, dropout_p, chunk_size, recompute):
+    rows, hidden = x.numel() // x.shape[-1], x.shape[-1]
+    stat = x.new_empty(rows, dtype=torch.float32)
+    kept = up_w.new_empty(0) if recompute else up_w.new_empty(rows, up_w.shape[0])
+    return x.new_empty(x.shape), x.new_empty(rows, hidden), stat, stat.clone(), kept
+
+
+@torch.library.custom_op("blip2_fast::ffn_bwd", mutates_args=())
+def _ffn_bwd_op(
+    dout: torch.Tensor, x: torch.Tensor, up_w: torch.Tensor, up_b: torch.Tensor, down_w: torch.Tensor,
+    down_b: torch.Tensor, norm_w: torch.Tensor, norm_b: torch.Tensor, pre: torch.Tensor, mean: torch.Tensor,
+    rstd: torch.Tensor, kept: torch.Tensor, seed: torch.Tensor, dropout_p: float, chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: E501  # fmt: skip
+    chunk_rows = _chunk_rows(x, chunk_size)
+    return _ffn_bwd(
+        dout, x, up_w, up_b, down_w, norm_w, pre, mean, rstd, _present(kept), dropout_p, _present(seed), chunk_rows,
+        down_b.dtype, norm_b.dtype,
+    )  # fmt: skip
+
+
+@_ffn_bwd_op.register_fake
+def _(dout, x, up_w, up_b, down_w, down_b, norm_w, norm_b, pre, mean, rstd, kept, seed, dropout_p, chunk_size):
+    return tuple(torch.empty_like(t) for t in (x, up_w, up_b, down_w, down_b, norm_w, norm_b))
+
+
+def _ffn_setup(ctx, inputs, output):
+    x, up_w, up_b, down_w, down_b, norm_w, norm_b, seed, _, dropout_p, chunk_size, _ = inputs
+    ctx.save_for_backward(x, up_w, up_b, down_w, down_b, norm_w, norm_b, *output[1:], seed)
+    ctx.args = (dropout_p, chunk_size)
+
+
+def _ffn_op_backward(ctx, dout, *_):
+    x, up_w, up_b, down_w, down_b, norm_w, norm_b, pre, mean, rstd, kept, seed = ctx.saved_tensors
+    grads = _ffn_bwd_op(dout, x, up_w, up_b, down_w, down_b, norm_w, norm_b, pre, mean, rstd, kept, seed, *ctx.args)
+    return (*grads, None, None, None, None, None)
+
+
+_ffn_fwd_op.register_autograd(_ffn_op_backward, setup_context=_ffn_setup)
 
 
 # ----------------------------------------------------------------------------- functional API
@@ -710,18 +850,16 @@ def residual_norm(
     _check_vec("bias", bias, n, x.dtype, x.device)
     for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
         _check_vec(name, t, n, residual.dtype, x.device)
+    eps, dropout_p = float(eps), float(dropout_p)
+    seed_t = _new_seed(seed, dropout_p, x.device)
     with torch.autocast(x.device.type, enabled=False):
+        if torch.compiler.is_compiling():
+            if return_mask:
+                raise ValueError("return_mask is an eager-only debug keyword")
+            args = (x, residual, weight, bias, norm_weight, norm_bias, _maybe(seed_t, x), eps, dropout_p)
+            return _res_norm_fwd_op(*args)[0]
         out, mask = ResidualNormFunction.apply(
-            x,
-            residual,
-            weight,
-            bias,
-            norm_weight,
-            norm_bias,
-            float(eps),
-            float(dropout_p),
-            _new_seed(seed, dropout_p),
-            return_mask,
+            x, residual, weight, bias, norm_weight, norm_bias, eps, dropout_p, seed_t, return_mask
         )
     return (out, mask) if return_mask else out
 
@@ -775,20 +913,14 @@ def ffn(
     _check_vec("down_bias", down_bias, hidden, dense_dtype, x.device)
     for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
         _check_vec(name, t, hidden, x.dtype, x.device)
+    weights = (up_weight, up_bias, down_weight, down_bias, norm_weight, norm_bias)
+    eps, dropout_p = float(eps), float(dropout_p)
+    seed_t = _new_seed(seed, dropout_p, x.device)
     with torch.autocast(x.device.type, enabled=False):
-        out, mask = FFNFunction.apply(
-            x,
-            up_weight,
-            up_bias,
-            down_weight,
-            down_bias,
-            norm_weight,
-            norm_bias,
-            float(eps),
-            float(dropout_p),
-            chunk_size,
-            _new_seed(seed, dropout_p),
-            return_mask,
-            bool(recompute),
-        )
+        if torch.compiler.is_compiling():
+            if return_mask:
+                raise ValueError("return_mask is an eager-only debug keyword")
+            args = (x, *weights, _maybe(seed_t, x), eps, dropout_p, chunk_size, bool(recompute))
+            return _ffn_fwd_op(*args)[0]
+        out, mask = FFNFunction.apply(x, *weights, eps, dropout_p, chunk_size, seed_t, return_mask, bool(recompute))
     return (out, mask) if return_mask else out
