@@ -100,41 +100,64 @@ def itc_loss(
     return loss, sim_i2t, sim_t2i
 
 
+_U32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (Wellons' lowbias32) of int64 tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _U32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _U32
+    return x ^ (x >> 16)
+
+
 class HardNegativeSampler:
     """Draws one negative per row from softmax(similarity) with positives masked out.
 
-    Sampling runs on CPU from its own seeded generator, so the draws are the same
-    on every rank and device and can be checkpointed and restored.
+    Gumbel-max on the similarity's device: the argmax of logits plus Gumbel noise is a draw from their
+    softmax, with no host sync and no data-dependent branch (a compiled step captures it), and no underflow
+    (a row whose negatives' softmax weights all round to zero still draws among them). The noise is a
+    counter-based hash of (seed, draw, row, column): the same on every rank and device, and checkpointed as
+    two integers. A row without any negative (every candidate shares its image id) fails the step.
     """
 
     def __init__(self, seed: int = 0):
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = int(seed)
+        self.draws = torch.zeros((), dtype=torch.int64)  # on the similarity's device once used
+
+    def _uniform(self, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+        if self.draws.device != device:
+            self.draws = self.draws.to(device)
+        cells = torch.arange(shape[0] * shape[1], device=device, dtype=torch.int64).view(shape)
+        x = _mix32((cells + _mix32(self.draws + ((self.seed * 0x9E3779B9) & _U32))) & _U32)
+        self.draws.add_(1)
+        return (x.to(torch.float64) + 0.5) / 2.0**32  # in (0, 1), never 0 or 1
 
     def sample(self, sim: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
         """sim (R, C) logits, positives (R, C) bool -> (R,) int64 column indices, never a positive."""
         if sim.shape != positives.shape:
             raise ValueError(f"sim {tuple(sim.shape)} and positives {tuple(positives.shape)} must have the same shape")
-        positives = positives.cpu()
-        hopeless = positives.all(dim=1)
-        if hopeless.any():
-            row = int(hopeless.nonzero()[0])
-            raise ValueError(
-                f"row {row} has no negative: every candidate in the global batch shares its image_id; "
-                "use a larger batch or distinct image ids"
-            )
-        logits = sim.detach().float().cpu().masked_fill(positives, float("-inf"))
-        weights = torch.softmax(logits, dim=1)
-        # A row whose negatives all underflow to 0 (temp near 0.001) falls back to uniform over negatives.
-        dead = weights.sum(dim=1) <= 0
-        if dead.any():
-            weights[dead] = (~positives[dead]).float()
-        return torch.multinomial(weights, 1, generator=self.generator).squeeze(1)
+        torch._assert_async(
+            (~positives.all(dim=1)).all(),
+            "a row has no negative: every candidate in the global batch shares its image_id; "
+            "use a larger batch or distinct image ids",
+        )
+        gumbel = -torch.log(-torch.log(self._uniform(tuple(sim.shape), sim.device)))
+        scores = sim.detach().double().masked_fill(positives.to(sim.device), float("-inf")) + gumbel
+        return scores.argmax(dim=1)
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        return {"seed": self.seed, "draws": int(self.draws)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        if "draws" not in state:
+            raise ValueError(
+                f"hard-negative sampler state {sorted(state)} is not this version's (seed, draws): the checkpoint "
+                "was written by an older blip2-fast; start the run anew"
+            )
+        self.seed = int(state["seed"])
+        self.draws = torch.tensor(int(state["draws"]), dtype=torch.int64, device=self.draws.device)
 
 
 def _pad_to(ids: torch.Tensor, mask: torch.Tensor, length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

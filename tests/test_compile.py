@@ -88,3 +88,26 @@ def test_compiled_step_matches_eager(backend):
     loss = torch.compile(step, fullgraph=True, backend="aot_eager")(*_inputs())
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_stage1_loss_compiles_whole_and_syncs_nothing(backend):
+    """ITC + ITM (hard negatives sampled on the device) + ITG, forward and backward."""
+    from blip2_fast.losses import Stage1Loss
+
+    torch._dynamo.reset()
+    loss_module = Stage1Loss(_model(backend), bos_token_id=1, seed=3)
+    image, ids, mask = _inputs()
+    image_ids = torch.tensor([0, 1])
+
+    def step(image, ids, mask, image_ids):
+        return loss_module(image, ids, mask, image_ids).loss
+
+    explanation = torch._dynamo.explain(step)(image, ids, mask, image_ids)
+    assert explanation.graph_break_count == 0, [str(r.reason) for r in explanation.break_reasons]
+    with _CountSyncs() as syncs:
+        step(image, ids, mask, image_ids).backward()
+    assert syncs.seen == [], syncs.seen
+    loss = torch.compile(step, fullgraph=True, backend="aot_eager")(image, ids, mask, image_ids)
+    loss.backward()
+    assert torch.isfinite(loss)

@@ -150,9 +150,21 @@ def test_sampler_prefers_hard_negatives_and_is_seeded():
     assert torch.equal(a.sample(sim, pos), first)
 
 
+def test_sampler_draws_from_the_softmax_over_negatives():
+    """Gumbel-max draws follow softmax(sim) over the negatives, also where their weights underflow in fp32."""
+    sampler = HardNegativeSampler(seed=7)
+    sim = torch.tensor([[2.0, 1.0, 0.0, 5.0], [-200.0, -201.0, 0.0, -202.0]])
+    pos = torch.tensor([[False, False, False, True], [False, False, True, False]])
+    draws = torch.stack([sampler.sample(sim, pos) for _ in range(4000)])  # (4000, 2)
+    for row in range(2):
+        want = torch.softmax(sim[row].double().masked_fill(pos[row], float("-inf")), 0)
+        got = torch.bincount(draws[:, row], minlength=4).double() / len(draws)
+        torch.testing.assert_close(got, want, atol=0.03, rtol=0)  # ~4 standard errors at 4000 draws
+
+
 def test_sampler_without_any_negative_is_a_clear_error():
     sampler = HardNegativeSampler()
-    with pytest.raises(ValueError, match="no negative"):
+    with pytest.raises(RuntimeError, match="no negative"):  # a device-side assert: no host sync on CUDA
         sampler.sample(torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="same shape"):
         sampler.sample(torch.zeros(2, 3), torch.ones(2, 2, dtype=torch.bool))
