@@ -47,8 +47,10 @@ class Stage1Output(NamedTuple):
     itg: torch.Tensor
     temp: torch.Tensor
 
-    def scalars(self) -> dict[str, float]:
-        return {k: float(getattr(self, k).detach()) for k in ("loss", "itc", "itm", "itg", "temp")}
+    def terms(self) -> torch.Tensor:
+        """(loss, itc, itm, itg, temp) as one detached fp32 vector on the device: read it when logging."""
+        terms = (self.loss, self.itc, self.itm, self.itg, self.temp)
+        return torch.stack([t.detach().float().reshape(()) for t in terms])
 
 
 def clamped_temp(temp: torch.Tensor) -> torch.Tensor:

@@ -167,6 +167,9 @@ class OptimSection:
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
+COMPILE_MODES = ("inductor", "inductor-cudagraphs", "aot_eager")
+
+
 @dataclasses.dataclass
 class TrainSection:
     name: str = "stage1-default"
@@ -185,8 +188,14 @@ class TrainSection:
     resume: bool = False  # continue from <run>/checkpoints/latest
     stop_after: int | None = None  # stop (checkpoint saved) after this many steps in total, before `steps`
     evaluate: bool = True  # retrieval + captions at the end
+    # torch.compile of the Q-Former and the three losses, forward and backward, as one graph: null (eager);
+    # "inductor" (fused generated kernels); "inductor-cudagraphs" (CUDA only: CUDA graphs replay the compiled
+    # step, no host cost per kernel); "aot_eager" (traced, no code generation: checks that a step captures)
+    compile: str | None = None
 
     def __post_init__(self) -> None:
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise ValueError(f"train.compile must be null or one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.zero_stage not in (None, 0, 1, 2, 3):
@@ -1040,14 +1049,36 @@ def start_run(config) -> tuple[torch.device, Path, Path]:
     return device, run_dir, ckpt_dir
 
 
+def compile_step(module: torch.nn.Module, mode: str | None, device: torch.device, zero_stage: int) -> None:
+    """``train.compile``: the module's forward (and so its backward) compiled in place as one graph.
+
+    ZeRO-3 gathers each layer's parameters in module hooks that DeepSpeed keeps out of compiled code, which
+    splits the graph at every layer: refused (ZeRO 0-2 keep whole parameters on every rank and compile whole).
+    """
+    if mode is None:
+        return
+    if zero_stage == 3:
+        raise ValueError(
+            f"train.compile={mode} needs ZeRO stage 0, 1 or 2 (ZeRO-3 gathers parameters in hooks that split "
+            "the compiled graph at every layer); set train.zero_stage or train.compile null"
+        )
+    if mode == "inductor-cudagraphs" and device.type != "cuda":
+        raise ValueError(f"train.compile=inductor-cudagraphs needs a CUDA device, this run is on {device.type}")
+    backend = "aot_eager" if mode == "aot_eager" else "inductor"
+    module.compile(backend=backend, fullgraph=True, mode="reduce-overhead" if mode == "inductor-cudagraphs" else None)
+
+
 def build_engine(module: torch.nn.Module, config, ds_config: dict[str, Any]):
     """DeepSpeed engine over ``module``: AdamW on its trainable parameters (no decay on biases and norms) and
     warmup + cosine as a LambdaLR. Returns (engine, optimizer, scheduler)."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
     optim = config.optim
     groups = param_groups(module, optim.weight_decay, optim.lr, optim.vit_layer_decay)
-    optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+    # one fused kernel for the whole update on CUDA (torch's foreach loop elsewhere, as the CPU tests hold it)
+    fused = get_accelerator().device_name() == "cuda"
+    optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused or None)
     # LambdaLR multiplies each group's base lr, so the schedule is written as a ratio to optim.lr
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, optim, config.train.steps) / optim.lr)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
@@ -1092,6 +1123,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     ds_config = deepspeed_config(config, device)
     if ds_config["zero_optimization"]["stage"] == 3:
         register_zero3_external_parameters(stage1)
+    compile_step(stage1, t.compile, device, ds_config["zero_optimization"]["stage"])
     vision = vision.to_device(device)
     train_vit = not vision.frozen
     if rank == 0 and not (train_vit and t.resume):
@@ -1141,7 +1173,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
     bar = tqdm(total=end, initial=step, desc=f"stage 1 ({world} rank{'s' if world > 1 else ''})", disable=rank != 0)
     engine.train()
     stream = batches.iterate(micro_step)
-    acc: dict[str, float] = {}
+    acc: torch.Tensor | None = None  # this step's (loss, itc, itm, itg, temp) so far, on the device
+    pending: list[torch.Tensor] = []  # finished steps' (loss, itc, itm, itg, temp, skipped), not yet read
     tic = time.perf_counter()
     skipped = 0
     while step < end:
@@ -1163,38 +1196,45 @@ def run(config: TrainConfig) -> dict[str, Any]:
         engine.backward(out.loss)
         lr = engine.get_lr()[0]  # the rate this step applies (an fp16 step skipped on overflow holds it back)
         engine.step()
-        for key, value in out.scalars().items():
-            acc[key] = acc.get(key, 0.0) + value / t.grad_accum
+        terms = out.terms().double() / t.grad_accum
+        acc = terms if acc is None else acc + terms
         micro_step += 1
         if micro_step % t.grad_accum:
             continue
         step += 1
-        # losses averaged over ranks: what the global batch gave
-        values = torch.tensor([acc[k] for k in ("loss", "itc", "itm", "itg", "temp")] + [skipped], dtype=torch.float64)
-        distributed.all_reduce_sum(values)
-        values[:5] /= world
-        acc, skipped = {}, 0
-        record = dict(zip(("loss", "itc", "itm", "itg", "temp"), values[:5].tolist(), strict=True))
-        history.append(record)
+        pending.append(torch.cat([acc, acc.new_tensor([skipped])]))
+        acc, skipped = None, 0
         bar.update(1)
-        bar.set_postfix(itc=f"{record['itc']:.3f}", itm=f"{record['itm']:.3f}", itg=f"{record['itg']:.3f}")
-        if rank == 0 and (step % t.log_every == 0 or step == end):
-            elapsed = time.perf_counter() - tic
-            tic = time.perf_counter()
-            epoch = micro_step / batches.per_epoch if batches.per_epoch else 0.0
-            log.log(
-                {
-                    "step": step,
-                    "epoch": round(epoch, 4),
-                    "lr": lr,
-                    **record,
-                    "skipped": int(values[5]),
-                    "sec_per_step": round(elapsed / t.log_every, 4),
-                }
-            )
+        evaluating = config.eval.every and step % config.eval.every == 0 and step < t.steps and held_out is not None
+        if step % t.log_every == 0 or step == end or evaluating:
+            # losses averaged over ranks, what the global batch gave: one read for every step since the last
+            # (in between they stay on the device: no host sync)
+            values = torch.stack(pending)
+            pending = []
+            distributed.all_reduce_sum(values)
+            values = values.cpu()
+            values[:, :5] /= world
+            for row in values[:, :5].tolist():
+                history.append(dict(zip(("loss", "itc", "itm", "itg", "temp"), row, strict=True)))
+            record = history[-1]
+            bar.set_postfix(itc=f"{record['itc']:.3f}", itm=f"{record['itm']:.3f}", itg=f"{record['itg']:.3f}")
+            if rank == 0 and (step % t.log_every == 0 or step == end):
+                elapsed = time.perf_counter() - tic
+                tic = time.perf_counter()
+                epoch = micro_step / batches.per_epoch if batches.per_epoch else 0.0
+                log.log(
+                    {
+                        "step": step,
+                        "epoch": round(epoch, 4),
+                        "lr": lr,
+                        **record,
+                        "skipped": int(values[-1, 5]),
+                        "sec_per_step": round(elapsed / t.log_every, 4),
+                    }
+                )
         # evaluate before the checkpoint of the same step, so that a crash mid-evaluation replays it on resume;
         # at train.stop_after too, as an uninterrupted run would (the last step's is the final evaluation's)
-        if config.eval.every and step % config.eval.every == 0 and step < t.steps and held_out is not None:
+        if evaluating:
             evaluated(evaluate_now(engine, qformer.config, vision, held_out, tokenizer, config, device, run_dir))
             engine.train()
         if t.save_every and step % t.save_every == 0 and step < end:

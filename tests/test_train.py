@@ -716,3 +716,40 @@ def test_init_without_a_vit_points_at_vision_weights(tmp_path):
         build_vision(config)
     with pytest.raises(FileNotFoundError, match="model.vision_weights: not found"):
         build_vision(load_config(None, [("model.vision_weights", str(tmp_path / "eva_vit_g.pth"))]))
+
+
+def test_compile_modes_are_checked():
+    from blip2_fast.train import compile_step
+
+    with pytest.raises(ValueError, match="train.compile must be null or one of inductor, inductor-cudagraphs"):
+        load_config(None, [("train.compile", "fast")])
+    module = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="needs ZeRO stage 0, 1 or 2"):
+        compile_step(module, "inductor", torch.device("cpu"), 3)
+    with pytest.raises(ValueError, match="inductor-cudagraphs needs a CUDA device"):
+        compile_step(module, "inductor-cudagraphs", torch.device("cpu"), 2)
+    compile_step(module, None, torch.device("cpu"), 3)  # eager: any stage
+
+
+@pytest.mark.slow
+def test_a_compiled_step_trains_as_eager(tmp_path):
+    """train.compile (aot_eager here: the graph inductor would take, without code generation) under ZeRO-2 gives
+    the eager run's losses: the whole Q-Former + losses step is one graph (fullgraph=True) inside DeepSpeed."""
+    common = TINY + [("train.zero_stage", "2"), ("train.output_dir", str(tmp_path)), ("train.evaluate", "false")]
+    runs = _train_in_subprocess(
+        tmp_path,
+        f"""
+        from torch._dynamo.utils import counters
+        result = {{}}
+        for m in ("null", "aot_eager"):
+            counters.clear()
+            history = run(load_config(None, {common!r} + [("train.name", "run-" + m), ("train.compile", m)]))["history"]
+            result[m] = history
+            result[m + " graphs"] = counters["stats"]["unique_graphs"]
+        """,
+    )
+    assert runs["null graphs"] == 0 and runs["aot_eager graphs"] == 1, runs  # one graph: no break
+    assert len(runs["null"]) == 2
+    for eager, compiled in zip(runs["null"], runs["aot_eager"], strict=True):
+        for key in ("loss", "itc", "itm", "itg"):
+            assert compiled[key] == pytest.approx(eager[key], rel=1e-5), (key, runs)
