@@ -204,11 +204,18 @@ def _jit_functions(*modules: types.ModuleType) -> list:
     return [obj for mod in modules for obj in vars(mod).values() if isinstance(obj, JITFunction)]
 
 
+def _launchers(*modules: types.ModuleType) -> list:
+    from blip2_fast.kernels.launch import Launcher
+
+    return [obj for mod in modules for obj in vars(mod).values() if isinstance(obj, Launcher)]
+
+
 @contextlib.contextmanager
 def stand_in_driver(*kernel_modules: types.ModuleType) -> Iterator[object]:
     """Make the stand-in Triton's active driver; every JIT kernel of ``kernel_modules`` gets a fresh per-device
-    cache for the time (a kernel compiled and bound for the stand-in never reaches a real launch, and a real
-    one compiled earlier is not reused here). Restores both on exit."""
+    cache for the time and their ``Launcher``s start and end empty (a kernel compiled and bound for the
+    stand-in never reaches a real launch, and a real one compiled earlier is not reused here). Restores both
+    on exit."""
     from triton.runtime import driver
 
     stand_in = _make_driver()()
@@ -217,10 +224,15 @@ def stand_in_driver(*kernel_modules: types.ModuleType) -> Iterator[object]:
     caches = {id(fn): fn.device_caches for fn in kernels}
     for fn in kernels:
         fn.device_caches = collections.defaultdict(fn.create_binder)
+    launchers = _launchers(*kernel_modules)  # their kept kernels belong to one driver: none cross over
+    for launcher in launchers:
+        launcher.clear()
     driver.set_active(stand_in)
     try:
         yield stand_in
     finally:
+        for launcher in launchers:
+            launcher.clear()
         for fn in kernels:
             for kernel_cache, *_ in fn.device_caches.values():
                 for compiled in kernel_cache.values():

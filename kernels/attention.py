@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from blip2_fast.attention import MaskKind, _check_qkv, key_valid_mask
+from blip2_fast.kernels.launch import Launcher, cdiv, next_power_of_2
 
 LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false")
@@ -469,6 +470,12 @@ def bwd_configs(head_dim: int, dtype: torch.dtype) -> tuple[AttnConfig, AttnConf
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+_FWD = Launcher(_attn_fwd_kernel)
+_DELTA = Launcher(_attn_bwd_delta_kernel)
+_DKDV = Launcher(_attn_bwd_dkdv_kernel)
+_DQ = Launcher(_attn_bwd_dq_kernel)
+_DROPOUT_MASK = Launcher(_dropout_mask_kernel)
+
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
@@ -552,7 +559,7 @@ def _common_constexprs(q: torch.Tensor, mask_kind: int, key_pad: int, dropout: b
         DROPOUT=dropout,
         UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_D=max(16, triton.next_power_of_2(D)),
+        BLOCK_D=max(16, next_power_of_2(D)),
     )
 
 
@@ -579,8 +586,7 @@ def attention_forward(
     # (B, Lq, H, D) storage: the caller's transpose(1, 2).reshape(B, Lq, H * D) is then free
     out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(Lq, cfg.block_m), B * H)
-    _attn_fwd_kernel[grid](
+    _FWD((cdiv(Lq, cfg.block_m), B * H),
         q, k, v, out, lse, lengths, padding,
         seed, dropout_p, scale * LOG2E,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
@@ -616,13 +622,13 @@ def attention_backward(
     dkdv_cfg, dq_cfg = (config, config) if config else bwd_configs(D, q.dtype)
     consts = _common_constexprs(q, mask_kind, key_pad, dropout_p > 0.0)
     delta = torch.empty(B, H, Lq, dtype=torch.float32, device=q.device)
-    _attn_bwd_delta_kernel[(triton.cdiv(Lq, _DELTA_BLOCK_M), B * H)](
+    _DELTA((cdiv(Lq, _DELTA_BLOCK_M), B * H),
         out, do, delta, *_strides(out), *_strides(do), H, Lq,
         HEAD_DIM=D, BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=consts["BLOCK_D"],
     )  # fmt: skip
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = (seed, dropout_p, scale * LOG2E, scale)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(Lk, dkdv_cfg.block_n), B * H)](
+    _DKDV((cdiv(Lk, dkdv_cfg.block_n), B * H),
         q, k, v, do, dk, dv, lse, delta, lengths, padding,
         *common,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
@@ -631,7 +637,7 @@ def attention_backward(
         **consts, BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n,
         num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.num_stages,
     )  # fmt: skip
-    _attn_bwd_dq_kernel[(triton.cdiv(Lq, dq_cfg.block_m), B * H)](
+    _DQ((cdiv(Lq, dq_cfg.block_m), B * H),
         q, k, v, do, dq, lse, delta, lengths, padding,
         *common,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
@@ -648,8 +654,15 @@ def dropout_keep_mask(
 ) -> torch.Tensor:
     """(B, H, Lq, Lk) bool: the keep-mask the kernels draw for ``seed`` and ``dropout_p``."""
     mask = torch.empty(batch, heads, n_rows, n_keys, dtype=torch.int8, device=device)
-    _dropout_mask_kernel[(triton.cdiv(n_rows, _MASK_BLOCK_M), batch * heads)](
-        mask, seed, dropout_p, n_rows, n_keys, BLOCK_M=_MASK_BLOCK_M, BLOCK_N=_MASK_BLOCK_N
+    _DROPOUT_MASK(
+        (cdiv(n_rows, _MASK_BLOCK_M), batch * heads),
+        mask,
+        seed,
+        dropout_p,
+        n_rows,
+        n_keys,
+        BLOCK_M=_MASK_BLOCK_M,
+        BLOCK_N=_MASK_BLOCK_N,
     )
     return mask.bool()
 

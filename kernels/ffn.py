@@ -56,6 +56,7 @@ import triton
 import triton.language as tl
 
 from blip2_fast.kernels.attention import dropout_seed
+from blip2_fast.kernels.launch import Launcher, cdiv, next_power_of_2
 
 __all__ = ["ffn", "residual_norm", "FFNFunction", "ResidualNormFunction", "kernel_configs"]
 
@@ -239,7 +240,7 @@ def _norm_config(n_cols: int, interpret: bool = _INTERPRET) -> dict[str, int]:
     covers 384, 768 and 1024. The backward's register use grows with the tile: 2048 elements on 8 warps
     take ~100 registers per thread; 4096 on 4 warps took 253 and 8192 on 4 warps spilled 1.5 KB (sm_80).
     """
-    block_n = max(1024, triton.next_power_of_2(n_cols))
+    block_n = max(1024, next_power_of_2(n_cols))
     block_m = max(1, (32768 if interpret else 2048) // block_n)
     num_warps = 8 if block_n <= 4096 else 16
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps}
@@ -350,14 +351,26 @@ def _aligned(signature: dict[str, str]) -> tuple[str, ...]:
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+_BIAS_GELU = Launcher(_bias_gelu_fwd_kernel)
+_GELU_FWD_BWD = Launcher(_gelu_fwd_bwd_kernel)
+_RES_NORM_FWD = Launcher(_res_norm_fwd_kernel)
+_RES_NORM_BWD = Launcher(_res_norm_bwd_kernel)
+
 
 def bias_gelu(u: torch.Tensor, bias: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """GELU(u + bias) for a contiguous (rows, I) ``u``; ``out`` may be ``u`` itself."""
     rows, cols = u.shape
     out = torch.empty_like(u) if out is None else out
-    grid = (triton.cdiv(rows, _EW_BLOCK_R), triton.cdiv(cols, EW_BLOCK_C))
-    _bias_gelu_fwd_kernel[grid](
-        u, bias, out, rows, cols, BLOCK_R=_EW_BLOCK_R, BLOCK_C=EW_BLOCK_C, num_warps=EW_NUM_WARPS
+    _BIAS_GELU(
+        (cdiv(rows, _EW_BLOCK_R), cdiv(cols, EW_BLOCK_C)),
+        u,
+        bias,
+        out,
+        rows,
+        cols,
+        BLOCK_R=_EW_BLOCK_R,
+        BLOCK_C=EW_BLOCK_C,
+        num_warps=EW_NUM_WARPS,
     )
     return out
 
@@ -367,9 +380,18 @@ def gelu_forward_backward_(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(GELU(u + bias) into ``act``, grad * GELU'(u + bias) into ``grad``); ``act`` may be ``u``."""
     rows, cols = grad.shape
-    grid = (triton.cdiv(rows, _EW_BLOCK_R), triton.cdiv(cols, EW_BLOCK_C))
-    _gelu_fwd_bwd_kernel[grid](
-        u, bias, grad, act, grad, rows, cols, BLOCK_R=_EW_BLOCK_R, BLOCK_C=EW_BLOCK_C, num_warps=EW_NUM_WARPS
+    _GELU_FWD_BWD(
+        (cdiv(rows, _EW_BLOCK_R), cdiv(cols, EW_BLOCK_C)),
+        u,
+        bias,
+        grad,
+        act,
+        grad,
+        rows,
+        cols,
+        BLOCK_R=_EW_BLOCK_R,
+        BLOCK_C=EW_BLOCK_C,
+        num_warps=EW_NUM_WARPS,
     )
     return act, grad
 
@@ -395,8 +417,8 @@ def res_norm_forward(
     rstd = torch.empty(rows, device=y.device, dtype=torch.float32)
     has_dropout = dropout_p > 0.0
     keep = torch.empty((rows, cols) if store_mask else (1,), device=y.device, dtype=torch.int8)
-    grid = (triton.cdiv(rows, cfg["BLOCK_M"]),)
-    _res_norm_fwd_kernel[grid](
+    _RES_NORM_FWD(
+        (cdiv(rows, cfg["BLOCK_M"]),),
         y,
         bias,
         residual,
@@ -453,15 +475,16 @@ def res_norm_backward(
     rows, cols = pre.shape
     cfg = _norm_config(cols)
     block_m = cfg["BLOCK_M"]
-    n_prog = max(1, min(_num_programs(pre.device), triton.cdiv(rows, block_m)))
-    rows_per_prog = triton.cdiv(triton.cdiv(rows, n_prog), block_m) * block_m
-    n_prog = triton.cdiv(rows, rows_per_prog)
+    n_prog = max(1, min(_num_programs(pre.device), cdiv(rows, block_m)))
+    rows_per_prog = cdiv(cdiv(rows, n_prog), block_m) * block_m
+    n_prog = cdiv(rows, rows_per_prog)
     dres = torch.empty_like(pre)
     dz = torch.empty_like(pre, dtype=dense_dtype or pre.dtype)
     dw_part = torch.empty((n_prog, cols), device=pre.device, dtype=torch.float32)
     db_part = torch.empty((n_prog, cols), device=pre.device, dtype=torch.float32)
     dbias_part = torch.empty((n_prog, cols), device=pre.device, dtype=torch.float32)
-    _res_norm_bwd_kernel[(n_prog,)](
+    _RES_NORM_BWD(
+        (n_prog,),
         dout,
         pre,
         mean,
