@@ -55,6 +55,15 @@ class KernelResources:
     def spills(self) -> bool:
         return self.spill_stores > 0 or self.spill_loads > 0
 
+    def ctas_per_sm(self) -> int:
+        """Resident blocks per SM, the tightest of registers, shared memory, warps and the block limit
+        (sm_80 and sm_90: 64K registers, 64 warps, 32 blocks; 164 KB / 228 KB shared per SM)."""
+        threads = 32 * self.num_warps
+        by_regs = 65536 // max(1, self.registers * threads)
+        smem = (164 if self.arch == 80 else 228) * 1024
+        by_smem = smem // self.shared_bytes if self.shared_bytes else 32
+        return min(by_regs, by_smem, 64 // self.num_warps, 32)
+
 
 @dataclasses.dataclass(frozen=True)
 class AOTJob:
@@ -188,6 +197,15 @@ def _compile_here(job: AOTJob) -> KernelResources:
     except Exception as exc:  # the compiler raises many types; the caller wants one
         raise AOTCompileError(f"{target_name} failed to compile: {type(exc).__name__}: {exc}") from exc
 
+    return resources_of(compiled, job.name, job.arch, job.num_warps, job.num_stages, log.getvalue())
+
+
+def resources_of(
+    compiled: Any, name: str, arch: int, num_warps: int, num_stages: int, ptxas_log: str = ""
+) -> KernelResources:
+    """Resources of a compiled kernel (``triton.compile``'s, or one the runtime compiled and launched):
+    cuobjdump on its cubin, spills from ``ptxas_log`` or, without one, from ptxas rerun on its PTX."""
+    target_name = f"{name} for sm_{arch}"
     bin_dir = _bin_dir()
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
@@ -199,16 +217,16 @@ def _compile_here(job: AOTJob) -> KernelResources:
         if usage.returncode != 0:
             raise AOTCompileError(f"cuobjdump failed on {target_name}: {usage.stderr}")
         res = parse_resource_usage(usage.stdout)
-        if _SPILL_RE.search(log.getvalue()):
-            spill_stores, spill_loads = parse_spills(log.getvalue())
+        if _SPILL_RE.search(ptxas_log):
+            spill_stores, spill_loads = parse_spills(ptxas_log)
         else:
             # A cache hit (or a triton without the knob) ran no ptxas: rerun it on the same PTX and arch.
             ptx = os.path.join(tmp, "k.ptx")
             with open(ptx, "w") as f:
                 f.write(compiled.asm["ptx"])
-            gpu_name = f"sm_{job.arch}{'a' if job.arch >= 90 else ''}"
+            gpu_name = f"sm_{arch}{'a' if arch >= 90 else ''}"
             ptxas = subprocess.run(
-                [_ptxas_path(job.arch), "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu_name}", ptx, "-o", cubin],
+                [_ptxas_path(arch), "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu_name}", ptx, "-o", cubin],
                 capture_output=True,
                 text=True,
             )
@@ -217,10 +235,10 @@ def _compile_here(job: AOTJob) -> KernelResources:
             spill_stores, spill_loads = parse_spills(ptxas.stdout + ptxas.stderr)
 
     return KernelResources(
-        name=job.name,
-        arch=job.arch,
-        num_warps=job.num_warps,
-        num_stages=job.num_stages,
+        name=name,
+        arch=arch,
+        num_warps=num_warps,
+        num_stages=num_stages,
         registers=res["registers"],
         shared_bytes=res["shared"] + int(compiled.metadata.shared),
         local_bytes=res["local"],

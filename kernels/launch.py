@@ -38,10 +38,14 @@ class Launcher:
         if flags != sorted(flags):
             raise ValueError(f"{kernel.__name__}: constexpr parameters must come after every runtime parameter")
         self.names = None if params is None else [p.name for p in params if p.is_constexpr]  # in parameter order
-        self.compiled: dict[tuple, object] = {}  # key -> the compiled kernel's launcher for that grid
+        self.compiled: dict[tuple, tuple] = {}  # key -> (compiled kernel, its launcher for that grid)
 
     def clear(self) -> None:
         self.compiled.clear()
+
+    def kernels(self) -> list:
+        """The compiled kernels kept so far (``triton.compiler.CompiledKernel``), one per key."""
+        return [compiled for compiled, _ in self.compiled.values()]
 
     def __call__(self, grid: tuple[int, ...], *args, **kwargs) -> None:
         """Launch on ``grid`` with the runtime ``args`` (in parameter order), the constexprs by name and any
@@ -56,11 +60,11 @@ class Launcher:
             tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a for a in args),
             tuple(kwargs.items()),
         )
-        launch = self.compiled.get(key)
-        if launch is not None:
-            launch(*args, *consts)
+        hit = self.compiled.get(key)
+        if hit is not None:
+            hit[1](*args, *consts)
             return
         compiled = self.kernel[grid](*args, **kwargs)
         if len(self.compiled) >= _MAX_KEYS:
             self.compiled.clear()
-        self.compiled[key] = compiled[grid + (1,) * (3 - len(grid))]
+        self.compiled[key] = (compiled, compiled[grid + (1,) * (3 - len(grid))])

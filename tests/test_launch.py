@@ -8,10 +8,13 @@ launched directly; both must reach the launch with the same kernel, grid and arg
 subprocess: the rest of the suite imports Triton under the interpreter.
 """
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,7 +87,7 @@ with hostcost.stand_in_driver(kattn, kffn):
         names = {id(t): name for name, t in inputs.items()}
         passes.append([described(c, names) for c in calls])
         calls.clear()
-    kept = sum(len(launcher.compiled) for launcher in hostcost._launchers(kattn, kffn))
+    kept = sum(len(launcher.kernels()) for launcher in hostcost._launchers(kattn, kffn))
 jit, direct = passes
 print("LAUNCHES", len(jit), len(direct), "KEPT", kept)
 assert len(jit) == len(direct) > 20 and kept > 20
@@ -99,3 +102,82 @@ def test_direct_launches_pass_what_the_jit_path_passes():
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "MISMATCHED []" in proc.stdout, proc.stdout
+
+
+RUNTIME_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, "benchmarks")
+import torch
+import hostcost
+
+hostcost.TARGET_ARCH = int(sys.argv[1])
+import blip2_fast.kernels.attention as kattn
+import blip2_fast.kernels.ffn as kffn
+from blip2_fast.kernels.aot import resources_of
+from blip2_fast.attention import MaskKind
+
+meta = torch.device("meta")
+B, H, D, Q, T, N = 2, 12, 64, 32, 35, 257  # BLIP-2: 12 heads x 64, 32 queries + 35 text, 257 image tokens
+
+
+def heads(rows):  # (B, H, rows, D) seen through (B, rows, H, D), as the Q-Former's projections give it
+    return torch.empty(B, rows, H, D, device=meta, dtype=torch.bfloat16).transpose(1, 2)
+
+
+seed = torch.zeros(1, dtype=torch.int64, device=meta)
+kffn._num_programs = lambda device: 132 * 4
+with hostcost.stand_in_driver(kattn, kffn):
+    passes = (
+        (Q + T, Q + T, list(MaskKind), True),  # the matching and ITC/ITG passes over [queries ; text]
+        (T, Q + T, [MaskKind.MULTIMODAL_CAUSAL], True),  # ITG over the query cache
+        (Q, N, [MaskKind.BIDIRECTIONAL], False),  # cross-attention
+        (Q, Q, [MaskKind.UNIMODAL], False),  # the query pass
+    )
+    for rows, keys, kinds, padded in passes:
+        q, k, v = heads(rows), heads(keys), heads(keys)
+        padding = torch.ones(B, keys, device=meta, dtype=torch.bool) if padded else None
+        for kind in kinds:
+            pad = kattn._padding_args(q, keys, padding, None)
+            n_query = 0 if keys == N else Q
+            out, lse = kattn.attention_forward(q, k, v, int(kind), n_query, pad, 0.1, seed, 0.125)
+            kattn.attention_backward(heads(rows), q, k, v, out, lse, int(kind), n_query, pad, 0.1, seed, 0.125)
+    kattn.attention_forward(heads(1), heads(Q + T), heads(Q + T), int(MaskKind.MULTIMODAL_CAUSAL), Q, (0, seed, seed),
+                            0.0, seed, 0.125)
+    rows, hidden, inter = B * Q, 768, 3072
+    y = torch.empty(rows, hidden, device=meta, dtype=torch.bfloat16)
+    w = torch.empty(hidden, device=meta, dtype=torch.bfloat16)
+    u = torch.empty(rows, inter, device=meta, dtype=torch.bfloat16)
+    ub = torch.empty(inter, device=meta, dtype=torch.bfloat16)
+    kffn.bias_gelu(u, ub)
+    kffn.gelu_forward_backward_(u, ub, torch.empty_like(u), torch.empty_like(u))
+    for p in (0.0, 0.1):
+        _, pre, mean, rstd, _ = kffn.res_norm_forward(y, w, y, w, w, 1e-12, p, seed)
+        kffn.res_norm_backward(y, pre, mean, rstd, w, p, seed)
+    rows_out = []
+    for launcher in hostcost._launchers(kattn, kffn):
+        for compiled in launcher.kernels():
+            md = compiled.metadata
+            res = resources_of(compiled, compiled.name, hostcost.TARGET_ARCH, md.num_warps, md.num_stages)
+            rows_out.append(dict(kernel=compiled.name, registers=res.registers, shared=res.shared_bytes,
+                                 spill_stores=res.spill_stores, spill_loads=res.spill_loads, warps=md.num_warps,
+                                 ctas_per_sm=res.ctas_per_sm(), wgmma="wgmma" in compiled.asm["ptx"]))
+print("KERNELS", json.dumps(rows_out))
+"""
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_the_kernels_that_run_compile_without_spills(arch):
+    """What the launchers compile at BLIP-2 shapes (the runtime's own specialisation: strides, alignment), not
+    a generic signature: no register spills on sm_80 / sm_90. The subprocess prints each kernel's registers,
+    shared memory, CTAs per SM and whether it uses wgmma."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", RUNTIME_SCRIPT, str(arch)], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=1800,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    kernels = json.loads(proc.stdout.split("KERNELS ", 1)[1])
+    assert len({k["kernel"] for k in kernels}) == 8, kernels  # attention fwd, delta, dK/dV, dQ; 4 FFN epilogues
+    print("\n".join(json.dumps(k) for k in kernels))
+    spilled = [k for k in kernels if k["spill_stores"] or k["spill_loads"]]
+    assert not spilled, spilled
