@@ -583,8 +583,10 @@ def shapes_caption_scores(captions: Sequence[str], scenes: Sequence[Any]) -> dic
 
     ``scenes``: :meth:`blip2_fast.data.SyntheticShapes.scene` results, one per caption. Returns
     the fraction of captions whose first named colour / shape / (colour, shape) pair belongs to
-    one of the two objects, and the fraction with any such phrase. Scoring the same captions
-    against shuffled scenes gives the chance level of a model that ignores the image.
+    one of the two objects, and the fraction with any such phrase. The chance level of these
+    scores comes from the references: the held-out reference captions scored against the scenes of
+    other images (``train_stage2.chance_scores``), what a captioner that writes like the data but
+    ignores the image gets, whatever the model's own captions name.
     """
     from blip2_fast.data import COLOURS, SHAPES
 
@@ -603,6 +605,33 @@ def shapes_caption_scores(captions: Sequence[str], scenes: Sequence[Any]) -> dic
         pair += named[0] in truth
     n = len(captions)
     return {"colour": colour / n, "shape": shape / n, "pair": pair / n, "parsed": parsed / n}
+
+
+@torch.no_grad()
+def query_spread(
+    model: Blip2Stage2, pixels: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None
+) -> dict[str, float]:
+    """How much the Q-Former's query outputs (B, Q, H) differ across the queries of one image and across images.
+
+    ``across_queries``: the std over the Q queries, averaged over images and channels; ``across_images``: the
+    std over the B images, averaged over queries and channels; ``scale``: the std of all outputs. When
+    ``across_queries`` is a tiny fraction of ``scale`` the queries have collapsed onto one vector per image,
+    and the LLM's soft prompt is that vector repeated Q times (``llm_proj`` maps equal rows to equal rows).
+    Evaluated in eval mode (no dropout); the training mode is restored.
+    """
+    was_training = model.qformer.training
+    model.qformer.eval()
+    try:
+        features = model.image_features(pixels, image_embeds)
+        hidden = model.qformer.encode_image(features).hidden.float()  # (B, Q, H)
+    finally:
+        model.qformer.train(was_training)
+    B, Q = hidden.shape[:2]
+    return {
+        "across_queries": float(hidden.std(1).mean()) if Q > 1 else 0.0,
+        "across_images": float(hidden.std(0).mean()) if B > 1 else 0.0,
+        "scale": float(hidden.std()),
+    }
 
 
 # -------------------------------------------------------------------- stage-1 init

@@ -20,7 +20,15 @@ under ``checkpoints/`` (train.py's), the trainable part as
 model in the transformers ``Blip2ForConditionalGeneration`` layout under
 ``transformers/``, and ``captions.json``: greedy captions of held-out images
 and, on synthetic shapes, how often they name the right colour / shape against
-the same captions scored on shuffled scenes (the chance level).
+the chance level: the held-out reference captions scored on shuffled scenes.
+
+Only ``qformer`` and ``llm_proj`` train, at two rates by default when the
+Q-Former comes from a stage-1 run: ``llm_proj`` at ``optim.lr`` (the large step a
+random frozen OPT needs), the Q-Former at ``optim.qformer_lr_scale`` (0.1) of it.
+Stage 2 checks a loaded Q-Former before training and warns when its query
+outputs have collapsed onto one vector per image (a soft prompt of Q equal
+tokens, which stage 2 does not undo). Not on a terminal, a progress line goes
+to stderr every ``train.log_every`` steps.
 """
 
 from __future__ import annotations
@@ -52,8 +60,9 @@ from blip2_fast.train import (  # noqa: E402
     OptimSection,
     TrainSection,
     build_datasets,
-    build_engine,
     deepspeed_config,
+    lr_at,
+    param_groups,
     parse_overrides,
     read_config,
     resume_position,
@@ -140,10 +149,27 @@ def _stage2_train() -> TrainSection:
     return TrainSection(name="stage2-default", steps=300, batch_size=16)
 
 
-def _stage2_optim() -> OptimSection:
+@dataclasses.dataclass
+class Stage2OptimSection(OptimSection):
+    # The Q-Former's rate (its queries and ln_vision too) as a fraction of lr; llm_proj (and a trainable
+    # ViT, with vit_layer_decay) learn at lr. null: 0.1 for a Q-Former loaded from model.init under the
+    # embedded tiny random OPT (model.llm null), else 1 (LAVIS: one rate for all). lr 3e-3 is what the
+    # projection needs to steer a random frozen OPT, and more than a pretrained 6-layer post-LN Q-Former
+    # takes: at it, in 80 steps, such a Q-Former's outputs become one constant vector for every query of
+    # every image (held-out LM loss stuck near 8.3-8.7), while at 0.1x it keeps working (3.0 from random
+    # weights). The fresh tiny Q-Former learns best at the full rate.
+    qformer_lr_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.qformer_lr_scale is not None and not 0 < self.qformer_lr_scale <= 1:
+            raise ValueError(f"optim.qformer_lr_scale must lie in (0, 1] or be null, got {self.qformer_lr_scale}")
+
+
+def _stage2_optim() -> Stage2OptimSection:
     # a random frozen LLM needs a larger step than stage 1 for the soft prompt to steer it: at 1e-3 the
     # loss is still near 9 after 20 steps
-    return OptimSection(lr=3e-3, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=10)
+    return Stage2OptimSection(lr=3e-3, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=10)
 
 
 def _stage2_data() -> DataSection:
@@ -153,7 +179,7 @@ def _stage2_data() -> DataSection:
 SECTIONS: dict[str, type] = {
     "model": Stage2ModelSection,
     "data": DataSection,
-    "optim": OptimSection,
+    "optim": Stage2OptimSection,
     "train": TrainSection,
     "eval": Stage2EvalSection,
 }
@@ -163,7 +189,7 @@ SECTIONS: dict[str, type] = {
 class Stage2Config:
     model: Stage2ModelSection = dataclasses.field(default_factory=Stage2ModelSection)
     data: DataSection = dataclasses.field(default_factory=_stage2_data)
-    optim: OptimSection = dataclasses.field(default_factory=_stage2_optim)
+    optim: Stage2OptimSection = dataclasses.field(default_factory=_stage2_optim)
     train: TrainSection = dataclasses.field(default_factory=_stage2_train)
     eval: Stage2EvalSection = dataclasses.field(default_factory=Stage2EvalSection)
 
@@ -188,7 +214,7 @@ def resolve_init(init: str | None) -> Path | None:
     """What to start from: ``auto`` is the stage-1 default's folder when it holds a model."""
     from blip2_fast.stage2_convert import is_stage2_folder
 
-    if init is None or init.lower() in ("", "none", "null", "fresh"):
+    if asked_fresh(init):
         return None
     if init == "auto":
         return Path(DEFAULT_INIT) if (Path(DEFAULT_INIT) / "model.safetensors").is_file() else None
@@ -201,6 +227,23 @@ def resolve_init(init: str | None) -> Path | None:
             f"transformers BLIP-2 folder, or a LAVIS .pth, got {init}"
         )
     return path
+
+
+def asked_fresh(init: str | None) -> bool:
+    """model.init asks for a fresh Q-Former whatever exists (null, "fresh", ...), rather than "auto"."""
+    return init is None or init.lower() in ("", "none", "null", "fresh")
+
+
+def describe_init(init: str | None, resolved: Path | None) -> str:
+    """What the run starts from, as printed: the folder, or why the Q-Former is fresh."""
+    if resolved is not None:
+        return str(resolved)
+    if asked_fresh(init):
+        found = (Path(DEFAULT_INIT) / "model.safetensors").is_file()
+        return f"fresh Q-Former, as asked (model.init {init or 'null'}" + (
+            f"; {DEFAULT_INIT} is not used)" if found else ")"
+        )
+    return f"fresh Q-Former (model.init auto: no stage-1 output at {DEFAULT_INIT})"
 
 
 # ---------------------------------------------------------------------------- model
@@ -362,6 +405,55 @@ class Stage2Step(torch.nn.Module):
         return self.model.loss(batch)
 
 
+def qformer_lr_scale(config: Stage2Config, init: Path | None) -> float:
+    """``optim.qformer_lr_scale`` resolved: null is 0.1 for a Q-Former loaded from a stage-1 (or other
+    Q-Former-only) init under the embedded tiny random OPT, 1 otherwise."""
+    from blip2_fast.stage2_convert import is_stage2_folder
+
+    if config.optim.qformer_lr_scale is not None:
+        return config.optim.qformer_lr_scale
+    loaded = init is not None and config.model.llm is None and not is_stage2_folder(init)
+    return 0.1 if loaded else 1.0
+
+
+def stage2_param_groups(step_module: torch.nn.Module, optim: OptimSection, scale: float) -> list[dict[str, Any]]:
+    """train.param_groups (no decay on biases and norms, a trainable ViT's layer decay) with each group's
+    Q-Former parameters split off at ``scale`` x its rate; the full-rate groups (llm_proj) come first."""
+    groups = param_groups(step_module, optim.weight_decay, optim.lr, optim.vit_layer_decay)
+    if scale == 1.0:
+        return groups
+    from blip2_fast.stage2 import Blip2Stage2
+
+    qformer = {id(p) for m in step_module.modules() if isinstance(m, Blip2Stage2) for p in m.qformer.parameters()}
+    rest, scaled = [], []
+    for group in groups:
+        others = [p for p in group["params"] if id(p) not in qformer]
+        mine = [p for p in group["params"] if id(p) in qformer]
+        if others:
+            rest.append({**group, "params": others})
+        if mine:
+            scaled.append({**group, "params": mine, "lr": group["lr"] * scale})
+    return rest + scaled
+
+
+def build_engine(step_module: torch.nn.Module, config: Stage2Config, ds_config: dict[str, Any], scale: float):
+    """train.build_engine's DeepSpeed engine (AdamW, warmup + cosine as a LambdaLR) over the groups of
+    :func:`stage2_param_groups`. Returns (engine, optimizer, scheduler)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    optim = config.optim
+    groups = stage2_param_groups(step_module, optim, scale)
+    fused = get_accelerator().device_name() == "cuda"  # one fused update kernel on CUDA, as train.build_engine
+    optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused or None)
+    # LambdaLR multiplies each group's base lr: every group follows the schedule at its own scale
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, optim, config.train.steps) / optim.lr)
+    engine, _, _, _ = deepspeed.initialize(
+        model=step_module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine, optimizer, scheduler
+
+
 def register_zero3_external_parameters(step_module: Stage2Step) -> None:
     """ZeRO-3 gathers a parameter only around its own module's forward: the fused blocks hand their
     children's weights to one function, and ``encode_image`` reads ``query_tokens`` directly."""
@@ -419,10 +511,15 @@ class LossLog:
         return path
 
 
-def chance_scores(captions: list[str], scenes: list[Any], shuffles: int, seed: int) -> dict[str, float]:
-    """The same captions scored against scenes of other images: what a model blind to the image gets."""
+def chance_scores(references: list[str], scenes: list[Any], shuffles: int, seed: int) -> dict[str, float]:
+    """The chance level of :func:`blip2_fast.stage2.shapes_caption_scores`: the held-out reference captions
+    scored against the scenes of other images (a random shift of a random order, averaged over ``shuffles``
+    draws), what a captioner that writes like the data but ignores the image gets. It depends on the
+    references alone, so captions that name nothing score 0% against a chance that is not 0%."""
     from blip2_fast.stage2 import shapes_caption_scores
 
+    if len(references) != len(scenes):
+        raise ValueError(f"need one scene per reference, got {len(references)} references and {len(scenes)} scenes")
     n = len(scenes)
     total: dict[str, float] = {}
     g = torch.Generator().manual_seed(seed)
@@ -431,16 +528,37 @@ def chance_scores(captions: list[str], scenes: list[Any], shuffles: int, seed: i
         perm = torch.randperm(n, generator=g, device="cpu").tolist()
         shift = 1 + int(torch.randint(max(1, n - 1), (1,), generator=g, device="cpu")) if n > 1 else 0
         mapping = {perm[i]: perm[(i + shift) % n] for i in range(n)}
-        got = shapes_caption_scores(captions, [scenes[mapping[i]] for i in range(n)])
+        got = shapes_caption_scores(references, [scenes[mapping[i]] for i in range(n)])
         for key, value in got.items():
             total[key] = total.get(key, 0.0) + value / shuffles
     return total
 
 
 @torch.no_grad()
+def held_out_loss(model, tokenizer, config: Stage2Config, samples: list[dict[str, Any]], device: torch.device) -> float:
+    """The LM loss of the training step on ``samples`` (eval mode), averaged over their target tokens."""
+    from blip2_fast.stage2 import IGNORE_INDEX, Stage2Collator, end_token_id
+
+    collate = Stage2Collator(
+        tokenizer, encoder_decoder=model.is_encoder_decoder, prompt=config.model.prompt,
+        max_length=config.model.max_text_length, eos_token_id=end_token_id(model, tokenizer),
+    )  # fmt: skip
+    model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(samples), config.eval.batch_size):
+        batch = collate(samples[start : start + config.eval.batch_size])
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        n = int((batch["labels"] != IGNORE_INDEX).sum())
+        total += float(model.loss(batch)) * n
+        tokens += n
+    return total / max(1, tokens)
+
+
+@torch.no_grad()
 def caption_held_out(model, tokenizer, config: Stage2Config, device: torch.device) -> dict[str, Any]:
-    """Greedy captions of held-out images; on synthetic shapes, their scores and the shuffled-scene chance;
-    on a caption JSON, COCO's BLEU and CIDEr-D against every reference of each image."""
+    """Greedy captions of held-out images and their LM loss (``lm_loss``, the training loss on the held-out
+    captions); on synthetic shapes, their scores and the chance level from the references; on a caption JSON,
+    COCO's BLEU and CIDEr-D against every reference of each image."""
     from blip2_fast import data as D
     from blip2_fast.stage2 import caption, shapes_caption_scores
 
@@ -480,15 +598,57 @@ def caption_held_out(model, tokenizer, config: Stage2Config, device: torch.devic
             model, tokenizer, pixels, prompt=config.model.prompt, method="greedy", max_new_tokens=e.max_new_tokens
         )
     result: dict[str, Any] = {
-        "captions": [{"caption": c, "reference": s["caption"]} for c, s in zip(captions, samples, strict=True)]
+        "captions": [{"caption": c, "reference": s["caption"]} for c, s in zip(captions, samples, strict=True)],
+        "lm_loss": held_out_loss(model, tokenizer, config, samples, device),
     }
     if scenes is not None:
         result["scores"] = shapes_caption_scores(captions, scenes)
-        result["chance"] = chance_scores(captions, scenes, e.shuffles, config.train.seed)
+        # from the references, not the captions: a model whose captions name nothing still faces a real chance
+        result["chance"] = chance_scores([s["caption"] for s in samples], scenes, e.shuffles, config.train.seed)
     return result
 
 
 # ---------------------------------------------------------------------------- the run
+
+# a Q-Former whose query outputs differ across the queries of an image by less than this fraction of their
+# std gives the LLM one vector repeated Q times: the fresh tiny Q-Former with its query outputs averaged stalls
+# near held-out loss 8.3 in 80 steps (4.0 as it is)
+COLLAPSED_QUERIES = 0.05
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def progress_line(step: int, end: int, loss: float, lr: float, sec_per_step: float) -> str:
+    """One training progress line, as printed every ``train.log_every`` steps when stderr is not a terminal."""
+    return f"stage 2: step {step}/{end}  loss {loss:.4f}  lr {lr:.3g}  {sec_per_step:.2f} s/step"
+
+
+def check_query_spread(model, train_set, device: torch.device, n: int = 16) -> dict[str, float] | None:
+    """:func:`blip2_fast.stage2.query_spread` over the first ``n`` training images (a map-style set); prints a
+    warning when the loaded Q-Former's queries have collapsed onto one vector per image."""
+    from blip2_fast.stage2 import query_spread
+
+    if not hasattr(train_set, "__len__"):
+        return None
+    samples = [s for s in (train_set[i] for i in range(min(n, len(train_set)))) if s is not None]
+    if len(samples) < 2:
+        return None
+    spread = query_spread(model, torch.stack([s["pixels"] for s in samples]).to(device))
+    if spread["across_queries"] < COLLAPSED_QUERIES * spread["scale"]:
+        q = model.num_query_tokens
+        print(
+            f"stage-2 init: warning: the loaded Q-Former's {q} query outputs are all but equal for each image "
+            f"(std across queries {spread['across_queries']:.2g}, across images {spread['across_images']:.2g}, "
+            f"of all outputs {spread['scale']:.2g}; {len(samples)} training images): the LLM's soft prompt is one "
+            f"vector repeated {q} times, which stage 2 does not undo. The stage-1 run collapsed its queries; "
+            "expect a fresh Q-Former (--init fresh) to learn faster"
+        )
+    return spread
 
 
 def run(config: Stage2Config) -> dict[str, Any]:
@@ -504,13 +664,21 @@ def run(config: Stage2Config) -> dict[str, Any]:
     rank, world = distributed.get_rank(), distributed.get_world_size()
     t = config.train
     model, tokenizer, init = build_model(config)
+    scale = qformer_lr_scale(config, init)
     if rank == 0:
-        print(f"stage-2 init: {init if init is not None else 'fresh Q-Former (no stage-1 output found)'}")
+        print(f"stage-2 init: {describe_init(config.model.init, init)}")
+        if scale != 1.0:
+            print(f"stage-2 Q-Former learning rate: {scale:g} x optim.lr (optim.qformer_lr_scale); llm_proj: optim.lr")
     model.to_device(device)
+    size = model.image_encoder.config.image_size
+    train_set, _ = build_datasets(config, size, rank, world)
+    spread = None
+    if init is not None and rank == 0:
+        spread = check_query_spread(model, train_set, device)
     step_module = Stage2Step(model)
     ds_config = deepspeed_config(config, device)
     # only qformer and llm_proj (and a ViT being fine-tuned) require grad: the frozen LLM gets no optimizer state
-    engine, optimizer, _ = build_engine(step_module, config, ds_config)
+    engine, optimizer, _ = build_engine(step_module, config, ds_config, scale)
     zero3 = int(engine.zero_optimization_stage()) == 3
     if zero3:
         register_zero3_external_parameters(step_module)
@@ -519,8 +687,6 @@ def run(config: Stage2Config) -> dict[str, Any]:
 
     from blip2_fast.train import GlobalBatches
 
-    size = model.image_encoder.config.image_size
-    train_set, _ = build_datasets(config, size, rank, world)
     collate = Stage2Collator(
         tokenizer,
         encoder_decoder=model.is_encoder_decoder,
@@ -531,11 +697,15 @@ def run(config: Stage2Config) -> dict[str, Any]:
     batches = GlobalBatches(train_set, t.batch_size, t.seed, rank, world, collate, config.data.num_workers)
     end = t.stop_after or t.steps
     history: list[float] = []
-    bar = tqdm(total=end, initial=step, desc=f"stage 2 ({world} rank{'s' if world > 1 else ''})", disable=rank != 0)
+    # not a terminal (CI logs, nohup, SLURM files): a plain line every log_every steps instead of the bar
+    plain = rank == 0 and not _is_terminal(sys.stderr)
+    bar = tqdm(
+        total=end, initial=step, desc=f"stage 2 ({world} rank{'s' if world > 1 else ''})", disable=rank != 0 or plain
+    )
     engine.train()
     stream = batches.iterate(micro_step)
     acc, skipped = 0.0, 0
-    tic = time.perf_counter()
+    tic, logged = time.perf_counter(), step
     while step < end:
         micro_step, batch = next(stream)
         skipped += int(batch["skipped"])
@@ -558,6 +728,8 @@ def run(config: Stage2Config) -> dict[str, Any]:
         bar.set_postfix(loss=f"{record:.3f}")
         if rank == 0 and (step % t.log_every == 0 or step == end):
             elapsed, tic = time.perf_counter() - tic, time.perf_counter()
+            sec_per_step = elapsed / max(1, step - logged)  # the steps since the last row (fewer at the end)
+            logged = step
             log.log(
                 {
                     "step": step,
@@ -565,9 +737,11 @@ def run(config: Stage2Config) -> dict[str, Any]:
                     "lr": lr,
                     "loss": record,
                     "skipped": int(values[1]),
-                    "sec_per_step": round(elapsed / t.log_every, 4),
+                    "sec_per_step": round(sec_per_step, 4),
                 }
             )
+            if plain:
+                print(progress_line(step, end, record, lr, sec_per_step), file=sys.stderr, flush=True)
         if t.save_every and step % t.save_every == 0 and step < end:
             save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints, run_facts(config))
     bar.close()
@@ -580,7 +754,10 @@ def run(config: Stage2Config) -> dict[str, Any]:
         "optimized_numel": sum(p.numel() for g in optimizer.param_groups for p in g["params"]),
         "trainable_numel": sum(v.numel() for v in model.trainable_state_dict().values()),
         "frozen_numel": sum(p.numel() for p in model.parameters() if not p.requires_grad),
+        "qformer_lr_scale": scale,
     }
+    if spread is not None:
+        result["query_spread"] = spread
     model_path, hf_dir = run_dir / "model.safetensors", run_dir / "transformers"
     # under ZeRO-3 every rank holds a shard: gather the whole model for the export and the generation
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None, enabled=zero3):
@@ -608,13 +785,16 @@ def _print_outputs(run_dir: Path, ckpt_dir: Path, plot, history, evaluation, sho
     if evaluation:
         for row in evaluation["captions"][:show]:
             print(f"  {row['caption']!r:45}  (reference: {row['reference']!r})")
+        if "lm_loss" in evaluation:
+            print(f"held-out LM loss ({len(evaluation['captions'])} images): {evaluation['lm_loss']:.4f}")
         if "scores" in evaluation:
             s, c = evaluation["scores"], evaluation["chance"]
             n = len(evaluation["captions"])
             print(
                 f"held-out captions ({n} images, greedy): first named colour right {100 * s['colour']:.1f}% "
                 f"(chance {100 * c['colour']:.1f}%), shape {100 * s['shape']:.1f}% (chance {100 * c['shape']:.1f}%), "
-                f"colour+shape {100 * s['pair']:.1f}% (chance {100 * c['pair']:.1f}%)"
+                f"colour+shape {100 * s['pair']:.1f}% (chance {100 * c['pair']:.1f}%); "
+                f"{100 * s['parsed']:.1f}% name a colour and a shape (chance: the references scored on shuffled images)"
             )
         if "metrics" in evaluation:
             n = len(evaluation["captions"])

@@ -129,11 +129,11 @@ def runs(tmp_path_factory):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return tmp / "runs", json.loads(out.read_text()), proc.stdout
+    return tmp / "runs", json.loads(out.read_text()), proc.stdout, proc.stderr
 
 
 def test_short_run_writes_the_run_folder_and_the_loss_falls(runs):
-    run_root, result, stdout = runs
+    run_root, result, stdout, _ = runs
     folder = run_root / "full"
     for name in ("config.yaml", "metrics.csv", "loss.png", "model.safetensors", "captions.json"):
         assert (folder / name).is_file(), name
@@ -148,18 +148,117 @@ def test_short_run_writes_the_run_folder_and_the_loss_falls(runs):
     captions = json.loads((folder / "captions.json").read_text())
     assert len(captions["captions"]) == 8 and set(captions["scores"]) == {"colour", "shape", "pair", "parsed"}
     assert set(captions["chance"]) == set(captions["scores"])
+    assert captions["lm_loss"] > 0 and f"held-out LM loss (8 images): {captions['lm_loss']:.4f}" in stdout
     assert str(folder.resolve()) in stdout and "held-out captions (8 images, greedy)" in stdout
 
 
+def test_fresh_init_says_it_was_asked_for(runs, tmp_path, monkeypatch):
+    from blip2_fast.train_stage2 import describe_init
+
+    _, _, stdout, _ = runs
+    assert "stage-2 init: fresh Q-Former, as asked (model.init null)" in stdout  # TINY passes --model.init null
+    assert "no stage-1 output" not in stdout
+    monkeypatch.chdir(tmp_path)
+    assert describe_init("auto", None) == "fresh Q-Former (model.init auto: no stage-1 output at runs/stage1-default)"
+    (tmp_path / "runs" / "stage1-default").mkdir(parents=True)
+    (tmp_path / "runs" / "stage1-default" / "model.safetensors").write_bytes(b"")
+    for asked in ("fresh", None, "null"):
+        said = describe_init(asked, None)
+        assert said.startswith("fresh Q-Former, as asked") and "runs/stage1-default is not used" in said, said
+    assert describe_init("auto", Path("runs/stage1-default")) == "runs/stage1-default"
+
+
+def test_a_progress_line_every_log_every_steps_off_a_terminal(runs):
+    _, _, _, stderr = runs  # the subprocess's stderr is a pipe, not a terminal
+    lines = [line for line in stderr.splitlines() if line.startswith("stage 2: step ")]
+    full = [line for line in lines if "/8 " in line][:8]  # the first run: 8 steps, log_every 1
+    assert [line.split()[3] for line in full] == [f"{i}/8" for i in range(1, 9)], lines
+    assert all(" loss " in line and " s/step" in line for line in full)
+    assert "stage 2 (1 rank)" not in stderr  # no progress bar written into a log file
+
+
+def test_the_chance_level_comes_from_the_references(monkeypatch):
+    """Captions that name nothing score 0% against a chance level that is not 0%: what the held-out
+    references score on shuffled images, the same whatever the model writes."""
+    import torch
+
+    import blip2_fast.stage2 as S
+    from blip2_fast.data import SyntheticShapes
+    from blip2_fast.train_stage2 import caption_held_out, chance_scores
+
+    config = load_config(None, [("model.init", "null"), ("data.eval_size", "32"), ("eval.num_images", "32")])
+    torch.manual_seed(0)
+    model, tokenizer, _ = build_model(config)
+    results = {}
+    for name, text in {"nothing": "a a a", "always red": "a red circle"}.items():
+        monkeypatch.setattr(S, "caption", lambda model, tok, pixels, text=text, **kw: [text] * len(pixels))
+        results[name] = caption_held_out(model, tokenizer, config, torch.device("cpu"))
+    got = results["nothing"]
+    assert got["scores"]["colour"] == got["scores"]["parsed"] == 0.0
+    assert got["chance"] == results["always red"]["chance"]  # the captions do not move it
+    # six colours, two objects per scene: a reference's first colour is in another scene about 1/3 of the time
+    assert 0.15 < got["chance"]["colour"] < 0.5 and got["chance"]["parsed"] == pytest.approx(1.0), got["chance"]
+    shapes = SyntheticShapes(32, image_size=model.image_encoder.config.image_size, seed=config.train.seed + 1_000_003)
+    scenes = [shapes.scene(i) for i in range(32)]
+    references = [row["reference"] for row in got["captions"]]
+    assert got["chance"] == chance_scores(references, scenes, config.eval.shuffles, config.train.seed)
+    with pytest.raises(ValueError, match="one scene per reference"):
+        chance_scores(references[:3], scenes, 2, 0)
+
+
+def test_a_loaded_qformer_learns_at_a_tenth_of_the_rate(tmp_path):
+    """optim.qformer_lr_scale: null splits the Q-Former off at 0.1 x optim.lr when it comes from a stage-1 run
+    under the tiny random OPT; llm_proj keeps optim.lr, and the full-rate groups come first."""
+    from blip2_fast.train_stage2 import Stage2Step, qformer_lr_scale, stage2_param_groups
+
+    folder = _stage1_folder(tmp_path)
+    config = load_config(None, [("model.init", str(folder))])
+    model, _, init = build_model(config)
+    assert qformer_lr_scale(config, init) == 0.1
+    assert qformer_lr_scale(load_config(None, [("model.init", "fresh")]), None) == 1.0
+    pinned = load_config(None, [("model.init", str(folder)), ("optim.qformer_lr_scale", "0.5")])
+    assert qformer_lr_scale(pinned, init) == 0.5
+    with pytest.raises(ValueError, match=r"optim.qformer_lr_scale must lie in \(0, 1\]"):
+        load_config(None, [("optim.qformer_lr_scale", "2")])
+    groups = stage2_param_groups(Stage2Step(model), config.optim, 0.1)
+    lr = config.optim.lr
+    assert groups[0]["lr"] == lr
+    rates = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert all(rates[id(p)] == 0.1 * lr for p in model.qformer.parameters())
+    assert all(rates[id(p)] == lr for p in model.llm_proj.parameters())
+    assert len(rates) == sum(1 for p in model.parameters() if p.requires_grad)
+    assert [g["weight_decay"] for g in groups if g["lr"] == lr] == [config.optim.weight_decay, 0.0]
+
+
+def test_a_collapsed_stage1_qformer_is_named_before_training(tmp_path, capsys):
+    import torch
+
+    from blip2_fast.train import build_datasets
+    from blip2_fast.train_stage2 import check_query_spread
+
+    folder = _stage1_folder(tmp_path)
+    config = load_config(None, [("model.init", str(folder)), ("data.train_size", "16")])
+    model, _, _ = build_model(config)
+    train, _ = build_datasets(config, model.image_encoder.config.image_size)
+    spread = check_query_spread(model, train, torch.device("cpu"))
+    assert spread["across_queries"] > 0.05 * spread["scale"] and "warning" not in capsys.readouterr().out
+    with torch.no_grad():  # equal queries: no position embeddings, so every query row computes the same
+        model.qformer.query_tokens.copy_(model.qformer.query_tokens[:, :1].expand_as(model.qformer.query_tokens))
+    spread = check_query_spread(model, train, torch.device("cpu"))
+    assert spread["across_queries"] < 1e-5 * spread["scale"]
+    out = capsys.readouterr().out
+    assert "warning: the loaded Q-Former's 4 query outputs are all but equal for each image" in out, out
+
+
 def test_zero3_follows_zero2(runs):
-    run_root, result, _ = runs
+    run_root, result, _, _ = runs
     assert len(result["zero3"]) == 3
     assert max(abs(a - b) for a, b in zip(result["full"][:3], result["zero3"], strict=True)) <= 1e-5
     assert (run_root / "zero3" / "model.safetensors").is_file()  # exported from the gathered partitions
 
 
 def test_only_the_trainable_part_is_optimized(runs):
-    _, result, _ = runs
+    _, result, _, _ = runs
     assert result["optimized_numel"] == result["trainable_numel"] and result["frozen_numel"] > 0
 
 
@@ -183,7 +282,7 @@ def test_exports_load_back(runs):
 
 
 def test_resume_follows_the_uninterrupted_run(runs):
-    _, result, _ = runs
+    _, result, _, _ = runs
     full, resumed = result["full"], result["resumed"]
     assert len(resumed) == 5
     assert max(abs(a - b) for a, b in zip(full[3:], resumed, strict=True)) <= 1e-6, (full[3:], resumed)
@@ -235,7 +334,8 @@ def test_a_local_llm_folder_builds_and_trains(tmp_path, family):
         build_model(wrong)
 
 
-def test_init_from_a_stage1_run_folder(tmp_path):
+def _stage1_folder(tmp_path: Path, parts: dict | None = None) -> Path:
+    """A stage-1 run folder of a random tiny Q-Former (4 queries) and ViT; ``parts`` receives them."""
     import torch
     import yaml
     from safetensors.torch import save_file
@@ -243,7 +343,6 @@ def test_init_from_a_stage1_run_folder(tmp_path):
     from blip2_fast.checkpoint import save_qformer
     from blip2_fast.config import QFormerConfig, VisionConfig
     from blip2_fast.qformer import QFormer
-    from blip2_fast.train_stage2 import parse_args
     from blip2_fast.vision import ImageEncoder
 
     torch.manual_seed(3)
@@ -254,6 +353,19 @@ def test_init_from_a_stage1_run_folder(tmp_path):
     vision = ImageEncoder(VisionConfig.preset("tiny"))
     save_file({k: v.contiguous() for k, v in vision.state_dict().items()}, str(folder / "vision.safetensors"))
     (folder / "config.yaml").write_text(yaml.safe_dump({"model": {"vision": {"preset": "tiny"}}}))
+    if parts is not None:
+        parts.update(qformer=stage1, vision=vision)
+    return folder
+
+
+def test_init_from_a_stage1_run_folder(tmp_path):
+    import torch
+
+    from blip2_fast.train_stage2 import parse_args
+
+    parts: dict = {}
+    folder = _stage1_folder(tmp_path, parts)
+    stage1, vision = parts["qformer"], parts["vision"]
 
     args, overrides = parse_args(["--stage", "2", "--init", str(folder), "--train.steps", "3"])
     config = load_config(args.config, overrides)
@@ -446,3 +558,65 @@ def test_caption_json_without_a_held_out_set_trains(tmp_path):
     config = load_config(None, data + [("data.image_root", str(tmp_path))])
     train, held_out = build_datasets(config, 32)
     assert len(train) == 1 and held_out is None
+
+
+# ------------------------------------------------------------------ stage 2 bootstrapped from stage 1 (slow)
+
+_BOOTSTRAP = """
+import json, sys
+from blip2_fast.train import main
+out = sys.argv[1]
+stage1 = ["--stage", "1", "--train.steps", "5", "--train.batch_size", "8", "--data.train_size", "64",
+          "--data.eval_size", "16", "--train.evaluate", "false", "--train.output_dir", "runs", "--train.name", "s1"]
+main(stage1)  # the stage-1 default, its training cut short
+stage2 = ["--stage", "2", "--train.steps", "40", "--eval.max_new_tokens", "8", "--eval.show", "0",
+          "--train.output_dir", "runs"]
+runs = {"fresh": ["--init", "fresh"], "stage1": ["--init", "runs/s1"],
+        "stage1_one_rate": ["--init", "runs/s1", "--optim.qformer_lr_scale", "1"]}
+result = {}
+for name, extra in runs.items():
+    got = main([*stage2, "--train.name", name, *extra])
+    result[name] = {"lm_loss": got["eval"]["lm_loss"], "history": got["history"],
+                    "query_spread": got.get("query_spread"), "qformer_lr_scale": got["qformer_lr_scale"]}
+json.dump(result, open(out, "w"))
+"""
+
+
+@pytest.fixture(scope="module")
+def bootstrapped(tmp_path_factory):
+    """The README's order in small, through the real entry point: a 5-step stage-1 default run, then 40 stage-2
+    steps of the embedded default (same seed, same data) from a fresh Q-Former and from that run."""
+    tmp = tmp_path_factory.mktemp("stage2_from_stage1")
+    out = tmp / "result.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_BOOTSTRAP), str(out)],
+        cwd=tmp, env=env, capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+@pytest.mark.slow
+def test_a_stage1_qformer_keeps_learning_at_its_own_rate(bootstrapped):
+    """At the one rate llm_proj needs (3e-3) the loaded 6-layer Q-Former is wrecked (held-out LM loss 8.27 here);
+    at 0.1 x that rate it keeps learning (7.41)."""
+    result, stdout = bootstrapped
+    own, one = result["stage1"], result["stage1_one_rate"]
+    assert (own["qformer_lr_scale"], one["qformer_lr_scale"], result["fresh"]["qformer_lr_scale"]) == (0.1, 1, 1)
+    assert "stage-2 Q-Former learning rate: 0.1 x optim.lr" in stdout
+    assert own["lm_loss"] < one["lm_loss"] - 0.4, (own["lm_loss"], one["lm_loss"])
+    assert own["query_spread"] is not None and result["fresh"]["query_spread"] is None  # checked when loaded
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="the stage-1 default's Q-Former gives the LLM a soft prompt of near-equal query outputs (they collapse "
+    "onto one vector per image as stage 1 trains: across-query std 16% of the outputs' after 5 steps, 0.1% after "
+    "60): a stage-1 matter, see the warning stage 2 prints. Drop this mark once stage 1 keeps its queries apart.",
+)
+def test_stage2_from_stage1_reaches_a_lower_held_out_loss_than_from_fresh(bootstrapped):
+    """BLIP-2's claim (its Figure 5) at the embedded default's scale: same stage-2 command, steps and seed."""
+    result, _ = bootstrapped
+    assert result["stage1"]["lm_loss"] < result["fresh"]["lm_loss"], (result["stage1"], result["fresh"])
