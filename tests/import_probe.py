@@ -1,11 +1,11 @@
-"""Where ``import kernels`` resolves inside a subprocess, seen after the process's own code has run.
+"""What ``import kernels`` gives inside a subprocess, seen after the process's own code has run.
 
 ``probe_env(folder)`` returns an environment whose Python processes (launcher children included) load a
-``sitecustomize`` from ``folder``. At exit, with ``sys.path`` as the entry point left it, it prints one
-line: ``import-probe: ok <origin of kernels>`` (what ``import kernels``, as transformers' BLIP-2 modeling
-does it, finds or found) or ``import-probe: error <exception>``. It only looks the module up: importing
-torch-based modules while the interpreter shuts down fails on its own. ``assert_unshadowed(output)``
-reads those lines back.
+``sitecustomize`` from ``folder``. At exit, with ``sys.path`` as the entry point left it, it imports
+``kernels`` as transformers' BLIP-2 modeling does, in a fresh interpreter given that path (importing
+torch-based modules while an interpreter shuts down fails on its own), and prints one line:
+``import-probe: ok <file of the module> <whether it has CUDAProperties>`` or ``import-probe: error <why>``.
+``assert_unshadowed(output)`` reads those lines back.
 """
 
 from __future__ import annotations
@@ -17,23 +17,35 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-_SITECUSTOMIZE = """
-import atexit, sys
+_CHILD = """
+import json, sys
+sys.path[:] = json.loads(sys.argv[1])
+import kernels
+print(kernels.__file__, hasattr(kernels, "CUDAProperties"))
+"""
+
+_SITECUSTOMIZE = f"""
+import atexit, os, sys
+
+_CHILD = {_CHILD!r}
 
 
 def _probe():
-    try:
-        import importlib.util
+    import json, subprocess
 
-        spec = importlib.util.find_spec("kernels")
-        line = f"ok {spec.origin if spec else None}"
-    except BaseException as e:
-        line = f"error {type(e).__name__}: {e}".replace("\\n", " ")
-    sys.stderr.write(f"\\nimport-probe: {line}\\n")
+    env = dict(os.environ, IMPORT_PROBE_CHILD="1")
+    cmd = [sys.executable, "-c", _CHILD, json.dumps(sys.path)]
+    child = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if child.returncode == 0:
+        line = "ok " + child.stdout.strip()
+    else:
+        line = "error " + (child.stderr.strip().splitlines() or ["?"])[-1]
+    sys.stderr.write("\\nimport-probe: " + line + "\\n")
     sys.stderr.flush()
 
 
-atexit.register(_probe)
+if not os.environ.get("IMPORT_PROBE_CHILD"):
+    atexit.register(_probe)
 """
 
 
@@ -46,9 +58,9 @@ def probe_env(folder: Path) -> dict[str, str]:
 
 
 def assert_unshadowed(output: str) -> None:
-    """Every Python process behind ``output`` found ``kernels`` outside the repository's kernels/ folder."""
+    """Every Python process behind ``output`` imports PyPI's ``kernels``, not the repository's kernels/ folder."""
     results = re.findall(r"^import-probe: (.*)$", output, flags=re.MULTILINE)
-    assert results, "no process reported where `kernels` resolves:\n" + output[-3000:]
+    assert results, "no process reported what `import kernels` gives:\n" + output[-3000:]
     for line in results:
-        assert line.startswith("ok "), line
+        assert line.startswith("ok ") and line.endswith(" True"), line  # PyPI's package, with its API
         assert not line.removeprefix("ok ").startswith(str(ROOT / "kernels")), line

@@ -30,6 +30,8 @@ ENTRY_POINTS = {
     "-m blip2_fast.evaluate_stage2": [PY, "-m", "blip2_fast.evaluate_stage2", "--help"],
     "script report.py": [PY, "benchmarks/report.py", "--help"],
     "script cpu_figure.py": [PY, "benchmarks/cpu_figure.py", "--help"],
+    # what DeepSpeed's launcher process (python -m deepspeed.launcher.launch) or a user's script has
+    "root first on sys.path": [PY, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import transformers"],
 }  # fmt: skip
 
 
@@ -45,3 +47,10 @@ def test_entry_point_finds_pypi_kernels(mode, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert_unshadowed(proc.stdout + proc.stderr)
+
+
+def test_without_pypi_kernels_the_folder_is_still_no_top_level_package():
+    """No site-packages (python -S): ``import kernels`` from the root fails as a missing module, naming the folder."""
+    proc = subprocess.run([PY, "-S", "-c", "import kernels"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "ModuleNotFoundError: No module named 'kernels'" in proc.stderr and "is blip2_fast.kernels" in proc.stderr
