@@ -223,8 +223,17 @@ def attention(
     dropout_p: float = 0.0,
     backend: str = "reference",
 ) -> torch.Tensor:
-    """Masked attention with the backend chosen by name; see the module docstring."""
-    fn = get_attention(resolve_backend(backend, q.device))
+    """Masked attention with the backend chosen by name; see the module docstring.
+
+    Under ``triton``, attention with nothing to mask (BIDIRECTIONAL, no padding: cross-attention to the
+    image tokens, an unpadded matching pass) runs sdpa, whose FlashAttention kernel needs no mask there:
+    on an H100 it took a third of the triton kernel's time for 32 queries x 257 image tokens, and a third of
+    its host cost per call. The fused kernels serve every attention a mask shapes.
+    """
+    name = resolve_backend(backend, q.device)
+    if name == "triton" and mask_kind == MaskKind.BIDIRECTIONAL and key_padding is None and key_lengths is None:
+        name = "sdpa"
+    fn = get_attention(name)
     return fn(
         q,
         k,
