@@ -467,8 +467,8 @@ def res_norm_backward(
     dropout_p: float,
     seed: torch.Tensor,
     dense_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad of residual, grad of dense output, LayerNorm weight, LayerNorm bias and dense bias grads (fp32)).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad of residual, grad of dense output, (3, N) fp32: LayerNorm weight, LayerNorm bias and dense bias grads).
 
     The residual's grad takes the pre-norm sum's dtype; the dense output's takes ``dense_dtype`` (default the same).
     """
@@ -480,9 +480,8 @@ def res_norm_backward(
     n_prog = cdiv(rows, rows_per_prog)
     dres = torch.empty_like(pre)
     dz = torch.empty_like(pre, dtype=dense_dtype or pre.dtype)
-    dw_part = torch.empty((n_prog, cols), device=pre.device, dtype=torch.float32)
-    db_part = torch.empty((n_prog, cols), device=pre.device, dtype=torch.float32)
-    dbias_part = torch.empty((n_prog, cols), device=pre.device, dtype=torch.float32)
+    # the three partial sums in one buffer: one reduction (and one cast by the caller) for all of them
+    dw_part, db_part, dbias_part = parts = torch.empty((3, n_prog, cols), device=pre.device, dtype=torch.float32)
     _RES_NORM_BWD(
         (n_prog,),
         dout,
@@ -506,7 +505,7 @@ def res_norm_backward(
         BLOCK_N=cfg["BLOCK_N"],
         num_warps=cfg["num_warps"],
     )
-    return dres, dz, dw_part.sum(0), db_part.sum(0), dbias_part.sum(0)
+    return dres, dz, parts.sum(1)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -579,12 +578,20 @@ def _res_norm_fwd(x, residual, weight, bias, norm_weight, norm_bias, eps, dropou
     return out.view(residual.shape), None if mask is None else mask.view(residual.shape), pre, mean, rstd
 
 
-def _res_norm_bwd(dout, x, weight, norm_weight, pre, mean, rstd, dropout_p, seed, bias_dtype, norm_bias_dtype, need):
-    """Grads of (x, residual, weight, bias, norm_weight, norm_bias); GEMMs whose grad ``need`` lacks are skipped."""
-    dres, dz, dnw, dnb, db = res_norm_backward(_rows(dout), pre, mean, rstd, norm_weight, dropout_p, seed, x.dtype)
+def _cast_rows(rows: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> list[torch.Tensor]:
+    """Row i of ``rows`` in ``dtypes[i]``: one cast for all when they share a dtype."""
+    if len(set(dtypes)) == 1:
+        return list(rows.to(dtypes[0]))
+    return [row.to(dtype) for row, dtype in zip(rows, dtypes, strict=True)]
+
+
+def _res_norm_bwd(dout, x, weight, pre, mean, rstd, norm_weight, dropout_p, seed, need):
+    """Grads of (x, residual, weight) and the (3, N) fp32 grads of (norm_weight, norm_bias, bias), for
+    :func:`_cast_rows`; GEMMs whose grad ``need`` lacks are skipped."""
+    dres, dz, sums = res_norm_backward(_rows(dout), pre, mean, rstd, norm_weight, dropout_p, seed, x.dtype)
     dx = (dz @ weight).view(x.shape) if need[0] else None
     dw = dz.t() @ _rows(x) if need[2] else None
-    return dx, dres.view(dout.shape), dw, db.to(bias_dtype), dnw.to(norm_weight.dtype), dnb.to(norm_bias_dtype)
+    return dx, dres.view(dout.shape), dw, sums
 
 
 def _chunk_rows(x: torch.Tensor, chunk_size: int) -> int:
@@ -617,21 +624,19 @@ def _ffn_fwd(x, up_w, up_b, down_w, down_b, norm_w, norm_b, eps, dropout_p, chun
     return out.view(x.shape), mask, pre, mean, rstd, kept, chunk_rows
 
 
-def _ffn_bwd(dout, x, up_w, up_b, down_w, norm_w, pre, mean, rstd, kept, dropout_p, seed, chunk_rows, down_b_dtype,
-             norm_b_dtype):  # fmt: skip
-    """Grads of (x, up_w, up_b, down_w, down_b, norm_w, norm_b)."""
+def _ffn_bwd(dout, x, up_w, up_b, down_w, norm_w, pre, mean, rstd, kept, dropout_p, seed, chunk_rows):
+    """Grads of (x, up_w, up_b, down_w) and the (3, N) fp32 grads of (norm_w, norm_b, down_b), for
+    :func:`_cast_rows`."""
     xg = _rows(x).to(up_w.dtype)
     rows = xg.shape[0]
     # LayerNorm + dropout backward does not need the 4H activation: one launch over all rows.
-    dres, dz, dnw, dnb, d_down_b = res_norm_backward(
-        _rows(dout), pre, mean, rstd, norm_w, dropout_p, seed, dense_dtype=xg.dtype
-    )
+    dres, dz, sums = res_norm_backward(_rows(dout), pre, mean, rstd, norm_w, dropout_p, seed, dense_dtype=xg.dtype)
     single = chunk_rows >= rows
-    # Weight grads summed over chunks in fp32, so fp16/bf16 chunking does not add rounding per chunk.
-    acc = None if single else torch.float32
-    d_down_w = torch.zeros(down_w.shape, device=xg.device, dtype=acc or xg.dtype)
-    d_up_w = torch.zeros(up_w.shape, device=xg.device, dtype=acc or xg.dtype)
-    d_up_b = torch.zeros(up_b.shape, device=xg.device, dtype=torch.float32)
+    if not single:
+        # weight grads summed over chunks in fp32, so fp16/bf16 chunking does not add rounding per chunk
+        d_down_w = torch.zeros(down_w.shape, device=xg.device, dtype=torch.float32)
+        d_up_w = torch.zeros(up_w.shape, device=xg.device, dtype=torch.float32)
+        d_up_b = torch.zeros(up_b.shape, device=xg.device, dtype=torch.float32)
     dx = dres  # dx = residual grad + grad through the up projection, accumulated in place
     for r0 in range(0, rows, chunk_rows):
         xc = xg[r0 : r0 + chunk_rows]
@@ -640,30 +645,19 @@ def _ffn_bwd(dout, x, up_w, up_b, down_w, norm_w, pre, mean, rstd, kept, dropout
         # The recomputed u is overwritten by the activation; a kept one belongs to the graph (retain_graph).
         act, du = gelu_forward_backward_(u, up_b, dzc @ down_w, u if kept is None else torch.empty_like(u))
         del u
-        if single:
-            d_down_w = dzc.t() @ act
+        if single:  # one chunk: each grad straight in its dtype (the bias's reduction accumulates in fp32)
+            d_down_w, d_up_w, d_up_b = dzc.t() @ act, du.t() @ xc, du.sum(0, dtype=up_b.dtype)
         else:
             d_down_w += (dzc.t() @ act).float()
-        del act
-        d_up_b += du.sum(0, dtype=torch.float32)
-        if single:
-            d_up_w = du.t() @ xc
-        else:
             d_up_w += (du.t() @ xc).float()
+            d_up_b += du.sum(0, dtype=torch.float32)
+        del act
         if dx.dtype == du.dtype:
             dx[r0 : r0 + chunk_rows].addmm_(du, up_w)
         else:  # autocast: an fp32 residual grad, half-precision GEMMs
             dx[r0 : r0 + chunk_rows] += du @ up_w
         del du
-    return (
-        dx.view(x.shape),
-        d_up_w.to(up_w.dtype),
-        d_up_b.to(up_b.dtype),
-        d_down_w.to(down_w.dtype),
-        d_down_b.to(down_b_dtype),
-        dnw.to(norm_w.dtype),
-        dnb.to(norm_b_dtype),
-    )
+    return dx.view(x.shape), d_up_w.to(up_w.dtype), d_up_b.to(up_b.dtype), d_down_w.to(down_w.dtype), sums
 
 
 # ----------------------------------------------------------------------------- autograd (eager)
@@ -676,7 +670,7 @@ class ResidualNormFunction(torch.autograd.Function):
             x, residual, weight, bias, norm_weight, norm_bias, eps, dropout_p, seed, store_mask
         )
         ctx.save_for_backward(x, weight, norm_weight, pre, mean, rstd)  # x, not its copy: views keep sharing storage
-        ctx.cfg = (dropout_p, seed, bias.dtype, norm_bias.dtype)
+        ctx.cfg = (dropout_p, seed, (norm_weight.dtype, norm_bias.dtype, bias.dtype))
         if mask is not None:
             ctx.mark_non_differentiable(mask)
         return out, mask
@@ -684,12 +678,12 @@ class ResidualNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dmask):
         x, weight, norm_weight, pre, mean, rstd = ctx.saved_tensors
-        dropout_p, seed, bias_dtype, norm_bias_dtype = ctx.cfg
-        grads = _res_norm_bwd(
-            dout, x, weight, norm_weight, pre, mean, rstd, dropout_p, seed, bias_dtype, norm_bias_dtype,
-            ctx.needs_input_grad,
-        )  # fmt: skip
-        return (*grads, None, None, None, None)
+        dropout_p, seed, dtypes = ctx.cfg
+        dx, dres, dw, sums = _res_norm_bwd(
+            dout, x, weight, pre, mean, rstd, norm_weight, dropout_p, seed, ctx.needs_input_grad
+        )
+        dnw, dnb, db = _cast_rows(sums, dtypes)
+        return dx, dres, dw, db, dnw, dnb, None, None, None, None
 
 
 class FFNFunction(torch.autograd.Function):
@@ -702,7 +696,7 @@ class FFNFunction(torch.autograd.Function):
         )
         # x itself, not its (rows, H) copy: a view such as x[:, :32] shares the caller's storage.
         ctx.save_for_backward(x, up_w, up_b, down_w, norm_w, pre, mean, rstd, kept)
-        ctx.cfg = (dropout_p, seed, chunk_rows, down_b.dtype, norm_b.dtype)
+        ctx.cfg = (dropout_p, seed, chunk_rows, (norm_w.dtype, norm_b.dtype, down_b.dtype))
         if mask is not None:
             ctx.mark_non_differentiable(mask)
         return out, mask
@@ -710,8 +704,12 @@ class FFNFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dmask):
         x, up_w, up_b, down_w, norm_w, pre, mean, rstd, kept = ctx.saved_tensors
-        grads = _ffn_bwd(dout, x, up_w, up_b, down_w, norm_w, pre, mean, rstd, kept, *ctx.cfg)
-        return (*grads, None, None, None, None, None, None)
+        dropout_p, seed, chunk_rows, dtypes = ctx.cfg
+        dx, d_up_w, d_up_b, d_down_w, sums = _ffn_bwd(
+            dout, x, up_w, up_b, down_w, norm_w, pre, mean, rstd, kept, dropout_p, seed, chunk_rows
+        )
+        dnw, dnb, d_down_b = _cast_rows(sums, dtypes)
+        return dx, d_up_w, d_up_b, d_down_w, d_down_b, dnw, dnb, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- custom ops (torch.compile)
@@ -750,16 +748,14 @@ def _res_norm_bwd_op(
     dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, norm_weight: torch.Tensor,
     norm_bias: torch.Tensor, pre: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, seed: torch.Tensor,
     dropout_p: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    return _res_norm_bwd(
-        dout, x, weight, norm_weight, pre, mean, rstd, dropout_p, _present(seed), bias.dtype, norm_bias.dtype,
-        (True, True, True),
-    )  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    return _res_norm_bwd(dout, x, weight, pre, mean, rstd, norm_weight, dropout_p, _present(seed), (True, True, True))
 
 
 @_res_norm_bwd_op.register_fake
 def _(dout, x, weight, bias, norm_weight, norm_bias, pre, mean, rstd, seed, dropout_p):
-    return tuple(torch.empty_like(t) for t in (x, dout, weight, bias, norm_weight, norm_bias))
+    sums = pre.new_empty(3, pre.shape[1], dtype=torch.float32)
+    return torch.empty_like(x), torch.empty_like(dout), torch.empty_like(weight), sums
 
 
 def _res_norm_setup(ctx, inputs, output):
@@ -770,8 +766,11 @@ def _res_norm_setup(ctx, inputs, output):
 
 def _res_norm_op_backward(ctx, dout, _dpre, _dmean, _drstd):
     x, weight, bias, norm_weight, norm_bias, pre, mean, rstd, seed = ctx.saved_tensors
-    grads = _res_norm_bwd_op(dout, x, weight, bias, norm_weight, norm_bias, pre, mean, rstd, seed, ctx.dropout_p)
-    return (*grads, None, None, None)
+    dx, dres, dw, sums = _res_norm_bwd_op(
+        dout, x, weight, bias, norm_weight, norm_bias, pre, mean, rstd, seed, ctx.dropout_p
+    )
+    dnw, dnb, db = _cast_rows(sums, (norm_weight.dtype, norm_bias.dtype, bias.dtype))
+    return dx, dres, dw, db, dnw, dnb, None, None, None
 
 
 _res_norm_fwd_op.register_autograd(_res_norm_op_backward, setup_context=_res_norm_setup)
@@ -802,17 +801,17 @@ def _ffn_bwd_op(
     dout: torch.Tensor, x: torch.Tensor, up_w: torch.Tensor, up_b: torch.Tensor, down_w: torch.Tensor,
     down_b: torch.Tensor, norm_w: torch.Tensor, norm_b: torch.Tensor, pre: torch.Tensor, mean: torch.Tensor,
     rstd: torch.Tensor, kept: torch.Tensor, seed: torch.Tensor, dropout_p: float, chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: E501  # fmt: skip
-    chunk_rows = _chunk_rows(x, chunk_size)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     return _ffn_bwd(
-        dout, x, up_w, up_b, down_w, norm_w, pre, mean, rstd, _present(kept), dropout_p, _present(seed), chunk_rows,
-        down_b.dtype, norm_b.dtype,
+        dout, x, up_w, up_b, down_w, norm_w, pre, mean, rstd, _present(kept), dropout_p, _present(seed),
+        _chunk_rows(x, chunk_size),
     )  # fmt: skip
 
 
 @_ffn_bwd_op.register_fake
 def _(dout, x, up_w, up_b, down_w, down_b, norm_w, norm_b, pre, mean, rstd, kept, seed, dropout_p, chunk_size):
-    return tuple(torch.empty_like(t) for t in (x, up_w, up_b, down_w, down_b, norm_w, norm_b))
+    sums = pre.new_empty(3, pre.shape[1], dtype=torch.float32)
+    return (*(torch.empty_like(t) for t in (x, up_w, up_b, down_w)), sums)
 
 
 def _ffn_setup(ctx, inputs, output):
@@ -823,8 +822,11 @@ def _ffn_setup(ctx, inputs, output):
 
 def _ffn_op_backward(ctx, dout, *_):
     x, up_w, up_b, down_w, down_b, norm_w, norm_b, pre, mean, rstd, kept, seed = ctx.saved_tensors
-    grads = _ffn_bwd_op(dout, x, up_w, up_b, down_w, down_b, norm_w, norm_b, pre, mean, rstd, kept, seed, *ctx.args)
-    return (*grads, None, None, None, None, None)
+    *grads, sums = _ffn_bwd_op(
+        dout, x, up_w, up_b, down_w, down_b, norm_w, norm_b, pre, mean, rstd, kept, seed, *ctx.args
+    )
+    dnw, dnb, d_down_b = _cast_rows(sums, (norm_w.dtype, norm_b.dtype, down_b.dtype))
+    return (*grads, d_down_b, dnw, dnb, None, None, None, None, None)
 
 
 _ffn_fwd_op.register_autograd(_ffn_op_backward, setup_context=_ffn_setup)
