@@ -952,3 +952,40 @@ class FeatureCache:
             if self._filled.all():
                 self._finish()
         return torch.from_numpy(np.array(self._array[idx]))
+
+
+def write_shapes(folder: str | Path, n: int, image_size: int = 64, seed: int = 1234) -> dict[str, str]:
+    """``n`` synthetic scenes as ``<folder>/<i>.png`` and their captions as ``<folder>/captions.json``
+    (``{"0.png": caption, ...}``): images of what the embedded default trains on, from a seed its training
+    split does not use. Returns the captions."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shapes = SyntheticShapes(n, image_size=image_size, seed=seed)
+    captions = {}
+    for i in range(n):
+        sample = shapes[i]
+        sample["image"].save(folder / f"{i}.png")
+        captions[f"{i}.png"] = sample["caption"]
+    (folder / "captions.json").write_text(json.dumps(captions, indent=1))
+    return captions
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m blip2_fast.data", description="Write synthetic scenes of the embedded default to a folder."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    shapes = sub.add_parser("shapes", help="<folder>/<i>.png and <folder>/captions.json")
+    shapes.add_argument("folder")
+    shapes.add_argument("--n", type=int, default=8)
+    shapes.add_argument("--image-size", type=int, default=64)
+    shapes.add_argument("--seed", type=int, default=1234)
+    args = parser.parse_args(argv)
+    captions = write_shapes(args.folder, args.n, args.image_size, args.seed)
+    print(f"wrote {len(captions)} images and captions.json to {args.folder}")
+
+
+if __name__ == "__main__":
+    main()
