@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from blip2_fast import distributed
 from blip2_fast.losses import similarity
@@ -140,15 +141,21 @@ def retrieval_scores(
         row[top_idx] = candidates
         return row
 
+    # the ITM re-ranking is most of the time (k_test matching passes per image and per text): shown as it goes
+    bar = tqdm(total=len(range(rank, n_img, world)) + len(range(rank, n_txt, world)), desc="ITM re-ranking",
+               unit="query", disable=rank != 0, leave=False)  # fmt: skip
     score_i2t = torch.zeros(n_img, n_txt, device=device)
     for i in range(rank, n_img, world):
         top_sim, top_idx = sim_i2t[i].topk(k_i2t)
         score_i2t[i] = ranked(sim_i2t[i], top_idx, itm_score(torch.full((k_i2t,), i, device=device), top_idx) + top_sim)
+        bar.update()
     score_t2i = torch.zeros(n_txt, n_img, device=device)
     sim_t2i = sim_i2t.t()
     for t in range(rank, n_txt, world):
         top_sim, top_idx = sim_t2i[t].topk(k_t2i)
         score_t2i[t] = ranked(sim_t2i[t], top_idx, itm_score(top_idx, torch.full((k_t2i,), t, device=device)) + top_sim)
+        bar.update()
+    bar.close()
     distributed.all_reduce_sum(score_i2t)
     distributed.all_reduce_sum(score_t2i)
     return score_i2t, score_t2i
