@@ -1049,6 +1049,14 @@ def start_run(config) -> tuple[torch.device, Path, Path]:
     return device, run_dir, ckpt_dir
 
 
+def is_terminal(stream) -> bool:
+    """Whether ``stream`` is a terminal: elsewhere (CI logs, nohup, SLURM files) progress prints as lines."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
 def compile_step(module: torch.nn.Module, mode: str | None, device: torch.device, zero_stage: int) -> None:
     """``train.compile``: the module's forward (and so its backward) compiled in place as one graph.
 
@@ -1170,7 +1178,10 @@ def run(config: TrainConfig) -> dict[str, Any]:
     vision_dtype = next(vision.parameters()).dtype
     end = t.stop_after or t.steps
     history: list[dict[str, float]] = []
-    bar = tqdm(total=end, initial=step, desc=f"stage 1 ({world} rank{'s' if world > 1 else ''})", disable=rank != 0)
+    # not a terminal: a plain line every log_every steps instead of the bar
+    plain = rank == 0 and not is_terminal(sys.stderr)
+    desc = f"stage 1 ({world} rank{'s' if world > 1 else ''})"
+    bar = tqdm(total=end, initial=step, desc=desc, disable=rank != 0 or plain)
     engine.train()
     stream = batches.iterate(micro_step)
     acc: torch.Tensor | None = None  # this step's (loss, itc, itm, itg, temp) so far, on the device
@@ -1232,6 +1243,13 @@ def run(config: TrainConfig) -> dict[str, Any]:
                         "sec_per_step": round(elapsed / t.log_every, 4),
                     }
                 )
+                if plain:
+                    print(
+                        f"stage 1: step {step}/{end}  itc {record['itc']:.4f}  itm {record['itm']:.4f}  "
+                        f"itg {record['itg']:.4f}  lr {lr:.3g}  {elapsed / t.log_every:.2f} s/step",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         # evaluate before the checkpoint of the same step, so that a crash mid-evaluation replays it on resume;
         # at train.stop_after too, as an uninterrupted run would (the last step's is the final evaluation's)
         if evaluating:

@@ -61,6 +61,7 @@ from blip2_fast.train import (  # noqa: E402
     TrainSection,
     build_datasets,
     deepspeed_config,
+    is_terminal,
     lr_at,
     param_groups,
     parse_overrides,
@@ -616,13 +617,6 @@ def caption_held_out(model, tokenizer, config: Stage2Config, device: torch.devic
 COLLAPSED_QUERIES = 0.05
 
 
-def _is_terminal(stream) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):  # no isatty, or a closed stream
-        return False
-
-
 def progress_line(step: int, end: int, loss: float, lr: float, sec_per_step: float) -> str:
     """One training progress line, as printed every ``train.log_every`` steps when stderr is not a terminal."""
     return f"stage 2: step {step}/{end}  loss {loss:.4f}  lr {lr:.3g}  {sec_per_step:.2f} s/step"
@@ -698,7 +692,7 @@ def run(config: Stage2Config) -> dict[str, Any]:
     end = t.stop_after or t.steps
     history: list[float] = []
     # not a terminal (CI logs, nohup, SLURM files): a plain line every log_every steps instead of the bar
-    plain = rank == 0 and not _is_terminal(sys.stderr)
+    plain = rank == 0 and not is_terminal(sys.stderr)
     bar = tqdm(
         total=end, initial=step, desc=f"stage 2 ({world} rank{'s' if world > 1 else ''})", disable=rank != 0 or plain
     )

@@ -753,3 +753,17 @@ def test_a_compiled_step_trains_as_eager(tmp_path):
     for eager, compiled in zip(runs["null"], runs["aot_eager"], strict=True):
         for key in ("loss", "itc", "itm", "itg"):
             assert compiled[key] == pytest.approx(eager[key], rel=1e-5), (key, runs)
+
+
+@pytest.mark.slow
+def test_a_progress_line_every_log_every_steps_off_a_terminal(tmp_path):
+    """With stderr a file (CI logs, nohup, SLURM), each log step prints one plain line instead of the bar."""
+    common = TINY + [("train.output_dir", str(tmp_path)), ("train.evaluate", "false"), ("train.zero_stage", "1")]
+    script = f"from blip2_fast.train import load_config, run\nrun(load_config(None, {common!r}))\n"
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=1200
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("stage 1: step ")]
+    assert [line.split()[3] for line in lines] == ["1/2", "2/2"], proc.stderr[-2000:]
+    assert " itc " in lines[0] and " s/step" in lines[0]
