@@ -367,6 +367,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _announce_cpu_op_build() -> None:
+    """On CPU, DeepSpeed compiles its shared-memory communication op the first time, silently: say so."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        built = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "deepspeed_shm_comm.so"
+    except Exception:  # a torch without the helper: nothing to tell
+        return
+    if not built.is_file():
+        print(
+            f"DeepSpeed is building its CPU communication op (once, a minute or more; kept in {built.parent})",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def init_distributed() -> torch.device:
     """Start (or join) the process group DeepSpeed's launcher describes; a lone process makes a group of one."""
     import deepspeed
@@ -377,6 +393,8 @@ def init_distributed() -> torch.device:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not distributed.is_distributed():
+        if get_accelerator().device_name() == "cpu" and os.environ.get("LOCAL_RANK", "0") == "0":
+            _announce_cpu_op_build()
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     accel = get_accelerator()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

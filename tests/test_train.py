@@ -767,3 +767,15 @@ def test_a_progress_line_every_log_every_steps_off_a_terminal(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("stage 1: step ")]
     assert [line.split()[3] for line in lines] == ["1/2", "2/2"], proc.stderr[-2000:]
     assert " itc " in lines[0] and " s/step" in lines[0]
+
+
+def test_the_first_cpu_run_says_deepspeed_builds_its_op(tmp_path, monkeypatch, capsys):
+    from blip2_fast.train import _announce_cpu_op_build
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # where torch builds and finds extensions
+    _announce_cpu_op_build()
+    assert "DeepSpeed is building its CPU communication op" in capsys.readouterr().err
+    (tmp_path / "deepspeed_shm_comm").mkdir(exist_ok=True)
+    (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
+    _announce_cpu_op_build()  # built: nothing to say
+    assert capsys.readouterr().err == ""
