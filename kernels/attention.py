@@ -508,9 +508,7 @@ def _last_valid_plus_one(key_padding: torch.Tensor) -> torch.Tensor:
     hit = _vector_lengths.get(key)
     if hit is not None and hit[0] is key_padding:
         return hit[1]
-    n_keys = key_padding.shape[1]
-    idx = torch.arange(1, n_keys + 1, device=key_padding.device, dtype=torch.int32)
-    lengths = (key_padding.to(torch.int32) * idx).amax(dim=1).to(torch.int32)
+    lengths = _lengths_of(key_padding)
     _vector_lengths[key] = (key_padding, lengths)
     while len(_vector_lengths) > _LENGTHS_CACHE_SIZE:
         _vector_lengths.popitem(last=False)
@@ -542,6 +540,7 @@ def _padding_args(
 
 
 def _lengths_of(key_padding: torch.Tensor) -> torch.Tensor:
+    """(B,) int32: one past each sequence's last valid key."""
     idx = torch.arange(1, key_padding.shape[1] + 1, device=key_padding.device, dtype=torch.int32)
     return (key_padding.to(torch.int32) * idx).amax(dim=1).to(torch.int32)
 
