@@ -89,9 +89,14 @@ def test_qformer_forward(benchmark, request, rounds, impl, backend, dtype, e2e_b
     )
 
 
-def stage1_step(request: pytest.FixtureRequest, backend: str, dtype: torch.dtype, batch: int, compiled: bool):
-    """One training step's callable: ITC + ITM + ITG forward, backward and AdamW; with ``compiled`` each
-    Q-Former layer goes through torch.compile (inductor) first."""
+COMPILE_MODES = {"compile": None, "cudagraphs": "reduce-overhead"}  # label -> torch.compile mode
+
+
+def stage1_step(request: pytest.FixtureRequest, backend: str, dtype: torch.dtype, batch: int, compiled: str | None):
+    """One training step's callable: ITC + ITM + ITG forward, backward and AdamW (fused on CUDA, as training
+    runs it). ``compiled`` names a key of ``COMPILE_MODES``: the whole loss, forward and backward, as one
+    inductor graph (``fullgraph=True``, as ``--train.compile`` builds it), ``cudagraphs`` replayed from CUDA
+    graphs."""
     require_backend(request, backend, backward=True)
     try:
         from blip2_fast.losses import Stage1Loss
@@ -104,11 +109,10 @@ def stage1_step(request: pytest.FixtureRequest, backend: str, dtype: torch.dtype
             f"flex has no attention dropout and the step trains with BLIP-2's "
             f"attention_probs_dropout_prob={cfg.attention_probs_dropout_prob}"
         )
-    if compiled:
-        for layer in model.layers:
-            layer.compile()
     objective = Stage1Loss(model, bos_token_id=cfg.vocab_size - 1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05)
+    if compiled:
+        objective.compile(fullgraph=True, mode=COMPILE_MODES[compiled])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05, fused=CUDA or None)
     image = torch.randn(batch, N_IMAGE, cfg.encoder_width, device=DEVICE, dtype=dtype)
     ids, mask = text_batch(batch, cfg.vocab_size)
     image_ids = torch.arange(batch, device=DEVICE)
@@ -137,18 +141,18 @@ def _measure_step(benchmark, request, rounds, step, label: str, dtype: torch.dty
 
 
 def test_stage1_step(benchmark, request, rounds, backend, dtype, e2e_batch):
-    step = stage1_step(request, backend, dtype, e2e_batch, compiled=False)
+    step = stage1_step(request, backend, dtype, e2e_batch, compiled=None)
     _measure_step(benchmark, request, rounds, step, backend, dtype, e2e_batch, warmup=1)
 
 
-# Last: the step is host-bound at small batches (~10,000 eager ops); whether compiling the layers helps is
-# measured where a time budget allows. GPU only: inductor on CPU compiles for minutes, and CPU is not where
-# anyone trains.
-def test_stage1_step_compiled(benchmark, request, rounds, backend, dtype, e2e_batch):
+# Last: the step is host-bound at small batches (~10,000 eager ops); how much compiling the whole loss (and
+# replaying it from CUDA graphs) takes off is measured where a time budget allows. GPU only: inductor on CPU
+# compiles for minutes, and CPU is not where anyone trains.
+@pytest.mark.parametrize("mode", list(COMPILE_MODES))
+@pytest.mark.parametrize("compiled_backend", ["triton", "sdpa"])  # its own axis: triton first, within each batch
+def test_stage1_step_compiled(benchmark, request, rounds, compiled_backend, dtype, e2e_batch, mode):
     if not CUDA:
         pytest.skip("compiled step: GPU only (inductor on CPU compiles for minutes)")
-    if backend not in ("sdpa", "triton"):
-        pytest.skip(f"compiled step: measured for sdpa and triton, not {backend}")
-    step = stage1_step(request, backend, dtype, e2e_batch, compiled=True)
-    # two warm-up steps: the first compiles, the second would show any recompile outside the timing
-    _measure_step(benchmark, request, rounds, step, f"{backend}+compile", dtype, e2e_batch, warmup=2)
+    step = stage1_step(request, compiled_backend, dtype, e2e_batch, compiled=mode)
+    # three warm-up steps: the first compiles, CUDA graphs record on the second, the third shows any recompile
+    _measure_step(benchmark, request, rounds, step, f"{compiled_backend}+{mode}", dtype, e2e_batch, warmup=3)

@@ -77,7 +77,8 @@ SIZE_SETS = {
         (torch.float32,), (2,), (2,), (2,), (1, 8), (2,), rounds=5, model_preset="minilm", model_layers=2
     ),
     ("cpu", False): Sizes((torch.float32,), (8,), (8,), (4,), (1, 8, 32), (4,), rounds=5),
-    ("cuda", True): Sizes((torch.bfloat16,), (64,), (64,), (16,), (1, 32), (32,), rounds=10),
+    # the stage-1 step at B=32 and at LAVIS's 100 images per GPU
+    ("cuda", True): Sizes((torch.bfloat16,), (64,), (64,), (16,), (1, 32), (32, 100), rounds=10),
     ("cuda", False): Sizes(
         (torch.bfloat16, torch.float16), (8, 64, 256), (8, 64, 256), (1, 16), (1, 8, 32), (32, 128), rounds=20
     ),

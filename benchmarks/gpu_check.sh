@@ -16,7 +16,8 @@
 #
 # Without a GPU it stops at once with one line on stderr and exit status 2. Every step has a time
 # limit, so it never hangs. Environment: PYTHON (default python3), BENCH_SIZE (quick|full),
-# PARITY_TIMEOUT / BENCH_TIMEOUT (seconds), PARITY_TESTS (test files to run on CUDA), BENCH_FILES (in order).
+# PARITY_TIMEOUT / BENCH_TIMEOUT / BENCH_GRACE (seconds), PARITY_TESTS (test files to run on CUDA), BENCH_FILES (in order),
+# BENCH_SELECT (a pytest -k expression applied to every benchmark file, e.g. "not flex and not xformers").
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 2
@@ -25,6 +26,7 @@ wheels=benchmarks/wheels
 results=benchmarks/results
 parity_timeout=${PARITY_TIMEOUT:-150}
 bench_timeout=${BENCH_TIMEOUT:-260} # all benchmark files together
+grace=${BENCH_GRACE:-60}             # how long a test begun inside the benchmark time may run on past it
 # most telling first: a file's share is a weighted part of the benchmark time the files before it left
 bench_files=${BENCH_FILES:-benchmarks/bench_e2e.py benchmarks/bench_mask.py benchmarks/bench_kvcache.py \
     benchmarks/bench_cross.py benchmarks/bench_ffn.py benchmarks/bench_tiles.py}
@@ -105,12 +107,16 @@ run_step parity "$parity_timeout" "$python" -m pytest $parity_tests -q -p no:cac
 # One pytest run per file, each with its own JSON: a run stopped by a signal writes none, so each gets a
 # share of the benchmark time (by weight; what one leaves unused goes to those after it) as --time-budget,
 # which skips the tests left once spent and lets the run end normally. A hard limit backs it up, never past
-# the benchmark time's end by more than a minute. After each file the parts so far are merged into the results.
+# the benchmark time's end by more than BENCH_GRACE seconds (a compile begun late must be let finish: a file
+# stopped by the limit leaves no results). After each file the parts so far are merged into the results.
 mkdir -p "$results" "$logs/parts"
 size_flag=--quick
 [ "${BENCH_SIZE:-quick}" = full ] && size_flag=
-# shares by weight: the whole stage-1 step (bench_e2e) took 82 s on a warm H100, the mask paths 30 s, ffn 5 s
-weight() { case $(basename "$1" .py) in bench_e2e) echo 4 ;; bench_ffn | bench_cross | bench_tiles) echo 1 ;; *) echo 3 ;; esac; }
+select=()
+[ -n "${BENCH_SELECT:-}" ] && select=(-k "$BENCH_SELECT")
+# shares by weight: the eager stage-1 steps (bench_e2e) took 82 s on a warm H100, the mask paths 30 s, ffn 5 s;
+# the compiled steps add an inductor compile each
+weight() { case $(basename "$1" .py) in bench_e2e) echo 6 ;; bench_ffn | bench_cross | bench_tiles) echo 1 ;; *) echo 3 ;; esac; }
 bench_end=$((SECONDS + bench_timeout))
 weights_left=0
 for file in $bench_files; do weights_left=$((weights_left + $(weight "$file"))); done
@@ -119,11 +125,11 @@ for file in $bench_files; do
     share=$(((bench_end - SECONDS) * $(weight "$file") / weights_left))
     weights_left=$((weights_left - $(weight "$file")))
     [ "$share" -lt 10 ] && share=10
-    limit=$((share + 60))
-    [ $((SECONDS + limit)) -gt $((bench_end + 60)) ] && limit=$((bench_end + 60 - SECONDS))
+    limit=$((share + grace))
+    [ $((SECONDS + limit)) -gt $((bench_end + grace)) ] && limit=$((bench_end + grace - SECONDS))
     [ "$limit" -lt $((share + 10)) ] && limit=$((share + 10))
     # shellcheck disable=SC2086  # an empty $size_flag must vanish
-    run_step "$stem" "$limit" "$python" -m pytest "$file" --benchmark-only $size_flag -q -rs \
+    run_step "$stem" "$limit" "$python" -m pytest "$file" --benchmark-only $size_flag "${select[@]}" -q -rs \
         -p no:cacheprovider --time-budget "$share" --benchmark-json="$logs/parts/$stem.json" \
         --benchmark-columns=median,rounds
     "$python" benchmarks/report.py --merge "$results/$name.json" "$logs"/parts/*.json >/dev/null 2>"$logs/merge.log"

@@ -98,7 +98,6 @@ def triton_problem() -> str | None:
 
 def _make_driver():
     """Build the stand-in driver class (deferred: triton's CUDA backend must import first)."""
-    from triton._instrumentation import is_enabled
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.driver import CudaDriver, CudaLauncher, wrap_handle_tensordesc
 
@@ -107,7 +106,12 @@ def _make_driver():
         once per kernel (argument annotations, signature metadata), ``launch`` the counter."""
 
         def __init__(self, src, metadata):
-            self.gsan_enabled = is_enabled(metadata, "gsan")
+            try:  # Triton 3.9's sanitizer switch; 3.6 has none
+                from triton._instrumentation import is_enabled
+
+                self.gsan_enabled = is_enabled(metadata, "gsan")
+            except ImportError:
+                pass
             self.arg_annotations = None
             self.kernel_signature = None
             self.num_ctas = getattr(metadata, "num_ctas", 1)
