@@ -770,7 +770,7 @@ def attention(
     Under ``torch.compile`` the kernels run as the custom ops ``blip2_fast::attention_fwd`` / ``_bwd``
     (the debug keywords ``return_dropout_mask`` and ``config`` are eager-only).
     """
-    mask_kind = MaskKind(mask_kind)
+    mask_kind = mask_kind if isinstance(mask_kind, MaskKind) else MaskKind(mask_kind)  # torch 2.11 cannot trace Enum()
     _check_qkv(q, k, v, n_query, mask_kind)
     _check_inputs(q, k, v)
     if not 0.0 <= dropout_p < 1.0:
