@@ -98,8 +98,10 @@ run_step() { # name, timeout, command...
 workers=
 has xdist && workers="-n 8"
 # the ahead-of-time compile checks need no GPU and run in CI: here they would only take time
+# -v -rf: one line per test as it ends, so a run stopped at its limit (xdist's workers outlive the SIGINT,
+# and the kill leaves no summary) still names what failed
 # shellcheck disable=SC2086  # lists on purpose
-run_step parity "$parity_timeout" "$python" -m pytest $parity_tests -q -p no:cacheprovider $workers \
+run_step parity "$parity_timeout" "$python" -m pytest $parity_tests -v -rf -p no:cacheprovider $workers \
     -k "not compiles_without_spills"
 [ -n "${OUT:-}" ] && cp "$logs/parity.log" "$OUT"/ # what each step leaves reaches $OUT at once: the caller may stop us
 
@@ -146,7 +148,11 @@ if [ -s "$results/$name.json" ]; then
     {
         echo "# GPU check: $device, $stamp UTC"
         echo
-        echo "$versions. GPU parity tests: $(grep -hE '(passed|failed|error)' "$logs"/parity.log | tail -1)"
+        summary=$(grep -hE '^=+ .*(passed|failed|error)' "$logs"/parity.log | tail -1)
+        [ -z "$summary" ] && summary="stopped at the limit before its summary: $(grep -c PASSED "$logs"/parity.log) \
+passed, $(grep -c FAILED "$logs"/parity.log) failed so far"
+        echo "$versions. GPU parity tests: $summary"
+        grep -h "FAILED" "$logs"/parity.log | sed 's/^/    /' | sort -u
         echo
         echo "Benchmark runs (\`--quick\` unless BENCH_SIZE=full; each file's last line, tests skipped by its time budget included):"
         echo

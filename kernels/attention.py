@@ -524,9 +524,11 @@ def _padding_args(
         key_valid_mask(B, n_keys, key_padding, key_lengths, q.device)  # validates; computes nothing for a vector
         if key_padding.device != q.device:
             raise ValueError(f"key_padding must be on {q.device}, got {key_padding.device}")
-        # under torch.compile the per-tensor cache would be a guard on object identity: compute it in the graph
-        lengths = _lengths_of(key_padding) if torch.compiler.is_compiling() else _last_valid_plus_one(key_padding)
-        return _PAD_VECTOR, lengths, key_padding.view(torch.uint8)
+        # under torch.compile the per-tensor cache would be a guard on object identity: compute it in the graph;
+        # and there a cast, since torch 2.11's inductor cannot lower a bool tensor viewed as uint8
+        if torch.compiler.is_compiling():
+            return _PAD_VECTOR, _lengths_of(key_padding), key_padding.to(torch.uint8)
+        return _PAD_VECTOR, _last_valid_plus_one(key_padding), key_padding.view(torch.uint8)
     if key_lengths is not None:
         if key_lengths.shape != (B,) or key_lengths.is_floating_point() or key_lengths.dtype == torch.bool:
             raise ValueError(
