@@ -593,15 +593,46 @@ def _read_pth(path: Path, trust_pickle: bool, what: str) -> dict[str, torch.Tens
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as err:  # pickle errors come in many types
-        raise ValueError(
-            f"{path}: could not read it as a weights-only checkpoint ({err}); "
-            "if you trust the file, pass trust_pickle=True"
-        ) from err
+        raise ValueError(unreadable_pickle(path, err)) from err
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     state = dict(state) if isinstance(state, dict) else {}
     if memo is not None:
         memo[key] = state
     return dict(state)
+
+
+def check_weights_only(path: str | Path, allowed: Iterable[type] = ()) -> None:
+    """Refuse ``path`` (a ``ValueError`` naming it) unless it unpickles weights-only: tensors, plain containers
+    and the ``allowed`` classes. For files that something else then reads with full pickle (DeepSpeed's),
+    whose code would otherwise run. Tensors are memory-mapped, not read."""
+    allowed = list(allowed)
+    try:
+        with torch.serialization.safe_globals(allowed):
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # pickle errors come in many types
+        raise ValueError(unreadable_pickle(Path(path), err, allowed)) from None
+
+
+def unreadable_pickle(path: Path, err: Exception, allowed: Iterable[type] = ()) -> str:
+    """One line on why ``torch.load(path, weights_only=True)`` failed: objects that would run code (named), or
+    a damaged file."""
+    try:  # lists the globals a pickle names without running any
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        found = []
+    known = {f"{t.__module__}.{t.__qualname__}" for t in allowed}
+    unsafe = sorted(set(found) - known)
+    if unsafe:
+        return (
+            f"{path}: refused: it holds objects other than tensors and plain containers ({', '.join(unsafe)}), "
+            "and unpickling those can run any code"
+        )
+    text = " ".join(str(err).split())
+    if "WeightsUnpickler error:" in text:  # torch's advice around it would be to load unsafely: left out
+        detail = text.split("WeightsUnpickler error:", 1)[1].split(" Check the documentation")[0].strip()
+        return f"{path}: refused by the weights-only reader (which runs no code): {detail}"
+    first = text.split(". ")[0] or type(err).__name__
+    return f"{path}: not a complete PyTorch weights file (truncated or damaged?): {first}"
 
 
 def _read_lavis(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:

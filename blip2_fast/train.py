@@ -39,8 +39,10 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
     del sys.path[0]
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import csv  # noqa: E402
 import dataclasses  # noqa: E402
+import fcntl  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -50,6 +52,7 @@ import shutil  # noqa: E402
 import socket  # noqa: E402
 import time  # noqa: E402
 import typing  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, TypeVar  # noqa: E402
 
@@ -755,6 +758,77 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
+def _rng_file(folder: Path, rank: int) -> Path:
+    return folder / f"rng_rank{rank:05d}.safetensors"
+
+
+def save_rng(path: Path) -> None:
+    """This process's torch / numpy / python (and CUDA) RNG state as safetensors: no pickle for a resume to run.
+    Floats go into the metadata as ``float.hex`` (exact)."""
+    from safetensors.torch import save_file
+
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, words, gauss_next = random.getstate()
+    tensors = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(keys.astype(np.int64)),
+        "python": torch.tensor(words, dtype=torch.int64),  # 32-bit words and an index: int64 holds them
+    }
+    if (cuda := _cuda_rng()) is not None:
+        tensors["cuda"] = cuda
+    meta = {
+        "numpy_pos": str(pos),
+        "numpy_has_gauss": str(has_gauss),
+        "numpy_gauss": float(gauss).hex(),
+        "python_version": str(version),
+        "python_gauss_next": "none" if gauss_next is None else float(gauss_next).hex(),
+    }
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_rng(path: Path) -> dict[str, Any]:
+    """The state :func:`save_rng` wrote, for :func:`_set_rng_state` (and ``"cuda"``: a tensor or None)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no mapping)
+        gauss_next = meta["python_gauss_next"]
+        return {
+            "torch": tensors["torch"],
+            "numpy": (
+                "MT19937",
+                tensors["numpy"].numpy().astype(np.uint32),
+                int(meta["numpy_pos"]),
+                int(meta["numpy_has_gauss"]),
+                float.fromhex(meta["numpy_gauss"]),
+            ),
+            "python": (
+                int(meta["python_version"]),
+                tuple(tensors["python"].tolist()),
+                None if gauss_next == "none" else float.fromhex(gauss_next),
+            ),
+            "cuda": tensors.get("cuda"),
+        }
+    except Exception as err:  # safetensors, a missing key and a bad number each raise their own type
+        raise ValueError(f"{path}: not an RNG state this project wrote ({type(err).__name__}: {err})") from None
+
+
+def _load_legacy_rng(path: Path) -> dict[str, Any]:
+    """``rng_rank*.pt`` of a checkpoint written before :func:`save_rng`: a torch.save dict of tensors, numpy's
+    state (an array in a tuple) and python's (tuples of ints), read weights-only with numpy's array allowed."""
+    from blip2_fast.checkpoint import unreadable_pickle
+
+    core = getattr(np, "_core", None) or np.core  # numpy 2 moved it; the pickle names where it lives
+    allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), core.multiarray._reconstruct]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(unreadable_pickle(path, err, allowed)) from None
+
+
 def run_facts(config) -> dict[str, int]:
     """What a resumed run must share with its checkpoint: the global batch (batch size x ranks), where
     accumulation ends and the seed of the data order, for the data position and schedule to carry over, and
@@ -788,7 +862,7 @@ def save_checkpoint(engine, folder: Path, step: int, micro_step: int, keep: int,
     client = {"step": step, "micro_step": micro_step, "sampler": stage1.sampler.state_dict()}
     # frozen weights (a stage-2 LLM) come from their own files: a checkpoint holds what training changes
     engine.save_checkpoint(str(folder), tag=tmp, client_state=client, save_latest=False, exclude_frozen_parameters=True)
-    torch.save({**_rng_state(), "cuda": _cuda_rng()}, folder / tmp / f"rng_rank{rank:05d}.pt")
+    save_rng(_rng_file(folder / tmp, rank))
     distributed.barrier()
     if rank == 0:
         (folder / tmp / "run.json").write_text(json.dumps(facts))
@@ -832,18 +906,40 @@ def load_checkpoint(engine, folder: Path, facts: dict[str, int]) -> tuple[int, i
                 f"train.resume: {folder / tag} was written with other settings ({diff}); resume with the "
                 "checkpoint's (train.batch_size, train.grad_accum, ranks, train.seed, model.freeze_vit) or start anew"
             )
+    rng = _read_rng(folder / tag, distributed.get_rank())
+    # DeepSpeed unpickles its files in full: each must first pass as tensors and plain containers
+    from blip2_fast.checkpoint import check_weights_only
+
+    for file in sorted((folder / tag).glob("*.pt")):
+        check_weights_only(file, deepspeed_checkpoint_types())
     path, client = engine.load_checkpoint(str(folder), tag=tag, load_module_strict=False)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {folder / tag}")
     engine.module.sampler.load_state_dict(client["sampler"])
-    rng_file = folder / tag / f"rng_rank{distributed.get_rank():05d}.pt"
-    if not rng_file.is_file():
-        raise FileNotFoundError(f"{rng_file} missing: was the checkpoint written by a run with another world size?")
-    rng = torch.load(rng_file, weights_only=False)
     _set_rng_state(rng)
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return int(client["step"]), int(client["micro_step"])
+
+
+def _read_rng(folder: Path, rank: int) -> dict[str, Any]:
+    """This rank's RNG state in checkpoint ``folder`` (a legacy ``.pt`` when it holds no safetensors one)."""
+    path, legacy = _rng_file(folder, rank), folder / f"rng_rank{rank:05d}.pt"
+    if path.is_file():
+        return load_rng(path)
+    if legacy.is_file():
+        return _load_legacy_rng(legacy)
+    raise FileNotFoundError(f"{path} missing: was the checkpoint written by a run with another world size?")
+
+
+def deepspeed_checkpoint_types() -> list[type]:
+    """The classes DeepSpeed 0.19's checkpoint files hold besides tensors and containers (in its ZeRO
+    optimizer shards), each a plain record of numbers: what a weights-only read of them allows."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]  # DynamicLossScaler: fp16 runs
 
 
 def export_trainable(engine, qformer_config: QFormerConfig, path: Path) -> Path | None:
@@ -1023,19 +1119,32 @@ class MetricsLog:
 # ---------------------------------------------------------------------------- the run
 
 
+RUN_MARKER = ".blip2_fast-run"  # what tells a run folder this project wrote from a user's folder
+
+
 def _move_earlier_run_aside(run_dir: Path) -> None:
     """A fresh run (``train.resume`` false) in a folder that holds one already: its checkpoints, best model and
     metrics would mix with the new run's (checkpoint rotation could even delete the new run's newest), so the
-    earlier run moves to ``<name>.replaced-<time>`` beside it, whole."""
-    ran = [run_dir / "checkpoints" / "latest", run_dir / "best", run_dir / "model.safetensors", run_dir / "metrics.csv"]
-    if any(path.exists() for path in ran):
-        base = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-        aside, n = base, 0
-        while aside.exists():  # two fresh starts within a second
-            n += 1
-            aside = base.with_name(f"{base.name}-{n}")
-        run_dir.rename(aside)
-        print(f"{run_dir} held an earlier run: moved it to {aside} (train.resume true continues a run instead)")
+    earlier run moves to ``<name>.replaced-<time>`` beside it, whole. Only a folder holding :data:`RUN_MARKER`
+    moves; any other non-empty one is refused, never touched."""
+    if not run_dir.exists() and not run_dir.is_symlink():
+        return
+    if not run_dir.is_dir():
+        raise ValueError(f"train.name: {run_dir} exists and is not a folder; choose another train.name")
+    if not (run_dir / RUN_MARKER).is_file():
+        if not any(run_dir.iterdir()):
+            return  # an empty folder holds no run
+        raise ValueError(
+            f"train.name: {run_dir} holds files no run of this project wrote (it has no {RUN_MARKER}); "
+            "choose another train.name or train.output_dir, or move that folder away yourself"
+        )
+    base = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    aside, n = base, 0
+    while aside.exists():  # two fresh starts within a second
+        n += 1
+        aside = base.with_name(f"{base.name}-{n}")
+    run_dir.rename(aside)
+    print(f"{run_dir} held an earlier run: moved it to {aside} (train.resume true continues a run instead)")
 
 
 def _record_config(run_dir: Path, config) -> None:
@@ -1045,26 +1154,107 @@ def _record_config(run_dir: Path, config) -> None:
     write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
+class RunFolderLock:
+    """An exclusive ``flock`` on ``<output_dir>/<name>.lock``, beside the run folder (moving the folder aside
+    leaves it in place), that names its holder while held. The kernel drops it when the process dies, so a
+    crashed run never leaves its folder locked."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.path = run_dir.with_name(f"{run_dir.name}.lock")
+        self.fd: int | None = None
+
+    def acquire(self) -> RunFolderLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "a process that has not named itself"
+            os.close(fd)
+            raise RuntimeError(
+                f"{self.run_dir} is in use by another training ({holder}; lock {self.path}); "
+                "wait for it to end, or choose another train.name or train.output_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)  # a holder no longer there is not named
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> RunFolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+@contextlib.contextmanager
+def holding_run_folder(config) -> Iterator[None]:
+    """The run folder of ``config.train`` locked for the block (rank 0 holds :class:`RunFolderLock` for all
+    ranks): a second training in it is refused at once, on every rank, before it changes anything."""
+    init_distributed()
+    lock, refusal = None, None
+    if distributed.get_rank() == 0:
+        try:
+            lock = RunFolderLock(Path(config.train.output_dir) / config.train.name).acquire()
+        except (RuntimeError, OSError) as err:
+            refusal = str(err)
+    refusal = distributed.all_gather_object(refusal)[0]  # the other ranks stop too, instead of waiting
+    if refusal:
+        raise RuntimeError(refusal)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def start_run(config) -> tuple[torch.device, Path, Path]:
-    """Join the ranks, create the run folder (``config.yaml`` in it) and seed every RNG the same on all ranks,
-    so that fresh weights match everywhere. ``config``: any run config with ``train`` and ``to_dict``.
-    Returns (device, run folder, checkpoint folder)."""
+    """Join the ranks and seed every RNG the same on all ranks, so that fresh weights match everywhere; the run
+    folder is left as it is until :func:`open_run` (once everything is built). ``config``: any run config with
+    ``train`` and ``to_dict``. Returns (device, run folder, checkpoint folder)."""
     device = init_distributed()
     t = config.train
     run_dir = Path(t.output_dir) / t.name
-    ckpt_dir = run_dir / "checkpoints"
-    if distributed.get_rank() == 0:
-        if t.resume:  # its config.yaml is rewritten once the checkpoint accepts this config (resume_position)
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-        else:
-            _move_earlier_run_aside(run_dir)
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            _record_config(run_dir, config)
-    distributed.barrier()
     torch.manual_seed(t.seed)
     np.random.seed(t.seed)
     random.seed(t.seed)
-    return device, run_dir, ckpt_dir
+    return device, run_dir, run_dir / "checkpoints"
+
+
+def open_run(engine, config, ckpt_dir: Path) -> tuple[int, int]:
+    """(step, micro_step) to start from, once the engine and data are built (every setting checked): 0, 0 for a
+    fresh run, which moves an earlier run aside and writes ``config.yaml``; a resumed run's from the latest
+    checkpoint, which must accept this config first. Nothing in the run folder changes before."""
+    run_dir = ckpt_dir.parent
+    rank = distributed.get_rank()
+    step = micro_step = 0
+    if config.train.resume:
+        step, micro_step = load_checkpoint(engine, ckpt_dir, run_facts(config))
+    else:
+        refusal = None
+        if rank == 0:
+            try:
+                _move_earlier_run_aside(run_dir)
+            except (ValueError, OSError) as err:
+                refusal = str(err)
+        if refusal := distributed.all_gather_object(refusal)[0]:  # every rank stops, none waits
+            raise ValueError(refusal)
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RUN_MARKER).write_text("a run folder of blip2_fast (a fresh run may move it aside)\n")
+        _record_config(run_dir, config)  # a resumed run's checkpoint accepted this config: the run's record now
+        if config.train.resume:
+            print(f"resumed from {ckpt_dir / (ckpt_dir / 'latest').read_text().strip()} at step {step}")
+    distributed.barrier()
+    return step, micro_step
 
 
 def is_terminal(stream) -> bool:
@@ -1111,19 +1301,13 @@ def build_engine(module: torch.nn.Module, config, ds_config: dict[str, Any]):
     return engine, optimizer, scheduler
 
 
-def resume_position(engine, config, ckpt_dir: Path) -> tuple[int, int]:
-    """(step, micro_step) to start from: 0, 0, or the latest checkpoint's when ``train.resume`` is set."""
-    if not config.train.resume:
-        return 0, 0
-    step, micro_step = load_checkpoint(engine, ckpt_dir, run_facts(config))
-    if distributed.get_rank() == 0:
-        _record_config(ckpt_dir.parent, config)  # the checkpoint accepted this config: it becomes the run's record
-        print(f"resumed from {ckpt_dir / (ckpt_dir / 'latest').read_text().strip()} at step {step}")
-    return step, micro_step
-
-
 def run(config: TrainConfig) -> dict[str, Any]:
     """Train (and evaluate) as ``config`` says; returns the per-step losses, the final metrics and the paths."""
+    with holding_run_folder(config):
+        return _train(config)
+
+
+def _train(config: TrainConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
     from blip2_fast.losses import Stage1Loss
@@ -1152,16 +1336,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
     compile_step(stage1, t.compile, device, ds_config["zero_optimization"]["stage"])
     vision = vision.to_device(device)
     train_vit = not vision.frozen
-    if rank == 0 and not (train_vit and t.resume):
-        from blip2_fast.checkpoint import save_vision
-
-        # a trainable ViT's is replaced at each export; a resumed one's stays the last export until then
-        save_vision(vision, run_dir / "vision.safetensors")
-
     engine, _, _ = build_engine(Stage1WithVision(vision, stage1) if train_vit else stage1, config, ds_config)
     precision = "bf16" if ds_config["bf16"]["enabled"] else "fp16" if ds_config["fp16"]["enabled"] else "fp32"
-    step, micro_step = resume_position(engine, config, ckpt_dir)
-    log = MetricsLog(run_dir, step) if rank == 0 else None
 
     from blip2_fast import data as D
 
@@ -1176,6 +1352,13 @@ def run(config: TrainConfig) -> dict[str, Any]:
         lambda s: D.collate_batch(s, tokenizer, max_length=max_len),
         config.data.num_workers,
     )
+    step, micro_step = open_run(engine, config, ckpt_dir)  # the first change to the run folder
+    if rank == 0 and not (train_vit and t.resume):
+        from blip2_fast.checkpoint import save_vision
+
+        # a trainable ViT's is replaced at each export; a resumed one's stays the last export until then
+        save_vision(vision, run_dir / "vision.safetensors")
+    log = MetricsLog(run_dir, step) if rank == 0 else None
     best = best_so_far(run_dir)
 
     def evaluated(metrics: dict[str, float]) -> None:

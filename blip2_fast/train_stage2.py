@@ -61,12 +61,13 @@ from blip2_fast.train import (  # noqa: E402
     TrainSection,
     build_datasets,
     deepspeed_config,
+    holding_run_folder,
     is_terminal,
     lr_at,
+    open_run,
     param_groups,
     parse_overrides,
     read_config,
-    resume_position,
     run_facts,
     save_checkpoint,
     sections_from_dict,
@@ -647,6 +648,11 @@ def check_query_spread(model, train_set, device: torch.device, n: int = 16) -> d
 
 def run(config: Stage2Config) -> dict[str, Any]:
     """Train as ``config`` says, export, caption held-out images; returns losses, scores and paths."""
+    with holding_run_folder(config):
+        return _train(config)
+
+
+def _train(config: Stage2Config) -> dict[str, Any]:
     import deepspeed
     from tqdm import tqdm
 
@@ -676,8 +682,6 @@ def run(config: Stage2Config) -> dict[str, Any]:
     zero3 = int(engine.zero_optimization_stage()) == 3
     if zero3:
         register_zero3_external_parameters(step_module)
-    step, micro_step = resume_position(engine, config, ckpt_dir)
-    log = LossLog(run_dir, step) if rank == 0 else None
 
     from blip2_fast.train import GlobalBatches
 
@@ -689,6 +693,8 @@ def run(config: Stage2Config) -> dict[str, Any]:
         eos_token_id=end_token_id(model, tokenizer),  # what generation stops at ends every target
     )
     batches = GlobalBatches(train_set, t.batch_size, t.seed, rank, world, collate, config.data.num_workers)
+    step, micro_step = open_run(engine, config, ckpt_dir)  # the first change to the run folder
+    log = LossLog(run_dir, step) if rank == 0 else None
     end = t.stop_after or t.steps
     history: list[float] = []
     # not a terminal (CI logs, nohup, SLURM files): a plain line every log_every steps instead of the bar

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -323,7 +324,7 @@ def test_checkpoint_is_atomic_and_pruned(tmp_path):
         save_checkpoint(FakeEngine(), tmp_path, step, step, keep=2, facts=FACTS)
     assert (tmp_path / "latest").read_text() == "step00000004"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step00000003", "step00000004"]
-    assert (tmp_path / "step00000004" / "rng_rank00000.pt").is_file()
+    assert (tmp_path / "step00000004" / "rng_rank00000.safetensors").is_file()
     assert json.loads((tmp_path / "step00000004" / "run.json").read_text()) == FACTS
 
     # the checkpoint `latest` names is this step's: nothing is written again
@@ -337,7 +338,7 @@ def test_checkpoint_is_atomic_and_pruned(tmp_path):
 
 
 def test_a_fresh_run_moves_an_earlier_one_aside(tmp_path):
-    from blip2_fast.train import _move_earlier_run_aside
+    from blip2_fast.train import RUN_MARKER, _move_earlier_run_aside
 
     run_dir = tmp_path / "run"
     _move_earlier_run_aside(run_dir)  # nothing there: nothing moves
@@ -347,11 +348,30 @@ def test_a_fresh_run_moves_an_earlier_one_aside(tmp_path):
     for _ in range(2):
         (run_dir / "checkpoints").mkdir(parents=True)
         (run_dir / "checkpoints" / "latest").write_text("step00000004")
+        (run_dir / RUN_MARKER).write_text("")
         _move_earlier_run_aside(run_dir)
         assert not run_dir.exists()
     moved = sorted(p.name for p in tmp_path.iterdir())
     assert len(moved) == 2 and all(name.startswith("run.replaced-") for name in moved)  # two in a second: both kept
     assert all((tmp_path / name / "checkpoints" / "latest").is_file() for name in moved)
+
+
+def test_a_fresh_run_never_moves_a_folder_it_did_not_write(tmp_path):
+    """A folder without the project's marker (a user's, whatever it holds, metrics.csv included) is refused
+    by name and left as it was; so is a file where the run folder would go."""
+    from blip2_fast.train import _move_earlier_run_aside
+
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "metrics.csv").write_text("step\n1\n")
+    (user / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=re.escape(f"{user} holds files no run of this project wrote")):
+        _move_earlier_run_aside(user)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        _move_earlier_run_aside(tmp_path / "file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "mine"]
+    assert (user / "notes.txt").read_text() == "keep me" and (user / "metrics.csv").read_text() == "step\n1\n"
 
 
 def test_best_survives_a_crash_between_its_renames(tmp_path):
