@@ -22,8 +22,12 @@ Resuming (``--train.resume true``) restores the weights, optimizer, LR
 schedule, the data position (epoch permutation and offset), the torch / numpy
 / python RNG of every rank and the hard-negative generator, so a resumed run
 follows the uninterrupted one; a checkpoint written with another batch size,
-accumulation, number of ranks, seed or ``model.freeze_vit`` is refused. A fresh run in a folder that
-holds one moves the earlier run aside (``<name>.replaced-<time>``).
+accumulation, number of ranks, seed or ``model.freeze_vit`` is refused. A resume unpickles nothing that
+could run code: the RNG state is safetensors, and DeepSpeed's own files must first load weights-only.
+A fresh run in a folder that holds one moves the earlier run aside (``<name>.replaced-<time>``), and only
+a folder a run wrote (marked by ``.blip2_fast-run``); either way the folder is left untouched until every
+setting is checked and the engine built. While a run trains, ``<output_dir>/<name>.lock`` holds it: a
+second training in the same folder is refused at once, naming the holder.
 """
 
 from __future__ import annotations

@@ -100,7 +100,8 @@ def test_a_refused_start_changes_nothing_and_runs_no_code(tmp_path):
     """One 2-step run (ZeRO-1: DeepSpeed writes a model file and an optimizer shard), then starts that must be
     refused, each leaving every file of the run folder byte-identical: a resume with another seed; a resume
     with a pickled payload planted in each file a resume reads (the payload never runs); a resume while
-    another process holds the folder; fresh runs whose config fails only once models are built."""
+    another process holds the folder (stage 2's too); fresh runs whose config fails only once models are
+    built."""
     marker = tmp_path / "payload-ran"
     common = TINY + [
         ("train.zero_stage", "1"),
@@ -166,6 +167,14 @@ def test_a_refused_start_changes_nothing_and_runs_no_code(tmp_path):
         assert snapshot() == before
         with RunFolderLock(run_dir):  # another training holds the folder
             result["locked"] = [refusal(resume), "in use by another training", snapshot() == before]
+            from blip2_fast import train_stage2
+
+            where = [("train.output_dir", str(run_dir.parent)), ("train.name", "run")]
+            try:
+                train_stage2.run(train_stage2.load_config(None, where))
+                result["stage2_locked"] = [None, "", False]
+            except RuntimeError as err:
+                result["stage2_locked"] = [str(err), f"pid {{os.getpid()}}", snapshot() == before]
         # fresh runs: their config errors show only once the models are built
         missing = refusal([("train.deepspeed_config", "nowhere.json")])
         result["ds_json"] = [missing, "nowhere.json", snapshot() == before]
