@@ -243,6 +243,7 @@ COLOURS = {
 }
 # Scenes are stored in one canonical direction; each may be told either way round.
 _RELATIONS = {"above": "below", "left of": "right of"}
+_INVERSE = {**_RELATIONS, **{v: k for k, v in _RELATIONS.items()}}
 
 
 @dataclass(frozen=True)
@@ -269,6 +270,12 @@ class Scene:
     combination: int  # the image_id
     background: tuple[int, int, int]
     caption: str
+
+    @property
+    def retold(self) -> str:
+        """The caption told the other way round: "a blue square below a red circle" for "a red circle
+        above a blue square"."""
+        return f"{_noun(self.second)} {_INVERSE[self.relation]} {_noun(self.first)}"
 
 
 class SyntheticShapes(Dataset):

@@ -789,10 +789,15 @@ def default_stage2_model(
     llm_hidden: int = 128,
     llm_heads: int = 4,
     max_length: int = 32,
+    llm_reader_steps: int = 0,
+    seed: int = 0,
+    train_size: int = 4000,
 ) -> tuple[Blip2Stage2, PreTrainedTokenizerBase]:
     """A small stage-2 model that needs no download, and its tokenizer.
 
-    The LLM is a randomly initialised OPT decoder built from an ``OPTConfig``; its
+    The LLM is an OPT decoder built from an ``OPTConfig``: random, or with ``llm_reader_steps`` > 0 first
+    taught to restate the synthetic captions it reads in its context (:func:`blip2_fast.tiny_llm.reader_llm`,
+    from ``train_size`` training scenes of ``seed``), as a pretrained LLM would. Its
     vocabulary is the shipped bert-base-uncased WordPiece
     (:func:`blip2_fast.text.load_tokenizer`: 30522 tokens + ``[DEC]``): ``[DEC]`` is
     BOS, ``[SEP]`` EOS, ``[PAD]`` pad and ``[unused0]`` the query placeholder of the
@@ -805,9 +810,10 @@ def default_stage2_model(
     present (else a random ViT at std 0.02). Without it: the ``tiny`` Q-Former (stage-2
     variant) over the ``tiny`` ViT, unless configs are given.
     """
-    from transformers import OPTConfig, OPTForCausalLM
+    from transformers import OPTForCausalLM
 
     from blip2_fast.text import load_tokenizer
+    from blip2_fast.tiny_llm import opt_config, reader_llm
 
     model_file = vision_file = None
     if init is not None:
@@ -821,23 +827,16 @@ def default_stage2_model(
     if qformer_config is None:
         qformer_config = QFormerConfig.preset("tiny", encoder_width=vision_config.hidden_size)
     qformer_config = dataclasses.replace(qformer_config, text_input=False)
-    llm_config = OPTConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=llm_hidden,
-        word_embed_proj_dim=llm_hidden,
-        num_hidden_layers=llm_layers,
-        num_attention_heads=llm_heads,
-        ffn_dim=4 * llm_hidden,
-        max_position_embeddings=qformer_config.num_query_tokens + 2 * max_length + 2,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        dropout=0.0,
-        # At OPT's 0.02 the tied output embeddings cap any logit near 0.02 * hidden = 2.6, flat over 30k
-        # tokens: a frozen random LLM that no soft prompt can steer. 0.2 lets the queries pick words.
-        init_std=0.2,
-    )
-    llm = OPTForCausalLM(llm_config)
+    # A random LLM at OPT's 0.02 caps any tied-embedding logit near 0.02 * hidden = 2.6, flat over 30k tokens:
+    # no soft prompt could steer it; 0.2 lets the queries pick words. A taught one starts from OPT's own 0.02.
+    config = opt_config(
+        tokenizer, layers=llm_layers, hidden=llm_hidden, heads=llm_heads,
+        max_positions=qformer_config.num_query_tokens + 2 * max_length + 2, init_std=0.02 if llm_reader_steps else 0.2,
+    )  # fmt: skip
+    if llm_reader_steps:
+        llm = reader_llm(config, tokenizer, steps=llm_reader_steps, seed=seed, train_size=train_size)
+    else:
+        llm = OPTForCausalLM(config)
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         setattr(llm.generation_config, key, getattr(tokenizer, key))
     placeholder = tokenizer.convert_tokens_to_ids("[unused0]")

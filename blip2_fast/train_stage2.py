@@ -6,8 +6,9 @@
     deepspeed blip2_fast/train.py --stage 2 --config configs/stage2_opt.yaml --model.llm /models/opt-2.7b
 
 The embedded default (the defaults of :class:`Stage2Config`) needs nothing from
-the network: a small randomly initialised OPT over the shipped WordPiece
-vocabulary (:func:`blip2_fast.stage2.default_stage2_model`), procedurally
+the network: a small OPT over the shipped WordPiece vocabulary, first taught from
+text alone to restate the captions it reads in its context, as a pretrained LLM
+would (:mod:`blip2_fast.tiny_llm`; seconds, then cached), procedurally
 drawn shapes, and the stage-1 default's output (``runs/stage1-default``) as
 the Q-Former's start when it exists, else a fresh tiny Q-Former over a random
 frozen ViT. Only ``qformer`` and ``llm_proj`` train: the optimizer (torch
@@ -22,13 +23,12 @@ model in the transformers ``Blip2ForConditionalGeneration`` layout under
 and, on synthetic shapes, how often they name the right colour / shape against
 the chance level: the held-out reference captions scored on shuffled scenes.
 
-Only ``qformer`` and ``llm_proj`` train, at two rates by default when the
-Q-Former comes from a stage-1 run: ``llm_proj`` at ``optim.lr`` (the large step a
-random frozen OPT needs), the Q-Former at ``optim.qformer_lr_scale`` (0.1) of it.
-Stage 2 checks a loaded Q-Former before training and warns when its query
-outputs have collapsed onto one vector per image (a soft prompt of Q equal
-tokens, which stage 2 does not undo). Not on a terminal, a progress line goes
-to stderr every ``train.log_every`` steps.
+``qformer`` and ``llm_proj`` learn at one rate, as in LAVIS, unless
+``optim.qformer_lr_scale`` slows the Q-Former down. Stage 2 checks a loaded
+Q-Former before training and warns when its query outputs have collapsed onto
+one vector per image (a soft prompt of Q equal tokens, which stage 2 does not
+undo). Not on a terminal, a progress line goes to stderr every
+``train.log_every`` steps.
 """
 
 from __future__ import annotations
@@ -91,13 +91,16 @@ class Stage2ModelSection:
     # the ViT when a LAVIS init leaves it out (as LAVIS does with frozen weights): any source
     # checkpoint.load_vision reads (LAVIS' eva_vit_g.pth, a transformers BLIP-2 folder, ...)
     vision_weights: str | None = None
-    # a local transformers LLM folder (OPT, FlanT5, ...); null: the tiny random OPT of default_stage2_model
+    # a local transformers LLM folder (OPT, FlanT5, ...); null: the tiny OPT of default_stage2_model
     llm: str | None = None
     llm_family: str = "auto"  # auto: from the LLM config's is_encoder_decoder
     # the tiny OPT (llm: null): 2 layers of width 128 keep a step at CPU milliseconds
     llm_layers: int = 2
     llm_hidden: int = 128
     llm_heads: int = 4
+    # the tiny OPT is first taught for this many steps to restate the captions it reads in its context
+    # (blip2_fast.tiny_llm, cached); 0: a random frozen OPT, which stage 1's representation does not help
+    llm_reader_steps: int = 200
     # a fresh Q-Former / ViT (no stage-1 init): QFormerConfig / VisionConfig keys or a preset;
     # encoder_width follows the ViT. model.vision also describes the ViT of an EVA .pth (eva_vit_g.pth:
     # {preset: eva_vit_g}), which cannot tell its head count
@@ -116,6 +119,8 @@ class Stage2ModelSection:
         for key in ("llm_layers", "llm_hidden", "llm_heads"):
             if getattr(self, key) < 1:
                 raise ValueError(f"model.{key} must be >= 1, got {getattr(self, key)}")
+        if self.llm_reader_steps < 0:
+            raise ValueError(f"model.llm_reader_steps must be >= 0, got {self.llm_reader_steps}")
         if self.llm_hidden % self.llm_heads:
             raise ValueError(f"model.llm_hidden ({self.llm_hidden}) must be divisible by llm_heads ({self.llm_heads})")
         QFormerConfig.from_dict({k: v for k, v in self.qformer.items() if k != "encoder_width"})
@@ -154,24 +159,19 @@ def _stage2_train() -> TrainSection:
 @dataclasses.dataclass
 class Stage2OptimSection(OptimSection):
     # The Q-Former's rate (its queries and ln_vision too) as a fraction of lr; llm_proj (and a trainable
-    # ViT, with vit_layer_decay) learn at lr. null: 0.1 for a Q-Former loaded from model.init under the
-    # embedded tiny random OPT (model.llm null), else 1 (LAVIS: one rate for all). lr 3e-3 is what the
-    # projection needs to steer a random frozen OPT, and more than a pretrained 6-layer post-LN Q-Former
-    # takes: at it, in 80 steps, such a Q-Former's outputs become one constant vector for every query of
-    # every image (held-out LM loss stuck near 8.3-8.7), while at 0.1x it keeps working (3.0 from random
-    # weights). The fresh tiny Q-Former learns best at the full rate.
-    qformer_lr_scale: float | None = None
+    # ViT, with vit_layer_decay) learn at lr. 1: one rate for all, as LAVIS trains
+    qformer_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.qformer_lr_scale is not None and not 0 < self.qformer_lr_scale <= 1:
-            raise ValueError(f"optim.qformer_lr_scale must lie in (0, 1] or be null, got {self.qformer_lr_scale}")
+        if not 0 < self.qformer_lr_scale <= 1:
+            raise ValueError(f"optim.qformer_lr_scale must lie in (0, 1], got {self.qformer_lr_scale}")
 
 
 def _stage2_optim() -> Stage2OptimSection:
-    # a random frozen LLM needs a larger step than stage 1 for the soft prompt to steer it: at 1e-3 the
-    # loss is still near 9 after 20 steps
-    return Stage2OptimSection(lr=3e-3, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=10)
+    # above stage 1's rate: 300 steps from the stage-1 default reach held-out LM loss 0.74 at 1e-3, 0.78 at
+    # 3e-3 (and 0.96 at 3e-3 for the same Q-Former without stage 1, BERT weights and fresh queries)
+    return Stage2OptimSection(lr=1e-3, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=10)
 
 
 def _stage2_data() -> DataSection:
@@ -327,15 +327,17 @@ def _stage2_model(config: Stage2Config, init: Path | None):
     if m.llm is None:
         if m.llm_family == "encoder_decoder":
             raise ValueError("model.llm_family=encoder_decoder needs model.llm (a local FlanT5 folder)")
+        # the tiny OPT learns the captions' language from the synthetic training scenes of train.seed
+        reader = dict(llm_reader_steps=m.llm_reader_steps, seed=config.train.seed, train_size=config.data.train_size)
         if init is not None:
             model, tok = default_stage2_model(
                 init, llm_layers=m.llm_layers, llm_hidden=m.llm_hidden, llm_heads=m.llm_heads,
-                max_length=m.max_text_length,
+                max_length=m.max_text_length, **reader,
             )  # fmt: skip
         else:
             model, tok = default_stage2_model(
                 qformer_config=qformer, vision_config=vision, llm_layers=m.llm_layers, llm_hidden=m.llm_hidden,
-                llm_heads=m.llm_heads, max_length=m.max_text_length,
+                llm_heads=m.llm_heads, max_length=m.max_text_length, **reader,
             )  # fmt: skip
         return model, tok
     return _pretrained_model(config, init, qformer, vision)
@@ -405,17 +407,6 @@ class Stage2Step(torch.nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         return self.model.loss(batch)
-
-
-def qformer_lr_scale(config: Stage2Config, init: Path | None) -> float:
-    """``optim.qformer_lr_scale`` resolved: null is 0.1 for a Q-Former loaded from a stage-1 (or other
-    Q-Former-only) init under the embedded tiny random OPT, 1 otherwise."""
-    from blip2_fast.stage2_convert import is_stage2_folder
-
-    if config.optim.qformer_lr_scale is not None:
-        return config.optim.qformer_lr_scale
-    loaded = init is not None and config.model.llm is None and not is_stage2_folder(init)
-    return 0.1 if loaded else 1.0
 
 
 def stage2_param_groups(step_module: torch.nn.Module, optim: OptimSection, scale: float) -> list[dict[str, Any]]:
@@ -664,7 +655,7 @@ def _train(config: Stage2Config) -> dict[str, Any]:
     rank, world = distributed.get_rank(), distributed.get_world_size()
     t = config.train
     model, tokenizer, init = build_model(config)
-    scale = qformer_lr_scale(config, init)
+    scale = config.optim.qformer_lr_scale
     if rank == 0:
         print(f"stage-2 init: {describe_init(config.model.init, init)}")
         if scale != 1.0:

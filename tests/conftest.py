@@ -14,6 +14,12 @@ import torch  # noqa: E402
 import blip2_fast  # noqa: E402, F401
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory):
+    """What runs cache (the default stage-2 LLM) goes to a folder of this session, never the user's cache."""
+    os.environ["BLIP2_FAST_CACHE"] = str(tmp_path_factory.mktemp("blip2_fast_cache"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

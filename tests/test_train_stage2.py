@@ -1,8 +1,9 @@
 """Stage-2 training: config validation, the real entry point end to end, exact resume.
 
 The DeepSpeed runs share one subprocess (a process group per process) and use a
-tiny variant of the embedded default: the tiny Q-Former and ViT, a one-layer
-OPT of width 128, batches of 4.
+tiny variant of the embedded default: the tiny Q-Former and ViT, a random
+one-layer OPT of width 128, batches of 4. Only the slow runs at the end train
+the default's taught OPT (blip2_fast.tiny_llm); elsewhere a random one does.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ import pytest
 from blip2_fast.train_stage2 import Stage2Config, build_model, load_config, resolve_init
 
 ROOT = Path(__file__).resolve().parents[1]
+RANDOM_LLM = ("model.llm_reader_steps", "0")  # where the LLM's words do not matter: no 200 steps to teach it
 
 TINY = [
     "--model.init", "null",
     "--model.llm_layers", "1",
     "--model.llm_hidden", "128",
     "--model.llm_heads", "4",
+    "--model.llm_reader_steps", "0",
     "--model.max_text_length", "12",
     "--data.train_size", "64",
     "--data.eval_size", "16",
@@ -186,7 +189,9 @@ def test_the_chance_level_comes_from_the_references(monkeypatch):
     from blip2_fast.data import SyntheticShapes
     from blip2_fast.train_stage2 import caption_held_out, chance_scores
 
-    config = load_config(None, [("model.init", "null"), ("data.eval_size", "32"), ("eval.num_images", "32")])
+    config = load_config(
+        None, [("model.init", "null"), ("data.eval_size", "32"), ("eval.num_images", "32"), RANDOM_LLM]
+    )
     torch.manual_seed(0)
     model, tokenizer, _ = build_model(config)
     results = {}
@@ -206,20 +211,17 @@ def test_the_chance_level_comes_from_the_references(monkeypatch):
         chance_scores(references[:3], scenes, 2, 0)
 
 
-def test_a_loaded_qformer_learns_at_a_tenth_of_the_rate(tmp_path):
-    """optim.qformer_lr_scale: null splits the Q-Former off at 0.1 x optim.lr when it comes from a stage-1 run
-    under the tiny random OPT; llm_proj keeps optim.lr, and the full-rate groups come first."""
-    from blip2_fast.train_stage2 import Stage2Step, qformer_lr_scale, stage2_param_groups
+def test_the_qformer_can_learn_at_a_fraction_of_the_rate(tmp_path):
+    """optim.qformer_lr_scale: the Q-Former (a stage-1 run's here) at that fraction of optim.lr, llm_proj at
+    optim.lr, the full-rate groups first; the default is LAVIS's one rate."""
+    from blip2_fast.train_stage2 import Stage2Step, stage2_param_groups
 
-    folder = _stage1_folder(tmp_path)
-    config = load_config(None, [("model.init", str(folder))])
-    model, _, init = build_model(config)
-    assert qformer_lr_scale(config, init) == 0.1
-    assert qformer_lr_scale(load_config(None, [("model.init", "fresh")]), None) == 1.0
-    pinned = load_config(None, [("model.init", str(folder)), ("optim.qformer_lr_scale", "0.5")])
-    assert qformer_lr_scale(pinned, init) == 0.5
+    assert load_config(None).optim.qformer_lr_scale == 1.0
     with pytest.raises(ValueError, match=r"optim.qformer_lr_scale must lie in \(0, 1\]"):
         load_config(None, [("optim.qformer_lr_scale", "2")])
+    folder = _stage1_folder(tmp_path)
+    config = load_config(None, [("model.init", str(folder)), ("optim.qformer_lr_scale", "0.1"), RANDOM_LLM])
+    model, _, _ = build_model(config)
     groups = stage2_param_groups(Stage2Step(model), config.optim, 0.1)
     lr = config.optim.lr
     assert groups[0]["lr"] == lr
@@ -237,7 +239,7 @@ def test_a_collapsed_stage1_qformer_is_named_before_training(tmp_path, capsys):
     from blip2_fast.train_stage2 import check_query_spread
 
     folder = _stage1_folder(tmp_path)
-    config = load_config(None, [("model.init", str(folder)), ("data.train_size", "16")])
+    config = load_config(None, [("model.init", str(folder)), ("data.train_size", "16"), RANDOM_LLM])
     model, _, _ = build_model(config)
     train, _ = build_datasets(config, model.image_encoder.config.image_size)
     spread = check_query_spread(model, train, torch.device("cpu"))
@@ -367,7 +369,9 @@ def test_init_from_a_stage1_run_folder(tmp_path):
     folder = _stage1_folder(tmp_path, parts)
     stage1, vision = parts["qformer"], parts["vision"]
 
-    args, overrides = parse_args(["--stage", "2", "--init", str(folder), "--train.steps", "3"])
+    args, overrides = parse_args(
+        ["--stage", "2", "--init", str(folder), "--train.steps", "3", "--model.llm_reader_steps", "0"]
+    )
     config = load_config(args.config, overrides)
     assert config.model.init == str(folder) and config.train.steps == 3
     model, _, init = build_model(config)
@@ -566,26 +570,23 @@ _BOOTSTRAP = """
 import json, sys
 from blip2_fast.train import main
 out = sys.argv[1]
-stage1 = ["--stage", "1", "--train.steps", "5", "--train.batch_size", "8", "--data.train_size", "64",
-          "--data.eval_size", "16", "--train.evaluate", "false", "--train.output_dir", "runs", "--train.name", "s1"]
+stage1 = ["--stage", "1", "--train.steps", "40", "--data.train_size", "640", "--train.evaluate", "false",
+          "--train.output_dir", "runs", "--train.name", "s1"]
 main(stage1)  # the stage-1 default, its training cut short
-stage2 = ["--stage", "2", "--train.steps", "40", "--eval.max_new_tokens", "8", "--eval.show", "0",
+stage2 = ["--stage", "2", "--train.steps", "60", "--eval.max_new_tokens", "8", "--eval.show", "0",
           "--train.output_dir", "runs"]
-runs = {"fresh": ["--init", "fresh"], "stage1": ["--init", "runs/s1"],
-        "stage1_one_rate": ["--init", "runs/s1", "--optim.qformer_lr_scale", "1"]}
 result = {}
-for name, extra in runs.items():
-    got = main([*stage2, "--train.name", name, *extra])
-    result[name] = {"lm_loss": got["eval"]["lm_loss"], "history": got["history"],
-                    "query_spread": got.get("query_spread"), "qformer_lr_scale": got["qformer_lr_scale"]}
+for name, init in {"fresh": "fresh", "stage1": "runs/s1"}.items():
+    got = main([*stage2, "--train.name", name, "--init", init])
+    result[name] = {key: got["eval"][key] for key in ("lm_loss", "scores", "chance")}
 json.dump(result, open(out, "w"))
 """
 
 
 @pytest.fixture(scope="module")
 def bootstrapped(tmp_path_factory):
-    """The README's order in small, through the real entry point: a 5-step stage-1 default run, then 40 stage-2
-    steps of the embedded default (same seed, same data) from a fresh Q-Former and from that run."""
+    """The README's order in small, through the real entry point: a 40-step stage-1 default run, then 60
+    stage-2 steps of the embedded default (same seed, same data) from a fresh Q-Former and from that run."""
     tmp = tmp_path_factory.mktemp("stage2_from_stage1")
     out = tmp / "result.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
@@ -594,29 +595,18 @@ def bootstrapped(tmp_path_factory):
         cwd=tmp, env=env, capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return json.loads(out.read_text()), proc.stdout
+    return json.loads(out.read_text())
 
 
 @pytest.mark.slow
-def test_a_stage1_qformer_keeps_learning_at_its_own_rate(bootstrapped):
-    """At the one rate llm_proj needs (3e-3) the loaded 6-layer Q-Former is wrecked (held-out LM loss 8.27 here);
-    at 0.1 x that rate it keeps learning (7.41)."""
-    result, stdout = bootstrapped
-    own, one = result["stage1"], result["stage1_one_rate"]
-    assert (own["qformer_lr_scale"], one["qformer_lr_scale"], result["fresh"]["qformer_lr_scale"]) == (0.1, 1, 1)
-    assert "stage-2 Q-Former learning rate: 0.1 x optim.lr" in stdout
-    assert own["lm_loss"] < one["lm_loss"] - 0.4, (own["lm_loss"], one["lm_loss"])
-    assert own["query_spread"] is not None and result["fresh"]["query_spread"] is None  # checked when loaded
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="the stage-1 default's Q-Former gives the LLM a soft prompt of near-equal query outputs (they collapse "
-    "onto one vector per image as stage 1 trains: across-query std 16% of the outputs' after 5 steps, 0.1% after "
-    "60): a stage-1 matter, see the warning stage 2 prints. Drop this mark once stage 1 keeps its queries apart.",
-)
 def test_stage2_from_stage1_reaches_a_lower_held_out_loss_than_from_fresh(bootstrapped):
-    """BLIP-2's claim (its Figure 5) at the embedded default's scale: same stage-2 command, steps and seed."""
-    result, _ = bootstrapped
-    assert result["stage1"]["lm_loss"] < result["fresh"]["lm_loss"], (result["stage1"], result["fresh"])
+    """BLIP-2's claim (its Figure 5) at the embedded default's scale: same stage-2 command, steps and seed.
+    Measured: 0.83 from the 40-step stage-1 run, 1.01 from the fresh Q-Former."""
+    fresh, stage1 = bootstrapped["fresh"]["lm_loss"], bootstrapped["stage1"]["lm_loss"]
+    assert stage1 < fresh - 0.1, (stage1, fresh)
+
+
+@pytest.mark.slow
+def test_stage2_from_stage1_names_the_right_colour_well_above_chance(bootstrapped):
+    got = bootstrapped["stage1"]
+    assert got["scores"]["colour"] > got["chance"]["colour"] + 0.3, got
