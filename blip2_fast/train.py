@@ -210,9 +210,18 @@ class TrainSection:
             raise ValueError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.zero_stage not in (None, 0, 1, 2, 3):
             raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
-        for key in ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+        for key in ("steps", "batch_size", "grad_accum", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.keep_checkpoints < 0:
+            raise ValueError(
+                f"train.keep_checkpoints must be >= 0 (0: none, only the model), got {self.keep_checkpoints}"
+            )
+        if self.keep_checkpoints == 0 and (self.save_every or self.resume or self.stop_after):
+            raise ValueError(
+                "train.keep_checkpoints 0 keeps no checkpoint: train.save_every, train.resume and train.stop_after "
+                "need one"
+            )
         if self.save_every < 0 or self.grad_clip < 0:
             raise ValueError("train.save_every and train.grad_clip must be >= 0")
         if self.stop_after is not None and not 1 <= self.stop_after <= self.steps:
@@ -890,6 +899,18 @@ def save_checkpoint(engine, folder: Path, step: int, micro_step: int, keep: int,
     return folder / tag
 
 
+def checkpoints_said(folder: Path) -> str:
+    """The checkpoints line of a run's outputs: where, the latest, and what they weigh on disk."""
+    latest = folder / "latest"
+    if not latest.is_file():
+        return "none (train.keep_checkpoints 0: the exported model is all this run keeps; it cannot resume)"
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    return (
+        f"{folder.resolve()} (latest: {latest.read_text().strip()}; {size / 1e6:.0f} MB with the optimizer state, "
+        "for resuming; --train.keep_checkpoints 0 keeps none)"
+    )
+
+
 def _cuda_rng():
     return torch.cuda.get_rng_state() if torch.cuda.is_available() else None
 
@@ -1466,7 +1487,8 @@ def _train(config: TrainConfig) -> dict[str, Any]:
         if t.save_every and step % t.save_every == 0 and step < end:
             save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints, run_facts(config))
     bar.close()
-    save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints, run_facts(config))
+    if t.keep_checkpoints:
+        save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints, run_facts(config))
     model_path = run_dir / "model.safetensors"
 
     result: dict[str, Any] = {"history": history, "run_dir": run_dir, "model": model_path, "precision": precision}
@@ -1498,7 +1520,7 @@ def _print_outputs(run_dir, ckpt_dir, model_path, plot, history, metrics) -> Non
     print(f"  metrics         {(run_dir / 'metrics.csv').resolve()}")
     if plot:
         print(f"  curves          {Path(plot).resolve()}")
-    print(f"  checkpoints     {ckpt_dir.resolve()} (latest: {(ckpt_dir / 'latest').read_text().strip()})")
+    print(f"  checkpoints     {checkpoints_said(ckpt_dir)}")
     print(f"  trainable model {model_path.resolve()}")
     print(f"  image encoder   {(run_dir / 'vision.safetensors').resolve()}")
     if (run_dir / "best" / "best.json").is_file():

@@ -60,6 +60,7 @@ from blip2_fast.train import (  # noqa: E402
     OptimSection,
     TrainSection,
     build_datasets,
+    checkpoints_said,
     deepspeed_config,
     holding_run_folder,
     is_terminal,
@@ -736,7 +737,8 @@ def _train(config: Stage2Config) -> dict[str, Any]:
         if t.save_every and step % t.save_every == 0 and step < end:
             save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints, run_facts(config))
     bar.close()
-    save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints, run_facts(config))
+    if t.keep_checkpoints:
+        save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints, run_facts(config))
 
     result: dict[str, Any] = {
         "history": history,
@@ -797,7 +799,7 @@ def _print_outputs(run_dir: Path, ckpt_dir: Path, plot, history, evaluation, sho
     print(f"  metrics         {(run_dir / 'metrics.csv').resolve()}")
     if plot:
         print(f"  loss curve      {Path(plot).resolve()}")
-    print(f"  checkpoints     {ckpt_dir.resolve()} (latest: {(ckpt_dir / 'latest').read_text().strip()})")
+    print(f"  checkpoints     {checkpoints_said(ckpt_dir)}")
     print(f"  trainable part  {(run_dir / 'model.safetensors').resolve()}")
     print(f"  transformers    {(run_dir / 'transformers').resolve()}")
     if evaluation:

@@ -111,6 +111,7 @@ full = main(["--stage", "2", *args, "--train.name", "full"])
 main([*args, "--train.name", "split", "--train.stop_after", "3", "--train.evaluate", "false"])
 resumed = main([*args, "--train.name", "split", "--train.resume", "true", "--train.evaluate", "false"])
 zero3 = main([*args, "--train.name", "zero3", "--train.zero_stage", "3", "--train.stop_after", "3"])
+main([*args, "--train.name", "model_only", "--train.keep_checkpoints", "0", "--train.evaluate", "false"])
 numel = {k: full[k] for k in ("optimized_numel", "trainable_numel", "frozen_numel")}
 hist = {"full": full["history"], "resumed": resumed["history"], "zero3": zero3["history"]}
 json.dump({**hist, "eval": full["eval"], **numel}, open(out, "w"))
@@ -153,6 +154,20 @@ def test_short_run_writes_the_run_folder_and_the_loss_falls(runs):
     assert set(captions["chance"]) == set(captions["scores"])
     assert captions["lm_loss"] > 0 and f"held-out LM loss (8 images): {captions['lm_loss']:.4f}" in stdout
     assert str(folder.resolve()) in stdout and "held-out captions (8 images, greedy)" in stdout
+
+
+def test_keep_checkpoints_0_keeps_only_the_model(runs):
+    run_root, _, stdout, _ = runs
+    folder = run_root / "model_only"
+    assert (folder / "model.safetensors").is_file() and (folder / "transformers" / "config.json").is_file()
+    assert not (folder / "checkpoints").exists() or not any((folder / "checkpoints").iterdir())
+    assert "checkpoints     none (train.keep_checkpoints 0" in stdout
+    assert "MB with the optimizer state, for resuming; --train.keep_checkpoints 0 keeps none" in stdout  # the others
+    for bad in (["train.save_every", "2"], ["train.resume", "true"], ["train.stop_after", "2"]):
+        with pytest.raises(ValueError, match="train.keep_checkpoints 0 keeps no checkpoint"):
+            load_config(None, [("train.keep_checkpoints", "0"), tuple(bad)])
+    with pytest.raises(ValueError, match="train.keep_checkpoints must be >= 0"):
+        load_config(None, [("train.keep_checkpoints", "-1")])
 
 
 def test_fresh_init_says_it_was_asked_for(runs, tmp_path, monkeypatch):
