@@ -37,12 +37,15 @@ lock:
 	  .lock-venv/bin/python -m pip freeze --all --exclude blip2-fast | sed -E 's/\+[A-Za-z0-9.]+$$//'; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK) && rm -rf .lock-venv
 
-# DeepSpeed picks the accelerator itself (CUDA when present, else CPU with gloo).
+# CUDA when torch sees a GPU, else CPU with gloo; named for DeepSpeed, whose own guess warns "If you have GPU
+# ..." from every process of a CPU run. DS_ACCELERATOR in the environment wins.
+ACCELERATOR = $${DS_ACCELERATOR:-$$($(BIN)/python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")}
+
 train: install
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/deepspeed blip2_fast/train.py --stage 1 $(ARGS)
+	PATH=$(abspath $(BIN)):$$PATH DS_ACCELERATOR=$(ACCELERATOR) $(BIN)/deepspeed blip2_fast/train.py --stage 1 $(ARGS)
 
 train-stage2: install
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/deepspeed blip2_fast/train.py --stage 2 $(ARGS)
+	PATH=$(abspath $(BIN)):$$PATH DS_ACCELERATOR=$(ACCELERATOR) $(BIN)/deepspeed blip2_fast/train.py --stage 2 $(ARGS)
 
 test: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest $(ARGS)

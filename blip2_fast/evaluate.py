@@ -291,12 +291,22 @@ def evaluate_pretrained(
     return metrics
 
 
+def recall_summary(metrics: dict[str, float]) -> str:
+    """Retrieval recalls in the one vocabulary training and evaluation print: image->text (the keys txt_r*
+    of metrics.csv and the JSON) and text->image (img_r*)."""
+    n = metrics["n_images"]
+    texts = f"{metrics['n_texts']} captions, " if "n_texts" in metrics else ""
+    return (
+        f"held-out retrieval ({n} images, {texts}chance R@1 {100 / n:.1f}%): "
+        f"image->text R@1 {metrics['txt_r1']:.1f}  R@5 {metrics['txt_r5']:.1f}  R@10 {metrics['txt_r10']:.1f} | "
+        f"text->image R@1 {metrics['img_r1']:.1f}  R@5 {metrics['img_r5']:.1f}  R@10 {metrics['img_r10']:.1f} "
+        "(txt_r* and img_r* in metrics.csv / --out)"
+    )
+
+
 def _print_recall(metrics: dict[str, float]) -> None:
     if distributed.get_rank() == 0:
-        print(
-            f"retrieval on {metrics['n_images']} images / {metrics['n_texts']} captions: "
-            + "  ".join(f"{k} {metrics[k]:.2f}" for k in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10"))
-        )
+        print(recall_summary(metrics))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
         --annotations coco_karpathy_test.json --images coco/              # BLEU-1..4 and CIDEr
     python -m blip2_fast.evaluate_stage2 --model blip2-opt-2.7b/ --task vqa \
         --annotations okvqa_val.json --images coco/                        # VQAv2 accuracy
+    python -m blip2_fast.evaluate_stage2 --model runs/stage2-default --task caption   # the run's own held-out set
 
 ``--model`` is a transformers ``Blip2ForConditionalGeneration`` folder with its
 tokenizer (what ``save_pretrained`` writes, and what a stage-2 run exports under
@@ -14,6 +15,9 @@ short-answer prompt, scored with the VQAv2 accuracy. The generation defaults are
 LAVIS' (beam 5; captions 8 to 30 new tokens; answers at most 10, length penalty
 -1 so that beams prefer short answers). Predictions and scores go to ``--out``; annotations without
 references (a test split) give the predictions alone, in the rows a test server takes.
+Without ``--annotations``/``--images``, a stage-2 run folder is scored on its own held-out split as the run
+scored it at its end (``train_stage2.caption_held_out``: greedy; on synthetic shapes the named colour and
+shape against the chance level, and the LM loss).
 Under ``torchrun --nproc_per_node N -m blip2_fast.evaluate_stage2 ...`` each rank generates a strided
 share and rank 0 scores and writes. ``--limit`` evaluates the first images or questions only.
 
@@ -169,8 +173,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description="Score a BLIP-2 stage-2 model on captions (BLEU, CIDEr) or VQA.")
     parser.add_argument("--model", required=True, help="Blip2ForConditionalGeneration folder or stage-2 run folder")
     parser.add_argument("--task", required=True, choices=TASKS)
-    parser.add_argument("--annotations", required=True, help="caption JSON (COCO or LAVIS) or VQA JSON")
-    parser.add_argument("--images", required=True, help="the folder the annotations' image paths are relative to")
+    parser.add_argument(
+        "--annotations", default=None, help="caption JSON (COCO or LAVIS) or VQA JSON; none: a run's own held-out set"
+    )
+    parser.add_argument("--images", default=None, help="the folder the annotations' image paths are relative to")
     parser.add_argument(
         "--prompt", default=None, help="caption prefix (default: a run's own, else none) / VQA template with {}"
     )
@@ -184,6 +190,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         parser.error("--batch-size and --limit must be >= 1")
+    if (args.annotations is None) != (args.images is None):
+        parser.error("--annotations and --images go together")
+    if args.annotations is None:
+        if args.task != "caption":
+            parser.error("--task vqa needs --annotations and --images")
+        return _own_held_out(parser, Path(args.model), args.out)
     given = dict(prompt=args.prompt, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                  length_penalty=args.length_penalty)  # fmt: skip
     defaults = dict(DEFAULTS[args.task])
@@ -211,6 +223,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_text_atomic(
             args.out, json.dumps({"task": args.task, "model": str(args.model), "options": options, **result}, indent=1)
         )
+    return result
+
+
+def _own_held_out(parser: argparse.ArgumentParser, model: Path, out: str | None) -> dict[str, Any]:
+    """A stage-2 run folder (or its transformers/ export) scored on the held-out split its config names."""
+    from blip2_fast.train_stage2 import caption_held_out, load_config, print_held_out
+
+    run = model.parent if model.name == "transformers" else model
+    if not (run / "config.yaml").is_file():
+        parser.error(f"--model {model}: no config.yaml of a stage-2 run here; pass --annotations and --images")
+    config = load_config(run / "config.yaml")
+    device = distributed.init_from_launcher()
+    pretrained, tokenizer = load_pretrained(model)
+    pretrained.eval().to_device(device)
+    result = caption_held_out(pretrained, tokenizer, config, device)
+    if not result:
+        parser.error(f"--model {model}: its config.yaml names no held-out set; pass --annotations and --images")
+    if distributed.get_rank() == 0:
+        print_held_out(result, show=0)
+        if out:
+            from blip2_fast.checkpoint import write_text_atomic
+
+            write_text_atomic(out, json.dumps({"task": "caption", "model": str(model), **result}, indent=1))
     return result
 
 

@@ -6,6 +6,7 @@ loaded into ours; same weights in, same numbers out (fp32).
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import pytest
@@ -231,9 +232,12 @@ def test_lavis_checkpoint_loads(pair, tmp_path):
     sd["Qformer.cls.predictions.bias"] = torch.zeros(101)
     torch.save({"model": sd}, tmp_path / "lavis.pth")
     theirs.language_model.save_pretrained(str(tmp_path / "llm"))
-    model, skipped = lavis_model(
-        tmp_path / "lavis.pth", tmp_path / "llm", ours.qformer.config, image_encoder=ours.image_encoder
-    )
+    # an OPT folder without tokenizer files cannot tell where LAVIS ends text: said once, as a warning
+    said = pytest.warns(UserWarning, match="has no tokenizer files") if llm == "opt" else contextlib.nullcontext()
+    with said:
+        model, skipped = lavis_model(
+            tmp_path / "lavis.pth", tmp_path / "llm", ours.qformer.config, image_encoder=ours.image_encoder
+        )
     assert skipped == ["Qformer.bert.encoder.layer.0.intermediate.dense.weight", "Qformer.cls.predictions.bias"]
     model.qformer.ln_vision.eps = ours.qformer.ln_vision.eps  # LAVIS's 1e-5 vs the transformers config's value
     a, b = model.state_dict(), ours.state_dict()

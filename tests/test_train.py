@@ -799,3 +799,25 @@ def test_the_first_cpu_run_says_deepspeed_builds_its_op(tmp_path, monkeypatch, c
     (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
     _announce_cpu_op_build()  # built: nothing to say
     assert capsys.readouterr().err == ""
+
+
+def test_the_curves_show_what_was_measured(tmp_path):
+    """No evaluation: the loss panel alone. One evaluation: its recalls on the run's step axis, each value
+    written on the plot (not three dots on an axis zoomed around one step)."""
+    from PIL import Image
+
+    from blip2_fast.train import MetricsLog
+
+    losses = [{"step": s, "itc": 2.0 / s, "itm": 0.6, "itg": 3.0 / s} for s in range(1, 11)]
+    widths = {}
+    for name, recall in {"none": {}, "one": {"txt_r1": 26.5, "img_r1": 14.0, "r_mean": 60.0}}.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        log = MetricsLog(folder, 0)
+        for row in losses:
+            log.log(row)
+        if recall:
+            log.log({"step": 10, **recall})
+        widths[name] = Image.open(log.plot(folder / "curves.png")).size[0]
+        log.close()
+    assert widths["none"] < 0.7 * widths["one"], widths

@@ -170,6 +170,29 @@ def test_keep_checkpoints_0_keeps_only_the_model(runs):
         load_config(None, [("train.keep_checkpoints", "-1")])
 
 
+def test_evaluate_stage2_scores_a_run_on_its_own_held_out_set(runs, tmp_path, capsys):
+    """No annotations: the run folder's own held-out split, scored as the run scored it at its end."""
+    from blip2_fast.evaluate_stage2 import main as evaluate
+
+    run_root, result, _, _ = runs
+    got = evaluate(["--model", str(run_root / "full"), "--task", "caption", "--out", str(tmp_path / "s.json")])
+    assert [r["caption"] for r in got["captions"]] == [r["caption"] for r in result["eval"]["captions"]]
+    assert got["scores"] == result["eval"]["scores"] and got["chance"] == result["eval"]["chance"]
+    assert got["lm_loss"] == pytest.approx(result["eval"]["lm_loss"], rel=1e-5)
+    assert "held-out captions (8 images, greedy): first named colour right" in capsys.readouterr().out
+    assert json.loads((tmp_path / "s.json").read_text())["scores"] == got["scores"]
+    for args, said in (
+        (["--task", "vqa"], "--task vqa needs --annotations and --images"),
+        (["--task", "caption", "--images", "x"], "--annotations and --images go together"),
+    ):
+        with pytest.raises(SystemExit):
+            evaluate(["--model", str(run_root / "full"), *args])
+        assert said in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate(["--model", str(tmp_path), "--task", "caption"])
+    assert "no config.yaml of a stage-2 run here" in capsys.readouterr().err
+
+
 def test_fresh_init_says_it_was_asked_for(runs, tmp_path, monkeypatch):
     from blip2_fast.train_stage2 import describe_init
 
