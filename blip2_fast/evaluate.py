@@ -231,11 +231,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     parser.add_argument("--annotations", default=None, help="caption JSON (COCO or LAVIS) to evaluate on instead")
     parser.add_argument("--images", default=None, help="image folder of --annotations")
+    parser.add_argument("--out", default=None, help="JSON file for the metrics (metrics.csv's keys: txt_r1, ...)")
     args = parser.parse_args(argv)
     if (args.annotations is None) != (args.images is None):
         parser.error("--annotations and --images go together")
     if args.annotations is not None:
-        return evaluate_pretrained(args.checkpoint, args.annotations, args.images, k_test=args.k_test)
+        return _written(
+            evaluate_pretrained(args.checkpoint, args.annotations, args.images, k_test=args.k_test), args.out
+        )
 
     from blip2_fast.checkpoint import load_qformer
     from blip2_fast.train import build_datasets, build_tokenizer, build_vision, load_config
@@ -264,6 +267,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise ValueError("the config names no held-out split (data.eval_annotation_file / data.eval_urls)")
     metrics = evaluate_run(model, vision, held_out, tokenizer, config, device)
     _print_recall(metrics)
+    return _written(metrics, args.out)
+
+
+def _written(metrics: dict[str, float], out: str | None) -> dict[str, float]:
+    if out and distributed.get_rank() == 0:
+        import json
+
+        from blip2_fast.checkpoint import write_text_atomic
+
+        write_text_atomic(out, json.dumps(metrics, indent=1))
     return metrics
 
 

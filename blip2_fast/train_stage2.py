@@ -8,7 +8,7 @@
 The embedded default (the defaults of :class:`Stage2Config`) needs nothing from
 the network: a small OPT over the shipped WordPiece vocabulary, first taught from
 text alone to restate the captions it reads in its context, as a pretrained LLM
-would (:mod:`blip2_fast.tiny_llm`; seconds, then cached), procedurally
+would (:mod:`blip2_fast.tiny_llm`; a minute once, then cached), procedurally
 drawn shapes, and the stage-1 default's output (``runs/stage1-default``) as
 the Q-Former's start when it exists, else a fresh tiny Q-Former over a random
 frozen ViT. Only ``qformer`` and ``llm_proj`` train: the optimizer (torch

@@ -633,16 +633,15 @@ def test_periodic_evaluation_logs_recall_and_keeps_the_best(tmp_path):
     best = max(evaluations, key=lambda r: r["r_mean"])  # the first of equals: a later one must beat it
     assert record["step"] == best["step"] and record["r_mean"] == pytest.approx(best["r_mean"], abs=1e-3)
     proc = subprocess.run(
-        [sys.executable, "-m", "blip2_fast.evaluate", "--checkpoint", str(tmp_path / "every" / "best")],
+        [sys.executable, "-m", "blip2_fast.evaluate", "--checkpoint", str(tmp_path / "every" / "best"),
+         "--out", str(tmp_path / "again.json")],
         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("retrieval on"))
-    words = line.split(": ", 1)[1].split()
-    figures = dict(zip(words[0::2], map(float, words[1::2]), strict=True))
-    assert {"txt_r1", "img_r1"} <= figures.keys()
-    for key, value in figures.items():
-        assert value == pytest.approx(record[key], abs=0.01), (key, line, record)
+    assert "held-out retrieval (" in proc.stdout and "image->text R@1" in proc.stdout  # training's own words
+    figures = json.loads((tmp_path / "again.json").read_text())
+    for key in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10"):
+        assert figures[key] == pytest.approx(record[key], abs=0.01), (key, figures, record)
     assert not (tmp_path / "plain" / "best").exists()
     from blip2_fast import Blip2Stage1
 
@@ -700,7 +699,15 @@ def test_two_ranks_equal_one_rank(tmp_path):
     assert "outputs:" in proc2.stdout and (tmp_path / "two" / "model.safetensors").is_file()
     # the exported model (no ViT inside) + the run's config and ViT give the same retrieval again
     proc3 = subprocess.run(
-        [sys.executable, "-m", "blip2_fast.evaluate", "--checkpoint", str(tmp_path / "two" / "model.safetensors")],
+        [
+            sys.executable,
+            "-m",
+            "blip2_fast.evaluate",
+            "--checkpoint",
+            str(tmp_path / "two" / "model.safetensors"),
+            "--out",
+            str(tmp_path / "again.json"),
+        ],  # fmt: skip
         cwd=tmp_path,
         env=_env(),
         capture_output=True,
@@ -708,11 +715,9 @@ def test_two_ranks_equal_one_rank(tmp_path):
         timeout=900,
     )
     assert proc3.returncode == 0, proc3.stdout[-3000:] + proc3.stderr[-3000:]
-    line = next(x for x in proc3.stdout.splitlines() if x.startswith("retrieval on"))
-    words = line.split(": ", 1)[1].split()
-    figures = dict(zip(words[0::2], map(float, words[1::2]), strict=True))
+    figures = json.loads((tmp_path / "again.json").read_text())
     for key in ("txt_r1", "txt_r5", "img_r1", "img_r5"):
-        assert figures[key] == pytest.approx(eval_b[key], abs=0.01), (key, line)
+        assert figures[key] == pytest.approx(eval_b[key], abs=0.01), (key, figures)
 
 
 def test_stage_2_is_handed_to_its_entry_point(monkeypatch):
