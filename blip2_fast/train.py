@@ -867,6 +867,7 @@ def save_checkpoint(engine, folder: Path, step: int, micro_step: int, keep: int,
     done = rank == 0 and latest.is_file() and latest.read_text().strip() == tag and (folder / tag).is_dir()
     if distributed.all_gather_object(done)[0]:
         return folder / tag
+    check_finite_weights(engine.module, step, folder)
     if rank == 0:
         for leftover in [*folder.glob("tmp-step*"), *folder.glob("old-step*")]:  # of crashes mid-save
             shutil.rmtree(leftover, ignore_errors=True)
@@ -894,6 +895,42 @@ def save_checkpoint(engine, folder: Path, step: int, micro_step: int, keep: int,
                 shutil.rmtree(folder / old, ignore_errors=True)
     distributed.barrier()
     return folder / tag
+
+
+class NonFiniteTraining(RuntimeError):
+    """A loss or a weight turned NaN or infinite: the run stops rather than train on, or save, garbage."""
+
+
+def _last_good(folder: Path) -> str:
+    latest = folder / "latest"
+    if latest.is_file():
+        return f"the last good checkpoint, {folder / latest.read_text().strip()}, is kept"
+    return "no checkpoint was written"
+
+
+def check_finite_losses(rows: list[dict[str, float]], first_step: int, ckpt_dir: Path) -> None:
+    """Raise :class:`NonFiniteTraining` at the first step of ``rows`` (one per step from ``first_step``) whose
+    loss is not finite, naming the step and the term (the total only when no term is to blame)."""
+    for offset, row in enumerate(rows):
+        bad = [key for key, value in row.items() if not math.isfinite(value)]
+        if bad:
+            term = next((key for key in bad if key != "loss"), "loss")
+            what = {"temp": "the ITC temperature", "loss": "the loss"}.get(term, f"the {term} loss")
+            raise NonFiniteTraining(
+                f"step {first_step + offset}: {what} is {row[term]}; training stops and {_last_good(ckpt_dir)} "
+                "(a lower optim.lr, or a look at the data, is the usual cure)"
+            )
+
+
+def check_finite_weights(module: torch.nn.Module, step: int, ckpt_dir: Path) -> None:
+    """Raise :class:`NonFiniteTraining` when any rank's trainable weights hold NaN or inf: never saved."""
+    # under ZeRO-3 a parameter's own data is a placeholder: its rank's partition is ds_tensor
+    local = all(bool(getattr(p, "ds_tensor", p).isfinite().all()) for p in module.parameters() if p.requires_grad)
+    if not all(distributed.all_gather_object(local)):
+        raise NonFiniteTraining(
+            f"step {step}: the trained weights hold NaN or inf, so no checkpoint or model is written from them; "
+            f"training stops and {_last_good(ckpt_dir)} (a lower optim.lr, or a look at the data, is the usual cure)"
+        )
 
 
 def checkpoints_said(folder: Path) -> str:
@@ -1463,8 +1500,11 @@ def _train(config: TrainConfig) -> dict[str, Any]:
             distributed.all_reduce_sum(values)
             values = values.cpu()
             values[:, :5] /= world
-            for row in values[:, :5].tolist():
-                history.append(dict(zip(("loss", "itc", "itm", "itg", "temp"), row, strict=True)))
+            rows = [
+                dict(zip(("loss", "itc", "itm", "itg", "temp"), row, strict=True)) for row in values[:, :5].tolist()
+            ]
+            check_finite_losses(rows, step - len(rows) + 1, ckpt_dir)  # the same values on every rank
+            history += rows
             record = history[-1]
             bar.set_postfix(itc=f"{record['itc']:.3f}", itm=f"{record['itm']:.3f}", itg=f"{record['itg']:.3f}")
             if rank == 0 and (step % t.log_every == 0 or step == end):
@@ -1496,6 +1536,7 @@ def _train(config: TrainConfig) -> dict[str, Any]:
         if t.save_every and step % t.save_every == 0 and step < end:
             save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints, run_facts(config))
     bar.close()
+    check_finite_weights(engine.module, step, ckpt_dir)  # nothing non-finite is saved or exported
     if t.keep_checkpoints:
         save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints, run_facts(config))
     model_path = run_dir / "model.safetensors"

@@ -60,6 +60,8 @@ from blip2_fast.train import (  # noqa: E402
     OptimSection,
     TrainSection,
     build_datasets,
+    check_finite_losses,
+    check_finite_weights,
     checkpoints_said,
     deepspeed_config,
     holding_run_folder,
@@ -715,6 +717,7 @@ def _train(config: Stage2Config) -> dict[str, Any]:
         values = torch.tensor([acc, skipped], dtype=torch.float64)
         distributed.all_reduce_sum(values)
         record = float(values[0]) / world
+        check_finite_losses([{"loss": record}], step, ckpt_dir)
         acc, skipped = 0.0, 0
         history.append(record)
         bar.update(1)
@@ -738,6 +741,7 @@ def _train(config: Stage2Config) -> dict[str, Any]:
         if t.save_every and step % t.save_every == 0 and step < end:
             save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints, run_facts(config))
     bar.close()
+    check_finite_weights(engine.module, step, ckpt_dir)  # nothing non-finite is saved or exported
     if t.keep_checkpoints:
         save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints, run_facts(config))
 

@@ -298,7 +298,8 @@ class FakeEngine:
     def __init__(self, fail=False):
         from blip2_fast.losses import HardNegativeSampler
 
-        self.module = type("M", (), {"sampler": HardNegativeSampler(0)})()
+        self.module = torch.nn.Linear(2, 2)  # weights, checked finite before a save
+        self.module.sampler = HardNegativeSampler(0)
         self.fail = fail
 
     def save_checkpoint(self, save_dir, tag, client_state, save_latest, exclude_frozen_parameters):
@@ -826,3 +827,58 @@ def test_the_curves_show_what_was_measured(tmp_path):
         widths[name] = Image.open(log.plot(folder / "curves.png")).size[0]
         log.close()
     assert widths["none"] < 0.7 * widths["one"], widths
+
+
+def test_non_finite_losses_and_weights_are_named():
+    from blip2_fast.train import NonFiniteTraining, check_finite_losses, check_finite_weights
+
+    rows = [{"loss": 3.0, "itc": 1.0, "itm": 0.6, "itg": 1.4, "temp": 0.07}] * 2
+    check_finite_losses(rows, 1, Path("nowhere"))  # finite: nothing happens
+    bad = [*rows, {"loss": float("nan"), "itc": 1.0, "itm": float("nan"), "itg": 1.4, "temp": 0.07}]
+    with pytest.raises(NonFiniteTraining, match=r"^step 7: the itm loss is nan; training stops and no checkpoint"):
+        check_finite_losses(bad, 5, Path("nowhere"))
+    with pytest.raises(NonFiniteTraining, match="step 4: the loss is -inf"):  # stage 2 has one term
+        check_finite_losses([{"loss": float("-inf")}], 4, Path("nowhere"))
+    with pytest.raises(NonFiniteTraining, match="step 2: the ITC temperature is inf"):
+        check_finite_losses([{"loss": 1.0, "temp": float("inf")}], 2, Path("nowhere"))
+    layer = torch.nn.Linear(2, 2)
+    check_finite_weights(layer, 3, Path("nowhere"))
+    with torch.no_grad():
+        layer.bias[1] = float("inf")
+    with pytest.raises(NonFiniteTraining, match="step 3: the trained weights hold NaN or inf"):
+        check_finite_weights(layer, 3, Path("nowhere"))
+    layer.bias.requires_grad_(False)  # frozen weights are not the run's to guard
+    check_finite_weights(layer, 3, Path("nowhere"))
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_naming_the_step_and_keeps_its_last_good_checkpoint(tmp_path):
+    """lr 1e30: the losses turn NaN; the run stops at the first non-finite read, exports nothing, and every
+    checkpoint left is finite (before: it trained on, checkpointed and exported from a NaN loss)."""
+    common = TINY + [
+        ("train.steps", "12"),
+        ("train.save_every", "2"),
+        ("train.log_every", "1"),
+        ("optim.lr", "1e30"),
+        ("optim.warmup_steps", "0"),
+        ("train.output_dir", str(tmp_path)),
+        ("train.name", "diverging"),
+    ]
+    said = _train_in_subprocess(
+        tmp_path,
+        f"""
+        from blip2_fast.train import NonFiniteTraining
+        try:
+            run(load_config(None, {common!r}))
+            result = None
+        except NonFiniteTraining as err:
+            result = str(err)
+        """,
+    )
+    assert said is not None and re.match(r"step \d+: the (itc|itm|itg) loss is (nan|inf)", said), said
+    folder = tmp_path / "diverging"
+    assert not (folder / "model.safetensors").exists()
+    for tag in (folder / "checkpoints").glob("step*"):  # what is left is what a resume would read: finite
+        state = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+        assert all(bool(v.isfinite().all()) for v in state.values() if v.is_floating_point()), tag
+    assert str(folder / "checkpoints") in said or "no checkpoint was written" in said
