@@ -71,11 +71,10 @@ def _batch(tokenizer, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
     for r, (row, start) in enumerate(zip(rows, starts, strict=True)):
         ids[r, : len(row)] = torch.tensor(row)
         labels[r, start : len(row)] = ids[r, start : len(row)]
-    mask = torch.zeros_like(ids)
-    for r, row in enumerate(rows):
         mask[r, : len(row)] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 

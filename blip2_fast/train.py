@@ -1536,9 +1536,10 @@ def _train(config: TrainConfig) -> dict[str, Any]:
         if t.save_every and step % t.save_every == 0 and step < end:
             save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints, run_facts(config))
     bar.close()
-    check_finite_weights(engine.module, step, ckpt_dir)  # nothing non-finite is saved or exported
-    if t.keep_checkpoints:
+    if t.keep_checkpoints:  # which checks the weights finite first: nothing non-finite is saved or exported
         save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints, run_facts(config))
+    else:
+        check_finite_weights(engine.module, step, ckpt_dir)
     model_path = run_dir / "model.safetensors"
 
     result: dict[str, Any] = {"history": history, "run_dir": run_dir, "model": model_path, "precision": precision}
