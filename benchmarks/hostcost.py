@@ -217,7 +217,7 @@ def _launchers(*modules: types.ModuleType) -> list:
 @contextlib.contextmanager
 def stand_in_driver(*kernel_modules: types.ModuleType) -> Iterator[object]:
     """Make the stand-in Triton's active driver; every JIT kernel of ``kernel_modules`` gets a fresh per-device
-    cache for the time and their ``Launcher``s start and end empty (a kernel compiled and bound for the
+    cache for the time, and every ``Launcher`` and op plan starts and ends empty (a kernel compiled and bound for the
     stand-in never reaches a real launch, and a real one compiled earlier is not reused here). Restores both
     on exit."""
     from triton.runtime import driver
@@ -228,15 +228,14 @@ def stand_in_driver(*kernel_modules: types.ModuleType) -> Iterator[object]:
     caches = {id(fn): fn.device_caches for fn in kernels}
     for fn in kernels:
         fn.device_caches = collections.defaultdict(fn.create_binder)
-    launchers = _launchers(*kernel_modules)  # their kept kernels belong to one driver: none cross over
-    for launcher in launchers:
-        launcher.clear()
+    from blip2_fast.kernels.launch import clear_all
+
+    clear_all()  # kept kernels, direct launches and plans belong to one driver: none cross over
     driver.set_active(stand_in)
     try:
         yield stand_in
     finally:
-        for launcher in launchers:
-            launcher.clear()
+        clear_all()
         for fn in kernels:
             for kernel_cache, *_ in fn.device_caches.values():
                 for compiled in kernel_cache.values():

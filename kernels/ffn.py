@@ -13,7 +13,7 @@ and after them is a fused Triton epilogue:
 * ``_gelu_fwd_bwd_kernel``: in the backward, GELU(u + b) and GELU'(u + b) * grad
   from one read of the recomputed u.
 * ``_res_norm_fwd_kernel``: bias + dropout + residual + LayerNorm, saving the
-  pre-norm sum and fp32 (mean, rstd) per row.
+  pre-norm sum and fp32 (mean, rstd) per row, as one (2, rows) tensor.
 * ``_res_norm_bwd_kernel``: LayerNorm backward + dropout backward, giving the
   residual grad and the dense-output grad in one pass, plus per-program partial
   sums of the LayerNorm weight/bias and dense bias grads (reduced by torch).
@@ -49,14 +49,16 @@ backward returns grads for every tensor argument.
 from __future__ import annotations
 
 import functools
+import operator
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from blip2_fast.kernels.attention import dropout_seed
-from blip2_fast.kernels.launch import Launcher, cdiv, next_power_of_2
+from blip2_fast.kernels.launch import Launcher, Plans, cdiv, fast_apply, next_power_of_2
 
 __all__ = ["ffn", "residual_norm", "FFNFunction", "ResidualNormFunction", "kernel_configs"]
 
@@ -119,8 +121,7 @@ def _res_norm_fwd_kernel(
     b_ptr,  # (N,) LayerNorm bias
     out_ptr,  # (R, N)
     sum_ptr,  # (R, N) pre-norm sum, saved for the backward
-    mean_ptr,  # (R,) fp32
-    rstd_ptr,  # (R,) fp32
+    stats_ptr,  # (2, R) fp32: mean, rstd
     mask_ptr,  # (R, N) int8 keep mask, written only when STORE_MASK
     n_rows,
     n_cols,
@@ -159,16 +160,15 @@ def _res_norm_fwd_kernel(
     out = xc * rstd[:, None] * w[None, :] + b[None, :]
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
     row_ok = rows < n_rows
-    tl.store(mean_ptr + rows, mean, mask=row_ok)
-    tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+    tl.store(stats_ptr + rows, mean, mask=row_ok)
+    tl.store(stats_ptr + n_rows + rows, rstd, mask=row_ok)
 
 
 @triton.jit
 def _res_norm_bwd_kernel(
     dout_ptr,  # (R, N)
     sum_ptr,  # (R, N)
-    mean_ptr,
-    rstd_ptr,
+    stats_ptr,  # (2, R) fp32: mean, rstd
     w_ptr,
     dres_ptr,  # (R, N) grad of the pre-norm sum = grad of the residual
     dz_ptr,  # (R, N) grad of the dense output (after dropout backward)
@@ -201,8 +201,8 @@ def _res_norm_bwd_kernel(
         offs = rows[:, None] * n_cols + cols[None, :]
         dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         s = tl.load(sum_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
-        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+        mean = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(stats_ptr + n_rows + rows, mask=row_ok, other=0.0)
         xhat = tl.where(mask, (s - mean[:, None]) * rstd[:, None], 0.0)
         dxhat = dout * w[None, :]
         c1 = tl.sum(dxhat * xhat, axis=1) / n_cols
@@ -295,8 +295,7 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
                     "b_ptr": nptr,
                     "out_ptr": nptr,
                     "sum_ptr": nptr,
-                    "mean_ptr": "*fp32",
-                    "rstd_ptr": "*fp32",
+                    "stats_ptr": "*fp32",
                     "mask_ptr": "*i8",
                     "n_rows": "i32",
                     "n_cols": "i32",
@@ -320,8 +319,7 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
                 bwd_sig = {
                     "dout_ptr": nptr,
                     "sum_ptr": nptr,
-                    "mean_ptr": "*fp32",
-                    "rstd_ptr": "*fp32",
+                    "stats_ptr": "*fp32",
                     "w_ptr": nptr,
                     "dres_ptr": nptr,
                     "dz_ptr": ptr,
@@ -348,6 +346,10 @@ def _aligned(signature: dict[str, str]) -> tuple[str, ...]:
 
 
 # ----------------------------------------------------------------------------- launchers
+# Each op validates its arguments once per signature (shapes, dtypes, devices, flags) and passes that
+# signature down as ``sig``: with it, a launch is keyed by the signature alone (see launch.Launcher.launch),
+# which the op passes only when every pointer it hands the kernels is 16-byte aligned (else ``sig`` is
+# None and the launcher builds its own key). Grids and launch options are computed once per shape.
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -355,45 +357,71 @@ _BIAS_GELU = Launcher(_bias_gelu_fwd_kernel)
 _GELU_FWD_BWD = Launcher(_gelu_fwd_bwd_kernel)
 _RES_NORM_FWD = Launcher(_res_norm_fwd_kernel)
 _RES_NORM_BWD = Launcher(_res_norm_bwd_kernel)
+_LAUNCH_PARAMS = Plans()  # (what, shape, flags) -> (grid, options) or the backward's partition
 
 
-def bias_gelu(u: torch.Tensor, bias: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """GELU(u + bias) for a contiguous (rows, I) ``u``; ``out`` may be ``u`` itself."""
-    rows, cols = u.shape
+def _launch(launcher: Launcher, sig, grid: tuple[int, ...], args: tuple, options: dict) -> None:
+    if sig is None:
+        launcher(grid, *args, **options)
+    else:
+        launcher.launch(sig, grid, args, options)
+
+
+def _ew_launch(rows: int, cols: int) -> tuple[tuple[int, int], dict]:
+    key = ("ew", rows, cols)
+    hit = _LAUNCH_PARAMS.get(key)
+    if hit is None:
+        options = {"BLOCK_R": _EW_BLOCK_R, "BLOCK_C": EW_BLOCK_C, "num_warps": EW_NUM_WARPS}
+        hit = _LAUNCH_PARAMS.remember(key, ((cdiv(rows, _EW_BLOCK_R), cdiv(cols, EW_BLOCK_C)), options))
+    return hit
+
+
+def _norm_fwd_launch(rows: int, cols: int, dropout: bool, store_mask: bool) -> tuple[tuple[int], dict]:
+    key = ("norm fwd", rows, cols, dropout, store_mask)
+    hit = _LAUNCH_PARAMS.get(key)
+    if hit is None:
+        cfg = _norm_config(cols)
+        options = {"HAS_DROPOUT": dropout, "STORE_MASK": store_mask and dropout, **cfg}
+        hit = _LAUNCH_PARAMS.remember(key, ((cdiv(rows, cfg["BLOCK_M"]),), options))
+    return hit
+
+
+def _norm_bwd_launch(rows: int, cols: int, dropout: bool, device: torch.device) -> tuple[int, int, dict]:
+    """(programs, rows per program, options): each program reduces its rows' weight grads to one partial row."""
+    key = ("norm bwd", rows, cols, dropout, device)
+    hit = _LAUNCH_PARAMS.get(key)
+    if hit is None:
+        cfg = _norm_config(cols)
+        block_m = cfg["BLOCK_M"]
+        n_prog = max(1, min(_num_programs(device), cdiv(rows, block_m)))
+        rows_per_prog = cdiv(cdiv(rows, n_prog), block_m) * block_m
+        hit = _LAUNCH_PARAMS.remember(key, (cdiv(rows, rows_per_prog), rows_per_prog, {"HAS_DROPOUT": dropout, **cfg}))
+    return hit
+
+
+def bias_gelu(u: torch.Tensor, bias: torch.Tensor, out: torch.Tensor | None = None, sig=None) -> torch.Tensor:
+    """GELU(u + bias) for a contiguous (..., I) ``u``; ``out`` may be ``u`` itself."""
+    cols = u.shape[-1]
+    rows = u.numel() // cols
     out = torch.empty_like(u) if out is None else out
-    _BIAS_GELU(
-        (cdiv(rows, _EW_BLOCK_R), cdiv(cols, EW_BLOCK_C)),
-        u,
-        bias,
-        out,
-        rows,
-        cols,
-        BLOCK_R=_EW_BLOCK_R,
-        BLOCK_C=EW_BLOCK_C,
-        num_warps=EW_NUM_WARPS,
-    )
+    grid, options = _ew_launch(rows, cols)
+    _launch(_BIAS_GELU, sig, grid, (u, bias, out, rows, cols), options)
     return out
 
 
 def gelu_forward_backward_(
-    u: torch.Tensor, bias: torch.Tensor, grad: torch.Tensor, act: torch.Tensor
+    u: torch.Tensor, bias: torch.Tensor, grad: torch.Tensor, act: torch.Tensor, sig=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(GELU(u + bias) into ``act``, grad * GELU'(u + bias) into ``grad``); ``act`` may be ``u``."""
-    rows, cols = grad.shape
-    _GELU_FWD_BWD(
-        (cdiv(rows, _EW_BLOCK_R), cdiv(cols, EW_BLOCK_C)),
-        u,
-        bias,
-        grad,
-        act,
-        grad,
-        rows,
-        cols,
-        BLOCK_R=_EW_BLOCK_R,
-        BLOCK_C=EW_BLOCK_C,
-        num_warps=EW_NUM_WARPS,
-    )
+    """(GELU(u + bias) into ``act``, grad * GELU'(u + bias) into ``grad``), all contiguous (..., I); ``act`` may
+    be ``u``."""
+    cols = grad.shape[-1]
+    rows = grad.numel() // cols
+    grid, options = _ew_launch(rows, cols)
+    _launch(_GELU_FWD_BWD, sig, grid, (u, bias, grad, act, grad, rows, cols), options)
     return act, grad
+
+
+_NO_MASK: dict[torch.device, torch.Tensor] = {}  # the int8 pointer a launch that stores no mask passes
 
 
 def res_norm_forward(
@@ -406,45 +434,34 @@ def res_norm_forward(
     dropout_p: float,
     seed: torch.Tensor,
     store_mask: bool = False,
+    sig=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """LayerNorm(residual + dropout(y + bias)) on contiguous (rows, N): (out, pre-norm sum, mean, rstd, mask)."""
-    rows, cols = y.shape
-    cfg = _norm_config(cols)
+    """LayerNorm(residual + dropout(y + bias)) on contiguous (..., N): (out, pre-norm sum, stats, mask), the
+    first two shaped like ``residual``, stats (2, rows) fp32: each row's mean and 1 / std."""
+    cols = y.shape[-1]
+    rows = y.numel() // cols
+    has_dropout = dropout_p > 0.0
+    grid, options = _norm_fwd_launch(rows, cols, has_dropout, store_mask)
     # in the residual's dtype: under autocast the dense output is half precision, the residual stream fp32
     out = torch.empty_like(residual)
     pre = torch.empty_like(residual)
-    mean = torch.empty(rows, device=y.device, dtype=torch.float32)
-    rstd = torch.empty(rows, device=y.device, dtype=torch.float32)
-    has_dropout = dropout_p > 0.0
-    keep = torch.empty((rows, cols) if store_mask else (1,), device=y.device, dtype=torch.int8)
-    _RES_NORM_FWD(
-        (cdiv(rows, cfg["BLOCK_M"]),),
-        y,
-        bias,
-        residual,
-        norm_weight,
-        norm_bias,
-        out,
-        pre,
-        mean,
-        rstd,
-        keep,
-        rows,
-        cols,
-        eps,
-        seed if has_dropout else mean,  # without dropout the pointer is never read
-        dropout_p,
-        1.0 / (1.0 - dropout_p),
-        HAS_DROPOUT=has_dropout,
-        STORE_MASK=store_mask and has_dropout,
-        BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"],
-        num_warps=cfg["num_warps"],
-    )
+    stats = torch.empty((2, rows), device=y.device, dtype=torch.float32)
+    if options["STORE_MASK"]:
+        keep = torch.empty(residual.shape, device=y.device, dtype=torch.int8)
+    else:  # never written
+        keep = _NO_MASK.get(y.device)
+        if keep is None:
+            keep = _NO_MASK.setdefault(y.device, torch.empty(1, device=y.device, dtype=torch.int8))
+    args = (
+        y, bias, residual, norm_weight, norm_bias, out, pre, stats, keep, rows, cols, eps,
+        seed if has_dropout else stats,  # without dropout the pointer is never read
+        dropout_p, 1.0 / (1.0 - dropout_p),
+    )  # fmt: skip
+    _launch(_RES_NORM_FWD, sig, grid, args, options)
     mask = None
     if store_mask:
-        mask = keep.bool() if has_dropout else torch.ones((rows, cols), dtype=torch.bool, device=y.device)
-    return out, pre, mean, rstd, mask
+        mask = keep.bool() if has_dropout else torch.ones(residual.shape, dtype=torch.bool, device=y.device)
+    return out, pre, stats, mask
 
 
 @functools.cache
@@ -461,50 +478,32 @@ def _num_programs(device: torch.device) -> int:
 def res_norm_backward(
     dout: torch.Tensor,
     pre: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
+    stats: torch.Tensor,
     norm_weight: torch.Tensor,
     dropout_p: float,
     seed: torch.Tensor,
     dense_dtype: torch.dtype | None = None,
+    sig=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad of residual, grad of dense output, (3, N) fp32: LayerNorm weight, LayerNorm bias and dense bias grads).
+    """(grad of residual, grad of dense output, (3, N) fp32: LayerNorm weight, LayerNorm bias and dense bias grads),
+    for a contiguous (..., N) ``dout`` and ``pre``; the first two are shaped like ``pre``.
 
     The residual's grad takes the pre-norm sum's dtype; the dense output's takes ``dense_dtype`` (default the same).
     """
-    rows, cols = pre.shape
-    cfg = _norm_config(cols)
-    block_m = cfg["BLOCK_M"]
-    n_prog = max(1, min(_num_programs(pre.device), cdiv(rows, block_m)))
-    rows_per_prog = cdiv(cdiv(rows, n_prog), block_m) * block_m
-    n_prog = cdiv(rows, rows_per_prog)
+    cols = pre.shape[-1]
+    rows = pre.numel() // cols
+    has_dropout = dropout_p > 0.0
+    n_prog, rows_per_prog, options = _norm_bwd_launch(rows, cols, has_dropout, pre.device)
     dres = torch.empty_like(pre)
     dz = torch.empty_like(pre, dtype=dense_dtype or pre.dtype)
     # the three partial sums in one buffer: one reduction (and one cast by the caller) for all of them
-    dw_part, db_part, dbias_part = parts = torch.empty((3, n_prog, cols), device=pre.device, dtype=torch.float32)
-    _RES_NORM_BWD(
-        (n_prog,),
-        dout,
-        pre,
-        mean,
-        rstd,
-        norm_weight,
-        dres,
-        dz,
-        dw_part,
-        db_part,
-        dbias_part,
-        rows,
-        cols,
-        rows_per_prog,
-        seed if dropout_p > 0.0 else mean,
-        dropout_p,
-        1.0 / (1.0 - dropout_p),
-        HAS_DROPOUT=dropout_p > 0.0,
-        BLOCK_M=block_m,
-        BLOCK_N=cfg["BLOCK_N"],
-        num_warps=cfg["num_warps"],
-    )
+    parts = torch.empty((3, n_prog, cols), device=pre.device, dtype=torch.float32)
+    dw_part, db_part, dbias_part = parts
+    args = (
+        dout, pre, stats, norm_weight, dres, dz, dw_part, db_part, dbias_part, rows, cols, rows_per_prog,
+        seed if has_dropout else stats, dropout_p, 1.0 / (1.0 - dropout_p),
+    )  # fmt: skip
+    _launch(_RES_NORM_BWD, sig, (n_prog,), args, options)
     return dres, dz, parts.sum(1)
 
 
@@ -542,13 +541,10 @@ def _check_common(x: torch.Tensor, hidden: int, eps: float, dropout_p: float) ->
         raise ValueError(f"rows * hidden must be < 2**31 (32-bit RNG counter), got {x.numel() // x.shape[-1]} rows")
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., N) -> contiguous (rows, N): a view when the layout allows, else one copy."""
-    return t.reshape(-1, t.shape[-1]).contiguous()
-
-
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The autocast dtype of ``x``'s device, or None outside ``torch.autocast``."""
+    if not torch._C._is_any_autocast_enabled():  # one C call on the common path
+        return None
     if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
         return None
     return torch.get_autocast_dtype(x.device.type)
@@ -567,31 +563,44 @@ def _new_seed(seed: int | None, dropout_p: float, device: torch.device) -> torch
 # ----------------------------------------------------------------------------- forward and backward
 # One implementation of each op's two halves, run by a torch.autograd.Function in eager mode (the least host
 # work per call) and by custom ops under torch.compile (opaque to Dynamo, with fake shapes: no graph break).
+# ``sig`` is the op's validated signature (launches keyed by it) or None.
 
 
-def _res_norm_fwd(x, residual, weight, bias, norm_weight, norm_bias, eps, dropout_p, seed, store_mask):
-    """(out shaped like residual, mask or None, pre-norm sum, mean, rstd)."""
-    y = _rows(x) @ weight.t()  # cuBLAS; bias, dropout, residual and LayerNorm fused below
-    out, pre, mean, rstd, mask = res_norm_forward(
-        y, bias, _rows(residual), norm_weight, norm_bias, eps, dropout_p, seed, store_mask
+def _res_norm_fwd(x, residual, weight, bias, norm_weight, norm_bias, eps, dropout_p, seed, store_mask, sig=None):
+    """(out shaped like residual, mask or None, pre-norm sum shaped like residual, (2, rows) fp32 mean and rstd)."""
+    y = F.linear(x, weight)  # cuBLAS, (..., N); bias, dropout, residual and LayerNorm fused below
+    out, pre, stats, mask = res_norm_forward(
+        y, bias, residual.contiguous(), norm_weight, norm_bias, eps, dropout_p, seed, store_mask, sig
     )
-    return out.view(residual.shape), None if mask is None else mask.view(residual.shape), pre, mean, rstd
+    return out, mask, pre, stats
 
 
 def _cast_rows(rows: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> list[torch.Tensor]:
     """Row i of ``rows`` in ``dtypes[i]``: one cast for all when they share a dtype."""
-    if len(set(dtypes)) == 1:
-        return list(rows.to(dtypes[0]))
+    if dtypes[0] == dtypes[1] == dtypes[2]:
+        return rows.to(dtypes[0]).unbind()
     return [row.to(dtype) for row, dtype in zip(rows, dtypes, strict=True)]
 
 
-def _res_norm_bwd(dout, x, weight, pre, mean, rstd, norm_weight, dropout_p, seed, need):
+def _contiguous_grad(dout: torch.Tensor, sig):
+    """The incoming grad, contiguous, and ``sig`` if that keeps every kernel pointer aligned (else None)."""
+    dout = dout.contiguous()
+    return dout, (sig if sig is not None and not dout.data_ptr() & 15 else None)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """(..., N) -> (rows, N)."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def _res_norm_bwd(dout, x, weight, pre, stats, norm_weight, dropout_p, seed, need, sig=None):
     """Grads of (x, residual, weight) and the (3, N) fp32 grads of (norm_weight, norm_bias, bias), for
     :func:`_cast_rows`; GEMMs whose grad ``need`` lacks are skipped."""
-    dres, dz, sums = res_norm_backward(_rows(dout), pre, mean, rstd, norm_weight, dropout_p, seed, x.dtype)
-    dx = (dz @ weight).view(x.shape) if need[0] else None
-    dw = dz.t() @ _rows(x) if need[2] else None
-    return dx, dres.view(dout.shape), dw, sums
+    dout, sig = _contiguous_grad(dout, sig)
+    dres, dz, sums = res_norm_backward(dout, pre, stats, norm_weight, dropout_p, seed, x.dtype, sig)
+    dx = dz @ weight if need[0] else None
+    dw = _flat(dz).t() @ _flat(x) if need[2] else None
+    return dx, dres, dw, sums
 
 
 def _chunk_rows(x: torch.Tensor, chunk_size: int) -> int:
@@ -600,64 +609,89 @@ def _chunk_rows(x: torch.Tensor, chunk_size: int) -> int:
     return rows if chunk_size <= 0 or chunk_size >= seq_len else (rows // seq_len) * chunk_size
 
 
-def _ffn_fwd(x, up_w, up_b, down_w, down_b, norm_w, norm_b, eps, dropout_p, chunk_size, seed, store_mask, recompute):
-    """(out shaped like x, mask or None, pre-norm sum, mean, rstd, kept pre-activation or None, chunk rows)."""
-    x2 = _rows(x)
-    xg = x2.to(up_w.dtype)  # the GEMMs' copy: under autocast x is the fp32 residual, the weights half precision
-    rows = x2.shape[0]
+def _ffn_fwd(
+    x, up_w, up_b, down_w, down_b, norm_w, norm_b, eps, dropout_p, chunk_size, seed, store_mask, recompute, sig=None
+):
+    """(out, mask or None, pre-norm sum, stats, kept pre-activation or None, chunk rows); out, mask and the
+    sum shaped like x, the pre-activation like x with I features."""
+    x = x.contiguous()  # the residual the norm kernel reads
+    # the GEMMs' copy: under autocast x is the fp32 residual, the weights half precision
+    xg = x if x.dtype == up_w.dtype else x.to(up_w.dtype)
+    rows = x.numel() // x.shape[-1]
     chunk_rows = _chunk_rows(x, chunk_size)
-    # Without recompute the pre-activation (rows, I) is kept for the backward, saving one GEMM there.
-    kept = None if recompute else torch.empty((rows, up_w.shape[0]), device=x.device, dtype=xg.dtype)
-    y = torch.empty_like(xg)
-    for r0 in range(0, rows, chunk_rows):
-        xc = xg[r0 : r0 + chunk_rows]
-        if kept is None:
-            u = xc @ up_w.t()
-            act = bias_gelu(u, up_b, out=u)  # in place: with recompute nothing 4H wide outlives the chunk
+    kept = None
+    if chunk_rows >= rows:  # one chunk
+        u = F.linear(xg, up_w)
+        if recompute:
+            act = bias_gelu(u, up_b, out=u, sig=sig)  # in place: nothing 4H wide outlives the forward
         else:
-            u = torch.matmul(xc, up_w.t(), out=kept[r0 : r0 + chunk_rows])
-            act = bias_gelu(u, up_b)
-        torch.matmul(act, down_w.t(), out=y[r0 : r0 + chunk_rows])
+            kept, act = u, bias_gelu(u, up_b, sig=sig)  # the pre-activation is kept for the backward
+        y = F.linear(act, down_w)
         del act, u
-    out, pre, mean, rstd, mask = res_norm_forward(y, down_b, x2, norm_w, norm_b, eps, dropout_p, seed, store_mask)
-    mask = None if mask is None else mask.view(x.shape)
-    return out.view(x.shape), mask, pre, mean, rstd, kept, chunk_rows
+    else:
+        sig = None  # chunk views: their alignment is not the signature's
+        # Without recompute the pre-activation is kept for the backward, saving one GEMM there.
+        if not recompute:
+            kept = torch.empty((*x.shape[:-1], up_w.shape[0]), device=x.device, dtype=xg.dtype)
+        y = torch.empty_like(xg)
+        xg2, y2 = _flat(xg), _flat(y)
+        for r0 in range(0, rows, chunk_rows):
+            xc = xg2[r0 : r0 + chunk_rows]
+            if kept is None:
+                u = xc @ up_w.t()
+                act = bias_gelu(u, up_b, out=u)  # in place: with recompute nothing 4H wide outlives the chunk
+            else:
+                u = torch.matmul(xc, up_w.t(), out=_flat(kept)[r0 : r0 + chunk_rows])
+                act = bias_gelu(u, up_b)
+            torch.matmul(act, down_w.t(), out=y2[r0 : r0 + chunk_rows])
+            del act, u
+    out, pre, stats, mask = res_norm_forward(y, down_b, x, norm_w, norm_b, eps, dropout_p, seed, store_mask, sig)
+    return out, mask, pre, stats, kept, chunk_rows
 
 
-def _ffn_bwd(dout, x, up_w, up_b, down_w, norm_w, pre, mean, rstd, kept, dropout_p, seed, chunk_rows):
+def _ffn_bwd(dout, x, up_w, up_b, down_w, norm_w, pre, stats, kept, dropout_p, seed, chunk_rows, sig=None):
     """Grads of (x, up_w, up_b, down_w) and the (3, N) fp32 grads of (norm_w, norm_b, down_b), for
     :func:`_cast_rows`."""
-    xg = _rows(x).to(up_w.dtype)
-    rows = xg.shape[0]
-    # LayerNorm + dropout backward does not need the 4H activation: one launch over all rows.
-    dres, dz, sums = res_norm_backward(_rows(dout), pre, mean, rstd, norm_w, dropout_p, seed, dense_dtype=xg.dtype)
+    xg = x.contiguous()
+    xg = xg if xg.dtype == up_w.dtype else xg.to(up_w.dtype)
+    rows = xg.numel() // xg.shape[-1]
     single = chunk_rows >= rows
-    if not single:
-        # weight grads summed over chunks in fp32, so fp16/bf16 chunking does not add rounding per chunk
-        d_down_w = torch.zeros(down_w.shape, device=xg.device, dtype=torch.float32)
-        d_up_w = torch.zeros(up_w.shape, device=xg.device, dtype=torch.float32)
-        d_up_b = torch.zeros(up_b.shape, device=xg.device, dtype=torch.float32)
-    dx = dres  # dx = residual grad + grad through the up projection, accumulated in place
-    for r0 in range(0, rows, chunk_rows):
-        xc = xg[r0 : r0 + chunk_rows]
-        dzc = dz[r0 : r0 + chunk_rows]
-        u = xc @ up_w.t() if kept is None else kept[r0 : r0 + chunk_rows]
+    dout, sig = _contiguous_grad(dout, sig if single else None)
+    # LayerNorm + dropout backward does not need the 4H activation: one launch over all rows.
+    dres, dz, sums = res_norm_backward(dout, pre, stats, norm_w, dropout_p, seed, xg.dtype, sig)
+    if single:  # each grad straight in its dtype (the bias's reduction accumulates in fp32)
+        u = F.linear(xg, up_w) if kept is None else kept
         # The recomputed u is overwritten by the activation; a kept one belongs to the graph (retain_graph).
+        act, du = gelu_forward_backward_(u, up_b, dz @ down_w, u if kept is None else torch.empty_like(u), sig)
+        du2 = _flat(du)
+        d_down_w, d_up_w, d_up_b = _flat(dz).t() @ _flat(act), du2.t() @ _flat(xg), du2.sum(0, dtype=up_b.dtype)
+        dx = _flat(dres)  # dx = residual grad + grad through the up projection, accumulated in place
+        if dx.dtype == du.dtype:
+            dx.addmm_(du2, up_w)
+        else:  # autocast: an fp32 residual grad, half-precision GEMMs
+            dx += du2 @ up_w
+        return dres, d_up_w, d_up_b, d_down_w, sums
+    # weight grads summed over chunks in fp32, so fp16/bf16 chunking does not add rounding per chunk
+    d_down_w = torch.zeros(down_w.shape, device=xg.device, dtype=torch.float32)
+    d_up_w = torch.zeros(up_w.shape, device=xg.device, dtype=torch.float32)
+    d_up_b = torch.zeros(up_b.shape, device=xg.device, dtype=torch.float32)
+    xg2, dz2, dx = _flat(xg), _flat(dz), _flat(dres)
+    for r0 in range(0, rows, chunk_rows):
+        xc = xg2[r0 : r0 + chunk_rows]
+        dzc = dz2[r0 : r0 + chunk_rows]
+        u = xc @ up_w.t() if kept is None else _flat(kept)[r0 : r0 + chunk_rows]
         act, du = gelu_forward_backward_(u, up_b, dzc @ down_w, u if kept is None else torch.empty_like(u))
         del u
-        if single:  # one chunk: each grad straight in its dtype (the bias's reduction accumulates in fp32)
-            d_down_w, d_up_w, d_up_b = dzc.t() @ act, du.t() @ xc, du.sum(0, dtype=up_b.dtype)
-        else:
-            d_down_w += (dzc.t() @ act).float()
-            d_up_w += (du.t() @ xc).float()
-            d_up_b += du.sum(0, dtype=torch.float32)
+        d_down_w += (dzc.t() @ act).float()
+        d_up_w += (du.t() @ xc).float()
+        d_up_b += du.sum(0, dtype=torch.float32)
         del act
         if dx.dtype == du.dtype:
             dx[r0 : r0 + chunk_rows].addmm_(du, up_w)
-        else:  # autocast: an fp32 residual grad, half-precision GEMMs
+        else:
             dx[r0 : r0 + chunk_rows] += du @ up_w
         del du
-    return dx.view(x.shape), d_up_w.to(up_w.dtype), d_up_b.to(up_b.dtype), d_down_w.to(down_w.dtype), sums
+    return dres, d_up_w.to(up_w.dtype), d_up_b.to(up_b.dtype), d_down_w.to(down_w.dtype), sums
 
 
 # ----------------------------------------------------------------------------- autograd (eager)
@@ -665,51 +699,57 @@ def _ffn_bwd(dout, x, up_w, up_b, down_w, norm_w, pre, mean, rstd, kept, dropout
 
 class ResidualNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, norm_weight, norm_bias, eps, dropout_p, seed, store_mask):
-        out, mask, pre, mean, rstd = _res_norm_fwd(
-            x, residual, weight, bias, norm_weight, norm_bias, eps, dropout_p, seed, store_mask
+    def forward(ctx, x, residual, weight, bias, norm_weight, norm_bias, eps, dropout_p, seed, store_mask, sig):
+        out, mask, pre, stats = _res_norm_fwd(
+            x, residual, weight, bias, norm_weight, norm_bias, eps, dropout_p, seed, store_mask, sig
         )
-        ctx.save_for_backward(x, weight, norm_weight, pre, mean, rstd)  # x, not its copy: views keep sharing storage
-        ctx.cfg = (dropout_p, seed, (norm_weight.dtype, norm_bias.dtype, bias.dtype))
+        ctx.save_for_backward(x, weight, norm_weight, pre, stats)  # x, not its copy: views keep sharing storage
+        ctx.cfg = (dropout_p, seed, (norm_weight.dtype, norm_bias.dtype, bias.dtype), sig)
         if mask is not None:
             ctx.mark_non_differentiable(mask)
         return out, mask
 
     @staticmethod
     def backward(ctx, dout, _dmask):
-        x, weight, norm_weight, pre, mean, rstd = ctx.saved_tensors
-        dropout_p, seed, dtypes = ctx.cfg
+        x, weight, norm_weight, pre, stats = ctx.saved_tensors
+        dropout_p, seed, dtypes, sig = ctx.cfg
         dx, dres, dw, sums = _res_norm_bwd(
-            dout, x, weight, pre, mean, rstd, norm_weight, dropout_p, seed, ctx.needs_input_grad
+            dout, x, weight, pre, stats, norm_weight, dropout_p, seed, ctx.needs_input_grad, sig
         )
         dnw, dnb, db = _cast_rows(sums, dtypes)
-        return dx, dres, dw, db, dnw, dnb, None, None, None, None
+        return dx, dres, dw, db, dnw, dnb, None, None, None, None, None
 
 
 class FFNFunction(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, x, up_w, up_b, down_w, down_b, norm_w, norm_b, eps, dropout_p, chunk_size, seed, store_mask, recompute
-    ):
-        out, mask, pre, mean, rstd, kept, chunk_rows = _ffn_fwd(
-            x, up_w, up_b, down_w, down_b, norm_w, norm_b, eps, dropout_p, chunk_size, seed, store_mask, recompute
-        )
+        ctx, x, up_w, up_b, down_w, down_b, norm_w, norm_b, eps, dropout_p, chunk_size, seed, store_mask, recompute,
+        sig,
+    ):  # fmt: skip
+        out, mask, pre, stats, kept, chunk_rows = _ffn_fwd(
+            x, up_w, up_b, down_w, down_b, norm_w, norm_b, eps, dropout_p, chunk_size, seed, store_mask, recompute,
+            sig,
+        )  # fmt: skip
         # x itself, not its (rows, H) copy: a view such as x[:, :32] shares the caller's storage.
-        ctx.save_for_backward(x, up_w, up_b, down_w, norm_w, pre, mean, rstd, kept)
-        ctx.cfg = (dropout_p, seed, chunk_rows, (norm_w.dtype, norm_b.dtype, down_b.dtype))
+        ctx.save_for_backward(x, up_w, up_b, down_w, norm_w, pre, stats, kept)
+        ctx.cfg = (dropout_p, seed, chunk_rows, (norm_w.dtype, norm_b.dtype, down_b.dtype), sig)
         if mask is not None:
             ctx.mark_non_differentiable(mask)
         return out, mask
 
     @staticmethod
     def backward(ctx, dout, _dmask):
-        x, up_w, up_b, down_w, norm_w, pre, mean, rstd, kept = ctx.saved_tensors
-        dropout_p, seed, chunk_rows, dtypes = ctx.cfg
+        x, up_w, up_b, down_w, norm_w, pre, stats, kept = ctx.saved_tensors
+        dropout_p, seed, chunk_rows, dtypes, sig = ctx.cfg
         dx, d_up_w, d_up_b, d_down_w, sums = _ffn_bwd(
-            dout, x, up_w, up_b, down_w, norm_w, pre, mean, rstd, kept, dropout_p, seed, chunk_rows
+            dout, x, up_w, up_b, down_w, norm_w, pre, stats, kept, dropout_p, seed, chunk_rows, sig
         )
         dnw, dnb, d_down_b = _cast_rows(sums, dtypes)
-        return dx, d_up_w, d_up_b, d_down_w, d_down_b, dnw, dnb, None, None, None, None, None, None
+        return dx, d_up_w, d_up_b, d_down_w, d_down_b, dnw, dnb, None, None, None, None, None, None, None
+
+
+_apply_residual_norm = fast_apply(ResidualNormFunction)
+_apply_ffn = fast_apply(FFNFunction)
 
 
 # ----------------------------------------------------------------------------- custom ops (torch.compile)
@@ -729,33 +769,31 @@ def _present(t: torch.Tensor) -> torch.Tensor | None:
 def _res_norm_fwd_op(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, norm_weight: torch.Tensor,
     norm_bias: torch.Tensor, seed: torch.Tensor, eps: float, dropout_p: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    out, _, pre, mean, rstd = _res_norm_fwd(
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    out, _, pre, stats = _res_norm_fwd(
         x, residual, weight, bias, norm_weight, norm_bias, eps, dropout_p, _present(seed), False
     )
-    return out, pre, mean, rstd
+    return out, pre, stats
 
 
 @_res_norm_fwd_op.register_fake
 def _(x, residual, weight, bias, norm_weight, norm_bias, seed, eps, dropout_p):
-    rows = residual.numel() // residual.shape[-1]
-    stat = residual.new_empty(rows, dtype=torch.float32)
-    return residual.new_empty(residual.shape), residual.new_empty(rows, residual.shape[-1]), stat, stat.clone()
+    stats = residual.new_empty((2, residual.numel() // residual.shape[-1]), dtype=torch.float32)
+    return residual.new_empty(residual.shape), residual.new_empty(residual.shape), stats
 
 
 @torch.library.custom_op("blip2_fast::residual_norm_bwd", mutates_args=())
 def _res_norm_bwd_op(
     dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, norm_weight: torch.Tensor,
-    norm_bias: torch.Tensor, pre: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, seed: torch.Tensor,
-    dropout_p: float,
+    norm_bias: torch.Tensor, pre: torch.Tensor, stats: torch.Tensor, seed: torch.Tensor, dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    return _res_norm_bwd(dout, x, weight, pre, mean, rstd, norm_weight, dropout_p, _present(seed), (True, True, True))
+    return _res_norm_bwd(dout, x, weight, pre, stats, norm_weight, dropout_p, _present(seed), (True, True, True))
 
 
 @_res_norm_bwd_op.register_fake
-def _(dout, x, weight, bias, norm_weight, norm_bias, pre, mean, rstd, seed, dropout_p):
-    sums = pre.new_empty(3, pre.shape[1], dtype=torch.float32)
-    return torch.empty_like(x), torch.empty_like(dout), torch.empty_like(weight), sums
+def _(dout, x, weight, bias, norm_weight, norm_bias, pre, stats, seed, dropout_p):
+    sums = pre.new_empty(3, pre.shape[-1], dtype=torch.float32)
+    return x.new_empty(x.shape), dout.new_empty(dout.shape), weight.new_empty(weight.shape), sums
 
 
 def _res_norm_setup(ctx, inputs, output):
@@ -764,10 +802,10 @@ def _res_norm_setup(ctx, inputs, output):
     ctx.dropout_p = dropout_p
 
 
-def _res_norm_op_backward(ctx, dout, _dpre, _dmean, _drstd):
-    x, weight, bias, norm_weight, norm_bias, pre, mean, rstd, seed = ctx.saved_tensors
+def _res_norm_op_backward(ctx, dout, _dpre, _dstats):
+    x, weight, bias, norm_weight, norm_bias, pre, stats, seed = ctx.saved_tensors
     dx, dres, dw, sums = _res_norm_bwd_op(
-        dout, x, weight, bias, norm_weight, norm_bias, pre, mean, rstd, seed, ctx.dropout_p
+        dout, x, weight, bias, norm_weight, norm_bias, pre, stats, seed, ctx.dropout_p
     )
     dnw, dnb, db = _cast_rows(sums, (norm_weight.dtype, norm_bias.dtype, bias.dtype))
     return dx, dres, dw, db, dnw, dnb, None, None, None
@@ -781,37 +819,36 @@ def _ffn_fwd_op(
     x: torch.Tensor, up_w: torch.Tensor, up_b: torch.Tensor, down_w: torch.Tensor, down_b: torch.Tensor,
     norm_w: torch.Tensor, norm_b: torch.Tensor, seed: torch.Tensor, eps: float, dropout_p: float, chunk_size: int,
     recompute: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    out, _, pre, mean, rstd, kept, _ = _ffn_fwd(
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    out, _, pre, stats, kept, _ = _ffn_fwd(
         x, up_w, up_b, down_w, down_b, norm_w, norm_b, eps, dropout_p, chunk_size, _present(seed), False, recompute
     )
-    return out, pre, mean, rstd, _maybe(kept, up_w)
+    return out, pre, stats, _maybe(kept, up_w)
 
 
 @_ffn_fwd_op.register_fake
 def _(x, up_w, up_b, down_w, down_b, norm_w, norm_b, seed, eps, dropout_p, chunk_size, recompute):
-    rows, hidden = x.numel() // x.shape[-1], x.shape[-1]
-    stat = x.new_empty(rows, dtype=torch.float32)
-    kept = up_w.new_empty(0) if recompute else up_w.new_empty(rows, up_w.shape[0])
-    return x.new_empty(x.shape), x.new_empty(rows, hidden), stat, stat.clone(), kept
+    stats = x.new_empty((2, x.numel() // x.shape[-1]), dtype=torch.float32)
+    kept = up_w.new_empty(0) if recompute else up_w.new_empty((*x.shape[:-1], up_w.shape[0]))
+    return x.new_empty(x.shape), x.new_empty(x.shape), stats, kept
 
 
 @torch.library.custom_op("blip2_fast::ffn_bwd", mutates_args=())
 def _ffn_bwd_op(
     dout: torch.Tensor, x: torch.Tensor, up_w: torch.Tensor, up_b: torch.Tensor, down_w: torch.Tensor,
-    down_b: torch.Tensor, norm_w: torch.Tensor, norm_b: torch.Tensor, pre: torch.Tensor, mean: torch.Tensor,
-    rstd: torch.Tensor, kept: torch.Tensor, seed: torch.Tensor, dropout_p: float, chunk_size: int,
+    down_b: torch.Tensor, norm_w: torch.Tensor, norm_b: torch.Tensor, pre: torch.Tensor, stats: torch.Tensor,
+    kept: torch.Tensor, seed: torch.Tensor, dropout_p: float, chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     return _ffn_bwd(
-        dout, x, up_w, up_b, down_w, norm_w, pre, mean, rstd, _present(kept), dropout_p, _present(seed),
+        dout, x, up_w, up_b, down_w, norm_w, pre, stats, _present(kept), dropout_p, _present(seed),
         _chunk_rows(x, chunk_size),
     )  # fmt: skip
 
 
 @_ffn_bwd_op.register_fake
-def _(dout, x, up_w, up_b, down_w, down_b, norm_w, norm_b, pre, mean, rstd, kept, seed, dropout_p, chunk_size):
-    sums = pre.new_empty(3, pre.shape[1], dtype=torch.float32)
-    return (*(torch.empty_like(t) for t in (x, up_w, up_b, down_w)), sums)
+def _(dout, x, up_w, up_b, down_w, down_b, norm_w, norm_b, pre, stats, kept, seed, dropout_p, chunk_size):
+    sums = pre.new_empty(3, pre.shape[-1], dtype=torch.float32)
+    return (*(t.new_empty(t.shape) for t in (x, up_w, up_b, down_w)), sums)
 
 
 def _ffn_setup(ctx, inputs, output):
@@ -821,10 +858,8 @@ def _ffn_setup(ctx, inputs, output):
 
 
 def _ffn_op_backward(ctx, dout, *_):
-    x, up_w, up_b, down_w, down_b, norm_w, norm_b, pre, mean, rstd, kept, seed = ctx.saved_tensors
-    *grads, sums = _ffn_bwd_op(
-        dout, x, up_w, up_b, down_w, down_b, norm_w, norm_b, pre, mean, rstd, kept, seed, *ctx.args
-    )
+    x, up_w, up_b, down_w, down_b, norm_w, norm_b, pre, stats, kept, seed = ctx.saved_tensors
+    *grads, sums = _ffn_bwd_op(dout, x, up_w, up_b, down_w, down_b, norm_w, norm_b, pre, stats, kept, seed, *ctx.args)
     dnw, dnb, d_down_b = _cast_rows(sums, (norm_w.dtype, norm_b.dtype, down_b.dtype))
     return (*grads, d_down_b, dnw, dnb, None, None, None, None, None)
 
@@ -833,6 +868,49 @@ _ffn_fwd_op.register_autograd(_ffn_op_backward, setup_context=_ffn_setup)
 
 
 # ----------------------------------------------------------------------------- functional API
+# Arguments are validated once per signature (each tensor's shape, dtype and device, and the scalars); a
+# call whose signature passed before only builds it (about 2 us), so the eager path costs little more host
+# time than the launches themselves.
+
+_VALIDATED = Plans()  # signatures whose arguments passed validation
+
+
+_SHAPE_DTYPE_DEVICE = operator.attrgetter("shape", "dtype", "device")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+
+
+def _signature(op: str, tensors: tuple, *scalars) -> tuple | None:
+    try:
+        return (op, *map(_SHAPE_DTYPE_DEVICE, tensors), *scalars)
+    except AttributeError:  # not all tensors: validation names the argument
+        return None
+
+
+def _all_aligned(*tensors: torch.Tensor) -> bool:
+    """Every tensor's address is a multiple of 16 bytes (what the signature-keyed launches assume)."""
+    bits = 0
+    for t in tensors:
+        bits |= t.data_ptr()
+    return not bits & 15
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(map(_REQUIRES_GRAD, tensors))
+
+
+def _check_residual_norm(x, residual, weight, bias, norm_weight, norm_bias, eps, dropout_p, amp) -> None:
+    _check_common(x, residual.shape[-1] if isinstance(residual, torch.Tensor) else 0, eps, dropout_p)
+    if not isinstance(residual, torch.Tensor) or residual.shape[:-1] != x.shape[:-1]:
+        got = tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__
+        raise ValueError(f"residual must have shape {tuple(x.shape[:-1])} + (N,), got {got}")
+    n, k = residual.shape[-1], x.shape[-1]
+    _check_dtype_device("residual", residual, x.dtype if amp is None else torch.float32, x.device)
+    if not isinstance(weight, torch.Tensor) or weight.shape != (n, k):
+        raise ValueError(f"weight must have shape (N, K) = ({n}, {k}), got {tuple(weight.shape)}")
+    _check_dtype_device("weight", weight, x.dtype, x.device)
+    _check_vec("bias", bias, n, x.dtype, x.device)
+    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        _check_vec(name, t, n, residual.dtype, x.device)
 
 
 def residual_norm(
@@ -863,30 +941,51 @@ def residual_norm(
     if amp is not None:
         x, weight, bias = _cast(amp, x, weight, bias)
         residual, norm_weight, norm_bias = _cast(torch.float32, residual, norm_weight, norm_bias)
-    _check_common(x, residual.shape[-1] if isinstance(residual, torch.Tensor) else 0, eps, dropout_p)
-    if not isinstance(residual, torch.Tensor) or residual.shape[:-1] != x.shape[:-1]:
-        got = tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__
-        raise ValueError(f"residual must have shape {tuple(x.shape[:-1])} + (N,), got {got}")
-    n, k = residual.shape[-1], x.shape[-1]
-    _check_dtype_device("residual", residual, x.dtype if amp is None else torch.float32, x.device)
-    if not isinstance(weight, torch.Tensor) or weight.shape != (n, k):
-        raise ValueError(f"weight must have shape (N, K) = ({n}, {k}), got {tuple(weight.shape)}")
-    _check_dtype_device("weight", weight, x.dtype, x.device)
-    _check_vec("bias", bias, n, x.dtype, x.device)
-    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
-        _check_vec(name, t, n, residual.dtype, x.device)
+    tensors = (x, residual, weight, bias, norm_weight, norm_bias)
+    if torch.compiler.is_compiling():
+        if return_mask:
+            raise ValueError("return_mask is an eager-only debug keyword")
+        _check_residual_norm(*tensors, eps, dropout_p, amp)
+        eps, dropout_p = float(eps), float(dropout_p)
+        seed_t = _maybe(_new_seed(seed, dropout_p, x.device), x)
+        with torch.autocast(x.device.type, enabled=False):
+            return _res_norm_fwd_op(*tensors, seed_t, eps, dropout_p)[0]
+    sig = _signature("residual_norm", tensors, eps, dropout_p, bool(return_mask))
+    if sig is None or sig not in _VALIDATED:
+        _check_residual_norm(*tensors, eps, dropout_p, amp)
+        _VALIDATED.remember(sig, True)
     eps, dropout_p = float(eps), float(dropout_p)
+    if not _all_aligned(bias, residual, norm_weight, norm_bias):
+        sig = None
     seed_t = _new_seed(seed, dropout_p, x.device)
-    with torch.autocast(x.device.type, enabled=False):
-        if torch.compiler.is_compiling():
-            if return_mask:
-                raise ValueError("return_mask is an eager-only debug keyword")
-            args = (x, residual, weight, bias, norm_weight, norm_bias, _maybe(seed_t, x), eps, dropout_p)
-            return _res_norm_fwd_op(*args)[0]
-        out, mask = ResidualNormFunction.apply(
-            x, residual, weight, bias, norm_weight, norm_bias, eps, dropout_p, seed_t, return_mask
-        )
+    args = (*tensors, eps, dropout_p, seed_t, return_mask, sig)
+    if amp is not None:  # the casts above are autocast's; inside, every op runs in its arguments' dtypes
+        with torch.autocast(x.device.type, enabled=False):
+            out, mask = _apply_residual_norm(*args) if _needs_grad(*tensors) else _res_norm_fwd(*args)[:2]
+    else:
+        out, mask = _apply_residual_norm(*args) if _needs_grad(*tensors) else _res_norm_fwd(*args)[:2]
     return (out, mask) if return_mask else out
+
+
+def _check_ffn(x, up_weight, up_bias, down_weight, down_bias, norm_weight, norm_bias, eps, dropout_p, chunk_size, amp):
+    hidden = x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() else 0
+    _check_common(x, hidden, eps, dropout_p)
+    dense_dtype = amp or x.dtype
+    if not isinstance(chunk_size, int) or chunk_size < 0:
+        raise ValueError(f"chunk_size must be an int >= 0 (0 = one chunk), got {chunk_size!r}")
+    if not isinstance(up_weight, torch.Tensor) or up_weight.dim() != 2 or up_weight.shape[1] != hidden:
+        got = tuple(up_weight.shape) if isinstance(up_weight, torch.Tensor) else type(up_weight).__name__
+        raise ValueError(f"up_weight must have shape (I, H) with H = {hidden}, got {got}")
+    inter = up_weight.shape[0]
+    _check_dtype_device("up_weight", up_weight, dense_dtype, x.device)
+    if not isinstance(down_weight, torch.Tensor) or down_weight.shape != (hidden, inter):
+        got = tuple(down_weight.shape) if isinstance(down_weight, torch.Tensor) else type(down_weight).__name__
+        raise ValueError(f"down_weight must have shape (H, I) = ({hidden}, {inter}), got {got}")
+    _check_dtype_device("down_weight", down_weight, dense_dtype, x.device)
+    _check_vec("up_bias", up_bias, inter, dense_dtype, x.device)
+    _check_vec("down_bias", down_bias, hidden, dense_dtype, x.device)
+    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        _check_vec(name, t, hidden, x.dtype, x.device)
 
 
 def ffn(
@@ -920,32 +1019,28 @@ def ffn(
     if amp is not None:
         up_weight, up_bias, down_weight, down_bias = _cast(amp, up_weight, up_bias, down_weight, down_bias)
         x, norm_weight, norm_bias = _cast(torch.float32, x, norm_weight, norm_bias)
-    hidden = x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() else 0
-    _check_common(x, hidden, eps, dropout_p)
-    dense_dtype = amp or x.dtype
-    if not isinstance(chunk_size, int) or chunk_size < 0:
-        raise ValueError(f"chunk_size must be an int >= 0 (0 = one chunk), got {chunk_size!r}")
-    if not isinstance(up_weight, torch.Tensor) or up_weight.dim() != 2 or up_weight.shape[1] != hidden:
-        got = tuple(up_weight.shape) if isinstance(up_weight, torch.Tensor) else type(up_weight).__name__
-        raise ValueError(f"up_weight must have shape (I, H) with H = {hidden}, got {got}")
-    inter = up_weight.shape[0]
-    _check_dtype_device("up_weight", up_weight, dense_dtype, x.device)
-    if not isinstance(down_weight, torch.Tensor) or down_weight.shape != (hidden, inter):
-        got = tuple(down_weight.shape) if isinstance(down_weight, torch.Tensor) else type(down_weight).__name__
-        raise ValueError(f"down_weight must have shape (H, I) = ({hidden}, {inter}), got {got}")
-    _check_dtype_device("down_weight", down_weight, dense_dtype, x.device)
-    _check_vec("up_bias", up_bias, inter, dense_dtype, x.device)
-    _check_vec("down_bias", down_bias, hidden, dense_dtype, x.device)
-    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
-        _check_vec(name, t, hidden, x.dtype, x.device)
-    weights = (up_weight, up_bias, down_weight, down_bias, norm_weight, norm_bias)
+    tensors = (x, up_weight, up_bias, down_weight, down_bias, norm_weight, norm_bias)
+    recompute = bool(recompute)
+    if torch.compiler.is_compiling():
+        if return_mask:
+            raise ValueError("return_mask is an eager-only debug keyword")
+        _check_ffn(*tensors, eps, dropout_p, chunk_size, amp)
+        eps, dropout_p = float(eps), float(dropout_p)
+        seed_t = _maybe(_new_seed(seed, dropout_p, x.device), x)
+        with torch.autocast(x.device.type, enabled=False):
+            return _ffn_fwd_op(*tensors, seed_t, eps, dropout_p, chunk_size, recompute)[0]
+    sig = _signature("ffn", tensors, eps, dropout_p, chunk_size, bool(return_mask), recompute)
+    if sig is None or sig not in _VALIDATED:
+        _check_ffn(*tensors, eps, dropout_p, chunk_size, amp)
+        _VALIDATED.remember(sig, True)
     eps, dropout_p = float(eps), float(dropout_p)
+    if not _all_aligned(x, up_bias, down_bias, norm_weight, norm_bias):
+        sig = None
     seed_t = _new_seed(seed, dropout_p, x.device)
-    with torch.autocast(x.device.type, enabled=False):
-        if torch.compiler.is_compiling():
-            if return_mask:
-                raise ValueError("return_mask is an eager-only debug keyword")
-            args = (x, *weights, _maybe(seed_t, x), eps, dropout_p, chunk_size, bool(recompute))
-            return _ffn_fwd_op(*args)[0]
-        out, mask = FFNFunction.apply(x, *weights, eps, dropout_p, chunk_size, seed_t, return_mask, bool(recompute))
+    args = (*tensors, eps, dropout_p, chunk_size, seed_t, return_mask, recompute, sig)
+    if amp is not None:  # the casts above are autocast's; inside, every op runs in its arguments' dtypes
+        with torch.autocast(x.device.type, enabled=False):
+            out, mask = _apply_ffn(*args) if _needs_grad(*tensors) else _ffn_fwd(*args)[:2]
+    else:
+        out, mask = _apply_ffn(*args) if _needs_grad(*tensors) else _ffn_fwd(*args)[:2]
     return (out, mask) if return_mask else out
