@@ -360,13 +360,6 @@ _RES_NORM_BWD = Launcher(_res_norm_bwd_kernel)
 _LAUNCH_PARAMS = Plans()  # (what, shape, flags) -> (grid, options) or the backward's partition
 
 
-def _launch(launcher: Launcher, sig, grid: tuple[int, ...], args: tuple, options: dict) -> None:
-    if sig is None:
-        launcher(grid, *args, **options)
-    else:
-        launcher.launch(sig, grid, args, options)
-
-
 def _ew_launch(rows: int, cols: int) -> tuple[tuple[int, int], dict]:
     key = ("ew", rows, cols)
     hit = _LAUNCH_PARAMS.get(key)
@@ -405,7 +398,7 @@ def bias_gelu(u: torch.Tensor, bias: torch.Tensor, out: torch.Tensor | None = No
     rows = u.numel() // cols
     out = torch.empty_like(u) if out is None else out
     grid, options = _ew_launch(rows, cols)
-    _launch(_BIAS_GELU, sig, grid, (u, bias, out, rows, cols), options)
+    _BIAS_GELU.launch(sig, grid, (u, bias, out, rows, cols), options)
     return out
 
 
@@ -417,7 +410,7 @@ def gelu_forward_backward_(
     cols = grad.shape[-1]
     rows = grad.numel() // cols
     grid, options = _ew_launch(rows, cols)
-    _launch(_GELU_FWD_BWD, sig, grid, (u, bias, grad, act, grad, rows, cols), options)
+    _GELU_FWD_BWD.launch(sig, grid, (u, bias, grad, act, grad, rows, cols), options)
     return act, grad
 
 
@@ -435,16 +428,18 @@ def res_norm_forward(
     seed: torch.Tensor,
     store_mask: bool = False,
     sig=None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    y_is_scratch: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """LayerNorm(residual + dropout(y + bias)) on contiguous (..., N): (out, pre-norm sum, stats, mask), the
-    first two shaped like ``residual``, stats (2, rows) fp32: each row's mean and 1 / std."""
+    first two shaped like ``residual``, stats (2, rows) fp32: each row's mean and 1 / std. With ``y_is_scratch`` the
+    sum is written over ``y`` where their dtypes agree (each element is read before it is written)."""
     cols = y.shape[-1]
     rows = y.numel() // cols
     has_dropout = dropout_p > 0.0
     grid, options = _norm_fwd_launch(rows, cols, has_dropout, store_mask)
     # in the residual's dtype: under autocast the dense output is half precision, the residual stream fp32
     out = torch.empty_like(residual)
-    pre = torch.empty_like(residual)
+    pre = y if y_is_scratch and y.dtype == residual.dtype else torch.empty_like(residual)
     stats = torch.empty((2, rows), device=y.device, dtype=torch.float32)
     if options["STORE_MASK"]:
         keep = torch.empty(residual.shape, device=y.device, dtype=torch.int8)
@@ -457,7 +452,7 @@ def res_norm_forward(
         seed if has_dropout else stats,  # without dropout the pointer is never read
         dropout_p, 1.0 / (1.0 - dropout_p),
     )  # fmt: skip
-    _launch(_RES_NORM_FWD, sig, grid, args, options)
+    _RES_NORM_FWD.launch(sig, grid, args, options)
     mask = None
     if store_mask:
         mask = keep.bool() if has_dropout else torch.ones(residual.shape, dtype=torch.bool, device=y.device)
@@ -503,7 +498,7 @@ def res_norm_backward(
         dout, pre, stats, norm_weight, dres, dz, dw_part, db_part, dbias_part, rows, cols, rows_per_prog,
         seed if has_dropout else stats, dropout_p, 1.0 / (1.0 - dropout_p),
     )  # fmt: skip
-    _launch(_RES_NORM_BWD, sig, (n_prog,), args, options)
+    _RES_NORM_BWD.launch(sig, (n_prog,), args, options)
     return dres, dz, parts.sum(1)
 
 
@@ -570,7 +565,7 @@ def _res_norm_fwd(x, residual, weight, bias, norm_weight, norm_bias, eps, dropou
     """(out shaped like residual, mask or None, pre-norm sum shaped like residual, (2, rows) fp32 mean and rstd)."""
     y = F.linear(x, weight)  # cuBLAS, (..., N); bias, dropout, residual and LayerNorm fused below
     out, pre, stats, mask = res_norm_forward(
-        y, bias, residual.contiguous(), norm_weight, norm_bias, eps, dropout_p, seed, store_mask, sig
+        y, bias, residual.contiguous(), norm_weight, norm_bias, eps, dropout_p, seed, store_mask, sig, y_is_scratch=True
     )
     return out, mask, pre, stats
 
@@ -645,7 +640,9 @@ def _ffn_fwd(
                 act = bias_gelu(u, up_b)
             torch.matmul(act, down_w.t(), out=y2[r0 : r0 + chunk_rows])
             del act, u
-    out, pre, stats, mask = res_norm_forward(y, down_b, x, norm_w, norm_b, eps, dropout_p, seed, store_mask, sig)
+    out, pre, stats, mask = res_norm_forward(
+        y, down_b, x, norm_w, norm_b, eps, dropout_p, seed, store_mask, sig, y_is_scratch=True
+    )
     return out, mask, pre, stats, kept, chunk_rows
 
 

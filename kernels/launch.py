@@ -97,7 +97,11 @@ class Launcher:
 
     def launch(self, key, grid: tuple[int, ...], args: tuple, options: dict) -> None:
         """Launch under the caller's ``key``, which must fix ``grid``, ``options`` and everything Triton
-        specialises ``args`` on (device, dtypes, 16-byte alignment of each pointer, the int values)."""
+        specialises ``args`` on (device, dtypes, 16-byte alignment of each pointer, the int values); with
+        ``key`` None the launcher builds its own, as a call does."""
+        if key is None:
+            self(grid, *args, **options)
+            return
         direct = self.direct.get(key)
         if direct is not None:
             direct(*args)
