@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from blip2_fast.attention import MaskKind, _check_qkv, key_valid_mask
-from blip2_fast.kernels.launch import Launcher, Plans, cdiv, fast_apply, next_power_of_2
+from blip2_fast.kernels.launch import Launcher, Plan, Plans, cdiv, fast_apply, next_power_of_2
 
 LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false")
@@ -791,7 +791,7 @@ def _attention_op_backward(ctx, do, _dlse):
 _attention_fwd_op.register_autograd(_attention_op_backward, setup_context=_attention_op_setup)
 
 
-_VALIDATED = Plans()  # signatures of attention calls whose arguments passed validation
+_VALIDATED = Plans()  # signature -> its Plan, for attention calls whose arguments passed validation
 
 
 def _signature_of(q, k, v, key_padding, key_lengths) -> tuple | None:
@@ -840,7 +840,8 @@ def attention(
     sig = None if compiling or config is not None else _signature_of(q, k, v, key_padding, key_lengths)
     if sig is not None:
         sig = (sig, mask_kind, n_query, dropout_p, scale)
-    if sig is None or sig not in _VALIDATED:
+    plan = _VALIDATED.get(sig)
+    if plan is None:
         _check_qkv(q, k, v, n_query, mask_kind)
         _check_inputs(q, k, v)
         if not 0.0 <= dropout_p < 1.0:
@@ -849,7 +850,7 @@ def attention(
             raise ValueError(f"config tiles must be at least 16 x 16 (tl.dot), got {config}")
         _padding_args(q, k.shape[2], key_padding, key_lengths)  # validates
         if sig is not None:
-            _VALIDATED.remember(sig, True)
+            plan = _VALIDATED.remember(sig, Plan())
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     pad = _padding_args(q, Lk, key_padding, key_lengths, validate=False)
@@ -868,9 +869,9 @@ def attention(
         ]
     else:
         pointers = q.data_ptr() | k.data_ptr() | v.data_ptr() | pad[1].data_ptr() | pad[2].data_ptr()
-        if sig is not None and pointers & 15:
-            sig = None  # a pointer off 16-byte alignment: the launcher keys by each argument
-        args = (q, k, v, mask_kind, n_query, pad, dropout_p, seed_t, scale, config, sig)
+        if pointers & 15:
+            plan = None  # a pointer off 16-byte alignment: the launcher keys by each argument
+        args = (q, k, v, mask_kind, n_query, pad, dropout_p, seed_t, scale, config, plan)
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             out = _apply_attention(*args)
         else:

@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from blip2_fast.kernels.attention import dropout_seed
-from blip2_fast.kernels.launch import Launcher, Plans, cdiv, fast_apply, next_power_of_2
+from blip2_fast.kernels.launch import Launcher, Plan, Plans, cdiv, fast_apply, next_power_of_2
 
 __all__ = ["ffn", "residual_norm", "FFNFunction", "ResidualNormFunction", "kernel_configs"]
 
@@ -172,9 +172,7 @@ def _res_norm_bwd_kernel(
     w_ptr,
     dres_ptr,  # (R, N) grad of the pre-norm sum = grad of the residual
     dz_ptr,  # (R, N) grad of the dense output (after dropout backward)
-    dw_part_ptr,  # (P, N) fp32 partial LayerNorm weight grads, one row per program
-    db_part_ptr,  # (P, N) fp32
-    dbias_part_ptr,  # (P, N) fp32 partial grads of the dense bias (sum of dz)
+    part_ptr,  # (3, P, N) fp32 partial grads, one row per program: LayerNorm weight, LayerNorm bias, dense bias
     n_rows,
     n_cols,
     rows_per_prog,
@@ -218,9 +216,10 @@ def _res_norm_bwd_kernel(
         dw_acc += dout * xhat
         db_acc += dout
         dbias_acc += dz
-    tl.store(dw_part_ptr + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
-    tl.store(db_part_ptr + pid * n_cols + cols, tl.sum(db_acc, axis=0), mask=col_ok)
-    tl.store(dbias_part_ptr + pid * n_cols + cols, tl.sum(dbias_acc, axis=0), mask=col_ok)
+    n_prog = tl.num_programs(0)
+    tl.store(part_ptr + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
+    tl.store(part_ptr + (n_prog + pid) * n_cols + cols, tl.sum(db_acc, axis=0), mask=col_ok)
+    tl.store(part_ptr + (2 * n_prog + pid) * n_cols + cols, tl.sum(dbias_acc, axis=0), mask=col_ok)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -323,9 +322,7 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
                     "w_ptr": nptr,
                     "dres_ptr": nptr,
                     "dz_ptr": ptr,
-                    "dw_part_ptr": "*fp32",
-                    "db_part_ptr": "*fp32",
-                    "dbias_part_ptr": "*fp32",
+                    "part_ptr": "*fp32",
                     "n_rows": "i32",
                     "n_cols": "i32",
                     "rows_per_prog": "i32",
@@ -347,7 +344,7 @@ def _aligned(signature: dict[str, str]) -> tuple[str, ...]:
 
 # ----------------------------------------------------------------------------- launchers
 # Each op validates its arguments once per signature (shapes, dtypes, devices, flags) and passes that
-# signature down as ``sig``: with it, a launch is keyed by the signature alone (see launch.Launcher.launch),
+# signature's Plan down as ``sig``: with it, a launch is keyed by the plan alone (see launch.Launcher.launch),
 # which the op passes only when every pointer it hands the kernels is 16-byte aligned (else ``sig`` is
 # None and the launcher builds its own key). Grids and launch options are computed once per shape.
 
@@ -493,9 +490,8 @@ def res_norm_backward(
     dz = torch.empty_like(pre, dtype=dense_dtype or pre.dtype)
     # the three partial sums in one buffer: one reduction (and one cast by the caller) for all of them
     parts = torch.empty((3, n_prog, cols), device=pre.device, dtype=torch.float32)
-    dw_part, db_part, dbias_part = parts
     args = (
-        dout, pre, stats, norm_weight, dres, dz, dw_part, db_part, dbias_part, rows, cols, rows_per_prog,
+        dout, pre, stats, norm_weight, dres, dz, parts, rows, cols, rows_per_prog,
         seed if has_dropout else stats, dropout_p, 1.0 / (1.0 - dropout_p),
     )  # fmt: skip
     _RES_NORM_BWD.launch(sig, (n_prog,), args, options)
@@ -869,7 +865,7 @@ _ffn_fwd_op.register_autograd(_ffn_op_backward, setup_context=_ffn_setup)
 # call whose signature passed before only builds it (about 2 us), so the eager path costs little more host
 # time than the launches themselves.
 
-_VALIDATED = Plans()  # signatures whose arguments passed validation
+_VALIDATED = Plans()  # signature -> its Plan, for signatures whose arguments passed validation
 
 
 _SHAPE_DTYPE_DEVICE = operator.attrgetter("shape", "dtype", "device")
@@ -948,14 +944,15 @@ def residual_norm(
         with torch.autocast(x.device.type, enabled=False):
             return _res_norm_fwd_op(*tensors, seed_t, eps, dropout_p)[0]
     sig = _signature("residual_norm", tensors, eps, dropout_p, bool(return_mask))
-    if sig is None or sig not in _VALIDATED:
+    plan = _VALIDATED.get(sig)
+    if plan is None:
         _check_residual_norm(*tensors, eps, dropout_p, amp)
-        _VALIDATED.remember(sig, True)
+        plan = _VALIDATED.remember(sig, Plan())
     eps, dropout_p = float(eps), float(dropout_p)
     if not _all_aligned(bias, residual, norm_weight, norm_bias):
-        sig = None
+        plan = None
     seed_t = _new_seed(seed, dropout_p, x.device)
-    args = (*tensors, eps, dropout_p, seed_t, return_mask, sig)
+    args = (*tensors, eps, dropout_p, seed_t, return_mask, plan)
     if amp is not None:  # the casts above are autocast's; inside, every op runs in its arguments' dtypes
         with torch.autocast(x.device.type, enabled=False):
             out, mask = _apply_residual_norm(*args) if _needs_grad(*tensors) else _res_norm_fwd(*args)[:2]
@@ -1027,14 +1024,15 @@ def ffn(
         with torch.autocast(x.device.type, enabled=False):
             return _ffn_fwd_op(*tensors, seed_t, eps, dropout_p, chunk_size, recompute)[0]
     sig = _signature("ffn", tensors, eps, dropout_p, chunk_size, bool(return_mask), recompute)
-    if sig is None or sig not in _VALIDATED:
+    plan = _VALIDATED.get(sig)
+    if plan is None:
         _check_ffn(*tensors, eps, dropout_p, chunk_size, amp)
-        _VALIDATED.remember(sig, True)
+        plan = _VALIDATED.remember(sig, Plan())
     eps, dropout_p = float(eps), float(dropout_p)
     if not _all_aligned(x, up_bias, down_bias, norm_weight, norm_bias):
-        sig = None
+        plan = None
     seed_t = _new_seed(seed, dropout_p, x.device)
-    args = (*tensors, eps, dropout_p, chunk_size, seed_t, return_mask, recompute, sig)
+    args = (*tensors, eps, dropout_p, chunk_size, seed_t, return_mask, recompute, plan)
     if amp is not None:  # the casts above are autocast's; inside, every op runs in its arguments' dtypes
         with torch.autocast(x.device.type, enabled=False):
             out, mask = _apply_ffn(*args) if _needs_grad(*tensors) else _ffn_fwd(*args)[:2]
