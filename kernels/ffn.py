@@ -357,26 +357,33 @@ _RES_NORM_BWD = Launcher(_res_norm_bwd_kernel)
 _LAUNCH_PARAMS = Plans()  # (what, shape, flags) -> (grid, options) or the backward's partition
 
 
-def _ew_launch(rows: int, cols: int) -> tuple[tuple[int, int], dict]:
+# Each *_launch helper is called only when the plan ``sig`` (if any) lacks its result, and stores it there.
+
+
+def _ew_launch(rows: int, cols: int, sig=None) -> tuple[tuple[int, int], dict]:
     key = ("ew", rows, cols)
     hit = _LAUNCH_PARAMS.get(key)
     if hit is None:
         options = {"BLOCK_R": _EW_BLOCK_R, "BLOCK_C": EW_BLOCK_C, "num_warps": EW_NUM_WARPS}
         hit = _LAUNCH_PARAMS.remember(key, ((cdiv(rows, _EW_BLOCK_R), cdiv(cols, EW_BLOCK_C)), options))
+    if sig is not None:
+        sig.ew = hit
     return hit
 
 
-def _norm_fwd_launch(rows: int, cols: int, dropout: bool, store_mask: bool) -> tuple[tuple[int], dict]:
+def _norm_fwd_launch(rows: int, cols: int, dropout: bool, store_mask: bool, sig=None) -> tuple[tuple[int], dict]:
     key = ("norm fwd", rows, cols, dropout, store_mask)
     hit = _LAUNCH_PARAMS.get(key)
     if hit is None:
         cfg = _norm_config(cols)
         options = {"HAS_DROPOUT": dropout, "STORE_MASK": store_mask and dropout, **cfg}
         hit = _LAUNCH_PARAMS.remember(key, ((cdiv(rows, cfg["BLOCK_M"]),), options))
+    if sig is not None:
+        sig.norm_fwd = hit
     return hit
 
 
-def _norm_bwd_launch(rows: int, cols: int, dropout: bool, device: torch.device) -> tuple[int, int, dict]:
+def _norm_bwd_launch(rows: int, cols: int, dropout: bool, device: torch.device, sig=None) -> tuple[int, int, dict]:
     """(programs, rows per program, options): each program reduces its rows' weight grads to one partial row."""
     key = ("norm bwd", rows, cols, dropout, device)
     hit = _LAUNCH_PARAMS.get(key)
@@ -386,6 +393,8 @@ def _norm_bwd_launch(rows: int, cols: int, dropout: bool, device: torch.device) 
         n_prog = max(1, min(_num_programs(device), cdiv(rows, block_m)))
         rows_per_prog = cdiv(cdiv(rows, n_prog), block_m) * block_m
         hit = _LAUNCH_PARAMS.remember(key, (cdiv(rows, rows_per_prog), rows_per_prog, {"HAS_DROPOUT": dropout, **cfg}))
+    if sig is not None:
+        sig.norm_bwd = hit
     return hit
 
 
@@ -394,7 +403,7 @@ def bias_gelu(u: torch.Tensor, bias: torch.Tensor, out: torch.Tensor | None = No
     cols = u.shape[-1]
     rows = u.numel() // cols
     out = torch.empty_like(u) if out is None else out
-    grid, options = _ew_launch(rows, cols)
+    grid, options = getattr(sig, "ew", None) or _ew_launch(rows, cols, sig)
     _BIAS_GELU.launch(sig, grid, (u, bias, out, rows, cols), options)
     return out
 
@@ -406,7 +415,7 @@ def gelu_forward_backward_(
     be ``u``."""
     cols = grad.shape[-1]
     rows = grad.numel() // cols
-    grid, options = _ew_launch(rows, cols)
+    grid, options = getattr(sig, "ew", None) or _ew_launch(rows, cols, sig)
     _GELU_FWD_BWD.launch(sig, grid, (u, bias, grad, act, grad, rows, cols), options)
     return act, grad
 
@@ -433,7 +442,7 @@ def res_norm_forward(
     cols = y.shape[-1]
     rows = y.numel() // cols
     has_dropout = dropout_p > 0.0
-    grid, options = _norm_fwd_launch(rows, cols, has_dropout, store_mask)
+    grid, options = getattr(sig, "norm_fwd", None) or _norm_fwd_launch(rows, cols, has_dropout, store_mask, sig)
     # in the residual's dtype: under autocast the dense output is half precision, the residual stream fp32
     out = torch.empty_like(residual)
     pre = y if y_is_scratch and y.dtype == residual.dtype else torch.empty_like(residual)
@@ -485,7 +494,9 @@ def res_norm_backward(
     cols = pre.shape[-1]
     rows = pre.numel() // cols
     has_dropout = dropout_p > 0.0
-    n_prog, rows_per_prog, options = _norm_bwd_launch(rows, cols, has_dropout, pre.device)
+    n_prog, rows_per_prog, options = getattr(sig, "norm_bwd", None) or _norm_bwd_launch(
+        rows, cols, has_dropout, pre.device, sig
+    )
     dres = torch.empty_like(pre)
     dz = torch.empty_like(pre, dtype=dense_dtype or pre.dtype)
     # the three partial sums in one buffer: one reduction (and one cast by the caller) for all of them
@@ -609,7 +620,7 @@ def _ffn_fwd(
     # the GEMMs' copy: under autocast x is the fp32 residual, the weights half precision
     xg = x if x.dtype == up_w.dtype else x.to(up_w.dtype)
     rows = x.numel() // x.shape[-1]
-    chunk_rows = _chunk_rows(x, chunk_size)
+    chunk_rows = _chunk_rows(x, chunk_size) if sig is None else sig.chunk_rows
     kept = None
     if chunk_rows >= rows:  # one chunk
         u = F.linear(xg, up_w)
@@ -1027,7 +1038,7 @@ def ffn(
     plan = _VALIDATED.get(sig)
     if plan is None:
         _check_ffn(*tensors, eps, dropout_p, chunk_size, amp)
-        plan = _VALIDATED.remember(sig, Plan())
+        plan = _VALIDATED.remember(sig, Plan(chunk_rows=_chunk_rows(x, chunk_size)))
     eps, dropout_p = float(eps), float(dropout_p)
     if not _all_aligned(x, up_bias, down_bias, norm_weight, norm_bias):
         plan = None
