@@ -222,7 +222,28 @@ def _res_norm_bwd_kernel(
     tl.store(part_ptr + (2 * n_prog + pid) * n_cols + cols, tl.sum(dbias_acc, axis=0), mask=col_ok)
 
 
+@triton.jit
+def _sum_parts_kernel(part_ptr, out_ptr, n_parts, n_cols, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[g, :] = sum over p of part[g, p, :] for g in 0..2: fp32 sums stored in out's dtype (the grads' own),
+    so the backward's weight grads cost one launch rather than a reduction and a cast."""
+    g = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_cols
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for p0 in range(0, n_parts, BLOCK_P):
+        ps = p0 + tl.arange(0, BLOCK_P)
+        mask = (ps[:, None] < n_parts) & col_ok[None, :]
+        acc += tl.sum(tl.load(part_ptr + (g * n_parts + ps[:, None]) * n_cols + cols[None, :], mask=mask, other=0.0), 0)
+    tl.store(out_ptr + g * n_cols + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
 # ----------------------------------------------------------------------------- configs
+
+# The partial-sum reduction: 16 partial rows x 256 columns per step, one program per 256 columns and sum.
+SUM_BLOCK_P = 16
+SUM_BLOCK_N = 256
+SUM_NUM_WARPS = 4
+_SUM_OPTIONS = {"BLOCK_P": SUM_BLOCK_P, "BLOCK_N": SUM_BLOCK_N, "num_warps": SUM_NUM_WARPS}
 
 # Elementwise tiles: 2048 elements per program, wide along the contiguous axis: 40-64 registers per thread
 # on sm_80/sm_90, where 4096 took up to 134 (low occupancy for a memory-bound op).
@@ -262,6 +283,9 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
         ptr, nptr = f"*{dense}", f"*{norm}"
         ew = {"BLOCK_R": EW_BLOCK_R, "BLOCK_C": EW_BLOCK_C}
         if dense == norm:
+            sum_consts = {"BLOCK_P": SUM_BLOCK_P, "BLOCK_N": SUM_BLOCK_N}
+            sum_sig = {"part_ptr": "*fp32", "out_ptr": ptr, "n_parts": "i32", "n_cols": "i32"}
+            out.append((_sum_parts_kernel, sum_sig | {k: "constexpr" for k in sum_consts}, sum_consts, SUM_NUM_WARPS))
             out.append(
                 (
                     _bias_gelu_fwd_kernel,
@@ -354,6 +378,7 @@ _BIAS_GELU = Launcher(_bias_gelu_fwd_kernel)
 _GELU_FWD_BWD = Launcher(_gelu_fwd_bwd_kernel)
 _RES_NORM_FWD = Launcher(_res_norm_fwd_kernel)
 _RES_NORM_BWD = Launcher(_res_norm_bwd_kernel)
+_SUM_PARTS = Launcher(_sum_parts_kernel)
 _LAUNCH_PARAMS = Plans()  # (what, shape, flags) -> (grid, options) or the backward's partition
 
 
@@ -485,11 +510,13 @@ def res_norm_backward(
     seed: torch.Tensor,
     dense_dtype: torch.dtype | None = None,
     sig=None,
+    sum_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad of residual, grad of dense output, (3, N) fp32: LayerNorm weight, LayerNorm bias and dense bias grads),
-    for a contiguous (..., N) ``dout`` and ``pre``; the first two are shaped like ``pre``.
+    """(grad of residual, grad of dense output, (3, N) ``sum_dtype``: LayerNorm weight, LayerNorm bias and dense bias
+    grads), for a contiguous (..., N) ``dout`` and ``pre``; the first two are shaped like ``pre``.
 
     The residual's grad takes the pre-norm sum's dtype; the dense output's takes ``dense_dtype`` (default the same).
+    The three sums accumulate in fp32 whatever ``sum_dtype`` is.
     """
     cols = pre.shape[-1]
     rows = pre.numel() // cols
@@ -499,14 +526,16 @@ def res_norm_backward(
     )
     dres = torch.empty_like(pre)
     dz = torch.empty_like(pre, dtype=dense_dtype or pre.dtype)
-    # the three partial sums in one buffer: one reduction (and one cast by the caller) for all of them
+    # the three partial sums in one buffer, reduced by one launch into the grads' dtype
     parts = torch.empty((3, n_prog, cols), device=pre.device, dtype=torch.float32)
     args = (
         dout, pre, stats, norm_weight, dres, dz, parts, rows, cols, rows_per_prog,
         seed if has_dropout else stats, dropout_p, 1.0 / (1.0 - dropout_p),
     )  # fmt: skip
     _RES_NORM_BWD.launch(sig, (n_prog,), args, options)
-    return dres, dz, parts.sum(1)
+    sums = torch.empty((3, cols), device=pre.device, dtype=sum_dtype)
+    _SUM_PARTS.launch(sig, (cdiv(cols, SUM_BLOCK_N), 3), (parts, sums, n_prog, cols), _SUM_OPTIONS)
+    return dres, dz, sums
 
 
 # ----------------------------------------------------------------------------- validation
@@ -577,8 +606,13 @@ def _res_norm_fwd(x, residual, weight, bias, norm_weight, norm_bias, eps, dropou
     return out, mask, pre, stats
 
 
+def _sum_dtype(dtypes: tuple[torch.dtype, ...]) -> torch.dtype:
+    """The dtype the backward's (3, N) sums are stored in: the grads' own when they share one, else fp32."""
+    return dtypes[0] if dtypes[0] == dtypes[1] == dtypes[2] else torch.float32
+
+
 def _cast_rows(rows: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> list[torch.Tensor]:
-    """Row i of ``rows`` in ``dtypes[i]``: one cast for all when they share a dtype."""
+    """Row i of ``rows`` in ``dtypes[i]`` (rows already in a shared dtype are views, nothing is cast)."""
     if dtypes[0] == dtypes[1] == dtypes[2]:
         return rows.to(dtypes[0]).unbind()
     return [row.to(dtype) for row, dtype in zip(rows, dtypes, strict=True)]
@@ -595,11 +629,11 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _res_norm_bwd(dout, x, weight, pre, stats, norm_weight, dropout_p, seed, need, sig=None):
-    """Grads of (x, residual, weight) and the (3, N) fp32 grads of (norm_weight, norm_bias, bias), for
+def _res_norm_bwd(dout, x, weight, pre, stats, norm_weight, dropout_p, seed, need, sig=None, sum_dtype=torch.float32):
+    """Grads of (x, residual, weight) and the (3, N) ``sum_dtype`` grads of (norm_weight, norm_bias, bias), for
     :func:`_cast_rows`; GEMMs whose grad ``need`` lacks are skipped."""
     dout, sig = _contiguous_grad(dout, sig)
-    dres, dz, sums = res_norm_backward(dout, pre, stats, norm_weight, dropout_p, seed, x.dtype, sig)
+    dres, dz, sums = res_norm_backward(dout, pre, stats, norm_weight, dropout_p, seed, x.dtype, sig, sum_dtype)
     dx = dz @ weight if need[0] else None
     dw = _flat(dz).t() @ _flat(x) if need[2] else None
     return dx, dres, dw, sums
@@ -653,8 +687,11 @@ def _ffn_fwd(
     return out, mask, pre, stats, kept, chunk_rows
 
 
-def _ffn_bwd(dout, x, up_w, up_b, down_w, norm_w, pre, stats, kept, dropout_p, seed, chunk_rows, sig=None):
-    """Grads of (x, up_w, up_b, down_w) and the (3, N) fp32 grads of (norm_w, norm_b, down_b), for
+def _ffn_bwd(
+    dout, x, up_w, up_b, down_w, norm_w, pre, stats, kept, dropout_p, seed, chunk_rows, sig=None,
+    sum_dtype=torch.float32,
+):  # fmt: skip
+    """Grads of (x, up_w, up_b, down_w) and the (3, N) ``sum_dtype`` grads of (norm_w, norm_b, down_b), for
     :func:`_cast_rows`."""
     xg = x.contiguous()
     xg = xg if xg.dtype == up_w.dtype else xg.to(up_w.dtype)
@@ -662,7 +699,7 @@ def _ffn_bwd(dout, x, up_w, up_b, down_w, norm_w, pre, stats, kept, dropout_p, s
     single = chunk_rows >= rows
     dout, sig = _contiguous_grad(dout, sig if single else None)
     # LayerNorm + dropout backward does not need the 4H activation: one launch over all rows.
-    dres, dz, sums = res_norm_backward(dout, pre, stats, norm_w, dropout_p, seed, xg.dtype, sig)
+    dres, dz, sums = res_norm_backward(dout, pre, stats, norm_w, dropout_p, seed, xg.dtype, sig, sum_dtype)
     if single:  # each grad straight in its dtype (the bias's reduction accumulates in fp32)
         u = F.linear(xg, up_w) if kept is None else kept
         # The recomputed u is overwritten by the activation; a kept one belongs to the graph (retain_graph).
@@ -718,7 +755,7 @@ class ResidualNormFunction(torch.autograd.Function):
         x, weight, norm_weight, pre, stats = ctx.saved_tensors
         dropout_p, seed, dtypes, sig = ctx.cfg
         dx, dres, dw, sums = _res_norm_bwd(
-            dout, x, weight, pre, stats, norm_weight, dropout_p, seed, ctx.needs_input_grad, sig
+            dout, x, weight, pre, stats, norm_weight, dropout_p, seed, ctx.needs_input_grad, sig, _sum_dtype(dtypes)
         )
         dnw, dnb, db = _cast_rows(sums, dtypes)
         return dx, dres, dw, db, dnw, dnb, None, None, None, None, None
@@ -746,7 +783,7 @@ class FFNFunction(torch.autograd.Function):
         x, up_w, up_b, down_w, norm_w, pre, stats, kept = ctx.saved_tensors
         dropout_p, seed, chunk_rows, dtypes, sig = ctx.cfg
         dx, d_up_w, d_up_b, d_down_w, sums = _ffn_bwd(
-            dout, x, up_w, up_b, down_w, norm_w, pre, stats, kept, dropout_p, seed, chunk_rows, sig
+            dout, x, up_w, up_b, down_w, norm_w, pre, stats, kept, dropout_p, seed, chunk_rows, sig, _sum_dtype(dtypes)
         )
         dnw, dnb, d_down_b = _cast_rows(sums, dtypes)
         return dx, d_up_w, d_up_b, d_down_w, d_down_b, dnw, dnb, None, None, None, None, None, None, None

@@ -30,6 +30,7 @@ def test_every_shipped_ffn_config_compiles_without_spills(shipped):
         "_gelu_fwd_bwd_kernel",
         "_res_norm_fwd_kernel",
         "_res_norm_bwd_kernel",
+        "_sum_parts_kernel",
     }
     bad = [(job, res) for job, res in shipped if res.spills or res.local_bytes or res.registers >= 255]
     assert not bad, "spills / local memory / register cap:\n" + "\n".join(f"{j}: {r}" for j, r in bad)
