@@ -222,8 +222,12 @@ def attention(
     key_lengths: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     backend: str = "reference",
+    dropout_seed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masked attention with the backend chosen by name; see the module docstring.
+
+    ``dropout_seed`` (triton only; the others draw from torch's generator as they go): a seed tensor from
+    :func:`dropout_seeds`, so that a pass draws every seed it needs in one launch.
 
     Under ``triton``, attention with nothing to mask (BIDIRECTIONAL, no padding: cross-attention to the
     image tokens, an unpadded matching pass) runs sdpa, whose FlashAttention kernel needs no mask there:
@@ -234,6 +238,9 @@ def attention(
     if name == "triton" and mask_kind == MaskKind.BIDIRECTIONAL and key_padding is None and key_lengths is None:
         name = "sdpa"
     fn = get_attention(name)
+    if name == "triton" and dropout_seed is not None:
+        return fn(q, k, v, mask_kind=mask_kind, n_query=n_query, key_padding=key_padding, key_lengths=key_lengths,
+                  dropout_p=dropout_p, seed=dropout_seed)  # fmt: skip
     return fn(
         q,
         k,
@@ -244,3 +251,11 @@ def attention(
         key_lengths=key_lengths,
         dropout_p=dropout_p,
     )
+
+
+def dropout_seeds(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``n`` dropout seeds for the triton kernels, drawn on ``device`` from torch's generator in one launch.
+
+    Each is a (2,) int64 view whose first element the kernels read, 16 bytes apart (the alignment their
+    launches are specialised for)."""
+    return torch.randint(0, 2**31 - 1, (n, 2), device=device).unbind(0)

@@ -66,13 +66,16 @@ class ResidualNorm(nn.Module):
         self.norm = nn.LayerNorm(out_features, eps=eps)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor, backend: str = "reference") -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor, backend: str = "reference", seed: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``seed``: the triton kernel's dropout seed, drawn with the pass's others (None: it draws its own)."""
         p = self.dropout if self.training else 0.0
         args = (x, residual, self.dense.weight, self.dense.bias, self.norm.weight, self.norm.bias, self.norm.eps, p)
         if backend == "triton":
             from blip2_fast.kernels.ffn import residual_norm
 
-            return residual_norm(*args)
+            return residual_norm(*args, seed=seed)
         return residual_norm_ref(*args)
 
 
@@ -96,7 +99,8 @@ class FeedForward(nn.Module):
         self.chunk_size = chunk_size
         self.recompute = recompute  # triton backend only: see QFormerConfig.ffn_recompute
 
-    def forward(self, x: torch.Tensor, backend: str = "reference") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, backend: str = "reference", seed: torch.Tensor | None = None) -> torch.Tensor:
+        """``seed`` as in :meth:`ResidualNorm.forward`."""
         p = self.dropout if self.training else 0.0
         args = (
             x,
@@ -113,5 +117,5 @@ class FeedForward(nn.Module):
         if backend == "triton":
             from blip2_fast.kernels.ffn import ffn
 
-            return ffn(*args, recompute=self.recompute)
+            return ffn(*args, recompute=self.recompute, seed=seed)
         return ffn_ref(*args)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blip2_fast.attention import MaskKind, attention, check_backend, resolve_backend
+from blip2_fast.attention import MaskKind, attention, check_backend, dropout_seeds, resolve_backend
 from blip2_fast.config import QFormerConfig
 from blip2_fast.layers import FeedForward, ResidualNorm
 
@@ -215,7 +215,9 @@ class Attention(nn.Module):
         n_query: int,
         key_padding: torch.Tensor | None,
         backend: str,
+        seeds: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """``seeds``: the triton kernels' dropout seeds (attention probabilities, output), or None."""
         q = self.heads(self.query(hidden))
         ctx = attention(
             q,
@@ -226,9 +228,15 @@ class Attention(nn.Module):
             key_padding=key_padding,
             dropout_p=self.dropout if self.training else 0.0,
             backend=backend,
+            dropout_seed=None if seeds is None else seeds[0],
         )  # (B, nh, Lq, hd)
         ctx = ctx.transpose(1, 2).reshape(hidden.shape)
-        return self.output(ctx, hidden, backend)
+        return self.output(ctx, hidden, backend, None if seeds is None else seeds[1])
+
+
+# Dropout sites of a layer: self-attention probabilities and output, cross-attention probabilities and output,
+# the query FFN, the text FFN.
+SEEDS_PER_LAYER = 6
 
 
 class Layer(nn.Module):
@@ -260,8 +268,13 @@ class Layer(nn.Module):
         image_kv: tuple[torch.Tensor, torch.Tensor] | None,
         image_valid: torch.Tensor | None,
         backend: str,
+        seeds: tuple[torch.Tensor, ...] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """hidden: (B, L, H), its first ``n_query_rows`` rows are queries. Returns (B, L, H) and this layer's K/V."""
+        """hidden: (B, L, H), its first ``n_query_rows`` rows are queries. Returns (B, L, H) and this layer's K/V.
+
+        ``seeds``: ``SEEDS_PER_LAYER`` dropout seeds for the triton kernels (see :meth:`QFormer._encode`), or None.
+        """
+        seeds = seeds or (None,) * SEEDS_PER_LAYER
         k, v = self.self_attn.project_kv(hidden)
         if storage is not None:  # grow a preallocated cache in place
             start, end = past[0].shape[2], past[0].shape[2] + k.shape[2]
@@ -271,8 +284,9 @@ class Layer(nn.Module):
         elif past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         x = self.self_attn(
-            hidden, k, v, mask_kind=mask_kind, n_query=n_query_keys, key_padding=key_padding, backend=backend
-        )
+            hidden, k, v, mask_kind=mask_kind, n_query=n_query_keys, key_padding=key_padding, backend=backend,
+            seeds=seeds[0:2],
+        )  # fmt: skip
         queries, text = x[:, :n_query_rows], x[:, n_query_rows:]
         outputs = []
         if n_query_rows:
@@ -286,10 +300,11 @@ class Layer(nn.Module):
                     n_query=0,
                     key_padding=image_valid,
                     backend=backend,
+                    seeds=seeds[2:4],
                 )
-            outputs.append(self.ffn_query(queries, backend))
+            outputs.append(self.ffn_query(queries, backend, seeds[4]))
         if text.shape[1]:
-            outputs.append(self.ffn_text(text, backend))
+            outputs.append(self.ffn_text(text, backend, seeds[5]))
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
         return out, (k, v)
 
@@ -406,6 +421,10 @@ class QFormer(nn.Module):
             key_valid = torch.cat([old, new], dim=1)
         buffer = past.buffer if past is not None and past.can_grow_in_place(hidden.shape[1]) else None
         backend = resolve_backend(self.backend, hidden.device)
+        seeds = None
+        dropout = self.config.hidden_dropout_prob > 0 or self.config.attention_probs_dropout_prob > 0
+        if backend == "triton" and self.training and dropout:  # every dropout seed of the pass in one launch
+            seeds = dropout_seeds(len(self.layers) * SEEDS_PER_LAYER, hidden.device)
         layers = []
         for i, layer in enumerate(self.layers):
             hidden, kv = layer(
@@ -419,6 +438,7 @@ class QFormer(nn.Module):
                 image_kv=None if image is None else image.kv[i],
                 image_valid=None if image is None else image.valid,
                 backend=backend,
+                seeds=None if seeds is None else seeds[i * SEEDS_PER_LAYER : (i + 1) * SEEDS_PER_LAYER],
             )
             layers.append(kv)
         if buffer is not None:

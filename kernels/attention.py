@@ -706,10 +706,18 @@ def dropout_keep_mask(
 _SEED_LIKE: dict[torch.device, torch.Tensor] = {}
 
 
-def dropout_seed(seed: int | None, device: torch.device) -> torch.Tensor:
-    """The (1,) int64 seed tensor the kernels read: drawn on ``device`` from torch's generator there (no host
-    sync; repeatable under ``torch.manual_seed``; restored by ``torch.utils.checkpoint``, which stashes the RNG
-    states, so a recomputed forward drops the same elements), or ``seed`` itself."""
+def dropout_seed(seed: int | torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """The int64 seed tensor the kernels read (its first element): drawn on ``device`` from torch's generator
+    there (no host sync; repeatable under ``torch.manual_seed``; restored by ``torch.utils.checkpoint``, which
+    stashes the RNG states, so a recomputed forward drops the same elements), ``seed`` itself as a tensor, or one
+    drawn beforehand (``blip2_fast.attention.dropout_seeds``: a whole pass's in one launch)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() < 1 or seed.device != device:
+            raise ValueError(
+                f"a seed tensor must be int64 with at least one element on {device}, got {seed.dtype} "
+                f"{tuple(seed.shape)} on {seed.device}"
+            )
+        return seed
     if seed is None:
         like = _SEED_LIKE.get(device)
         if like is None:
@@ -819,7 +827,7 @@ def attention(
     key_lengths: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     scale: float | None = None,
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
     return_dropout_mask: bool = False,
     config: AttnConfig | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
@@ -828,8 +836,9 @@ def attention(
     q: (B, H, Lq, D); k, v: (B, H, Lk, D); key_padding: (B, Lk) bool, True = may
     attend; key_lengths: (B,) int. Returns (B, H, Lq, D) in q's dtype.
 
-    Debug-only keywords: ``seed`` fixes the dropout draw (otherwise drawn on q's
-    device from torch's generator, so ``torch.manual_seed`` makes runs repeatable);
+    ``seed`` fixes the dropout draw: an int, or an int64 tensor on q's device whose first
+    element is read (a pass's seeds drawn at once); otherwise one is drawn on q's device from
+    torch's generator, so ``torch.manual_seed`` makes runs repeatable. Debug-only keywords:
     ``return_dropout_mask`` also returns the (B, H, Lq, Lk) bool keep-mask used
     (None when ``dropout_p == 0``); ``config`` overrides the tile sizes of all kernels.
     Under ``torch.compile`` the kernels run as the custom ops ``blip2_fast::attention_fwd`` / ``_bwd``
@@ -869,6 +878,7 @@ def attention(
         ]
     else:
         pointers = q.data_ptr() | k.data_ptr() | v.data_ptr() | pad[1].data_ptr() | pad[2].data_ptr()
+        pointers |= seed_t.data_ptr()
         if pointers & 15:
             plan = None  # a pointer off 16-byte alignment: the launcher keys by each argument
         args = (q, k, v, mask_kind, n_query, pad, dropout_p, seed_t, scale, config, plan)

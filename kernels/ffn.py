@@ -586,7 +586,7 @@ def _cast(dtype: torch.dtype, *tensors):
     return [t.to(dtype) if isinstance(t, torch.Tensor) else t for t in tensors]
 
 
-def _new_seed(seed: int | None, dropout_p: float, device: torch.device) -> torch.Tensor | None:
+def _new_seed(seed: int | torch.Tensor | None, dropout_p: float, device: torch.device) -> torch.Tensor | None:
     # Without dropout nothing is drawn (None): eval passes leave the generator as the reference path does.
     return dropout_seed(seed, device) if dropout_p > 0.0 else None
 
@@ -964,7 +964,7 @@ def residual_norm(
     eps: float,
     dropout_p: float = 0.0,
     *,
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
     return_mask: bool = False,
 ):
     """Fused ``residual_norm_ref``: LayerNorm(residual + dropout(x @ weight.T + bias)).
@@ -975,8 +975,9 @@ def residual_norm(
     fp32 output.
 
     x: (..., K); residual: (..., N) with the same leading dims; weight: (N, K);
-    bias, norm_weight, norm_bias: (N,). ``seed`` fixes the dropout pattern (drawn
-    from torch's generator when None). With ``return_mask`` returns (out, keep mask).
+    bias, norm_weight, norm_bias: (N,). ``seed`` fixes the dropout pattern: an int, or an
+    int64 tensor on x's device whose first element is read (drawn from torch's generator
+    when None). With ``return_mask`` returns (out, keep mask).
     """
     amp = _autocast_dtype(x)
     if amp is not None:
@@ -997,9 +998,9 @@ def residual_norm(
         _check_residual_norm(*tensors, eps, dropout_p, amp)
         plan = _VALIDATED.remember(sig, Plan())
     eps, dropout_p = float(eps), float(dropout_p)
-    if not _all_aligned(bias, residual, norm_weight, norm_bias):
-        plan = None
     seed_t = _new_seed(seed, dropout_p, x.device)
+    if not _all_aligned(bias, residual, norm_weight, norm_bias, x if seed_t is None else seed_t):
+        plan = None
     args = (*tensors, eps, dropout_p, seed_t, return_mask, plan)
     if amp is not None:  # the casts above are autocast's; inside, every op runs in its arguments' dtypes
         with torch.autocast(x.device.type, enabled=False):
@@ -1042,7 +1043,7 @@ def ffn(
     dropout_p: float = 0.0,
     chunk_size: int = 0,
     *,
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
     return_mask: bool = False,
     recompute: bool = True,
 ):
@@ -1077,9 +1078,9 @@ def ffn(
         _check_ffn(*tensors, eps, dropout_p, chunk_size, amp)
         plan = _VALIDATED.remember(sig, Plan(chunk_rows=_chunk_rows(x, chunk_size)))
     eps, dropout_p = float(eps), float(dropout_p)
-    if not _all_aligned(x, up_bias, down_bias, norm_weight, norm_bias):
-        plan = None
     seed_t = _new_seed(seed, dropout_p, x.device)
+    if not _all_aligned(x, up_bias, down_bias, norm_weight, norm_bias, x if seed_t is None else seed_t):
+        plan = None
     args = (*tensors, eps, dropout_p, chunk_size, seed_t, return_mask, recompute, plan)
     if amp is not None:  # the casts above are autocast's; inside, every op runs in its arguments' dtypes
         with torch.autocast(x.device.type, enabled=False):

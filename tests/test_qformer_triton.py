@@ -165,3 +165,47 @@ def test_half_precision_stays_within_twice_the_eager_error(dtype, mode):
         eager = (got["sdpa"][name].float() - value).abs().max().item()
         floor = 1e-3 * value.abs().max().item()
         assert fused <= 2 * eager + floor, f"{name}: triton {dtype} error {fused:.2e}, sdpa {eager:.2e}"
+
+
+def test_a_training_pass_draws_its_dropout_seeds_at_once_and_each_site_its_own(monkeypatch):
+    """In train mode a pass draws every dropout seed of the triton kernels in one launch and hands each
+    dropout site (attention probabilities, outputs, FFNs, every layer) a seed of its own."""
+    import blip2_fast.kernels.attention as kattn
+    import blip2_fast.kernels.ffn as kffn
+    import blip2_fast.qformer as qformer_module
+
+    draws, seeds = [], []
+    real_draw = qformer_module.dropout_seeds
+
+    def drawing(n, device):
+        draws.append(n)
+        return real_draw(n, device)
+
+    def recording(fn):
+        def call(*args, seed=None, **kwargs):
+            seeds.append(seed)
+            return fn(*args, seed=seed, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(qformer_module, "dropout_seeds", drawing)
+    monkeypatch.setattr(kattn, "attention", recording(kattn.attention))
+    monkeypatch.setattr(kffn, "ffn", recording(kffn.ffn))
+    monkeypatch.setattr(kffn, "residual_norm", recording(kffn.residual_norm))
+    torch.manual_seed(0)
+    model = QFormer(QFormerConfig.preset("tiny", backend="triton")).train()
+    image, ids, mask, image_mask = batch(model.config)
+    model.encode_image(model.image_context(image, image_mask))
+    n_layers = model.config.num_hidden_layers
+    assert draws == [n_layers * qformer_module.SEEDS_PER_LAYER]
+    n_cross = sum(layer.cross_attn is not None for layer in model.layers)
+    # per layer: self-attention, its output, the query FFN; per cross-attention layer its attention (masked:
+    # the image has padded tokens) and its output
+    assert len(seeds) == 3 * n_layers + 2 * n_cross
+    assert all(isinstance(s, torch.Tensor) for s in seeds), seeds
+    values = [int(s[0]) for s in seeds]
+    assert len(set(values)) == len(values), values
+    model.eval()
+    seeds.clear()
+    model.encode_image(model.image_context(image, image_mask))
+    assert draws == [n_layers * qformer_module.SEEDS_PER_LAYER] and all(s is None for s in seeds)
