@@ -205,6 +205,15 @@ class Attention(nn.Module):
     def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.heads(self.key(x)), self.heads(self.value(x))
 
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Self-attention's q, k, v of ``x`` by one GEMM over the three weights concatenated (per call, so the
+        parameters stay the three Linears checkpoints name): one launch and one weight-grad GEMM pair instead of
+        three. The heads are strided views into the one output."""
+        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
+        bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+        q, k, v = F.linear(x, weight, bias).split(self.query.out_features, dim=-1)
+        return self.heads(q), self.heads(k), self.heads(v)
+
     def forward(
         self,
         hidden: torch.Tensor,
@@ -216,9 +225,11 @@ class Attention(nn.Module):
         key_padding: torch.Tensor | None,
         backend: str,
         seeds: tuple[torch.Tensor, torch.Tensor] | None = None,
+        q: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``seeds``: the triton kernels' dropout seeds (attention probabilities, output), or None."""
-        q = self.heads(self.query(hidden))
+        """``seeds``: the triton kernels' dropout seeds (attention probabilities, output), or None; ``q``: the
+        heads of ``hidden``'s queries if already projected (:meth:`project_qkv`)."""
+        q = self.heads(self.query(hidden)) if q is None else q
         ctx = attention(
             q,
             k,
@@ -275,7 +286,10 @@ class Layer(nn.Module):
         ``seeds``: ``SEEDS_PER_LAYER`` dropout seeds for the triton kernels (see :meth:`QFormer._encode`), or None.
         """
         seeds = seeds or (None,) * SEEDS_PER_LAYER
-        k, v = self.self_attn.project_kv(hidden)
+        if backend == "triton":
+            q, k, v = self.self_attn.project_qkv(hidden)
+        else:  # the reference path and the stock backends keep BERT's three projections
+            q, (k, v) = None, self.self_attn.project_kv(hidden)
         if storage is not None:  # grow a preallocated cache in place
             start, end = past[0].shape[2], past[0].shape[2] + k.shape[2]
             storage[0][:, :, start:end] = k
@@ -285,7 +299,7 @@ class Layer(nn.Module):
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         x = self.self_attn(
             hidden, k, v, mask_kind=mask_kind, n_query=n_query_keys, key_padding=key_padding, backend=backend,
-            seeds=seeds[0:2],
+            seeds=seeds[0:2], q=q,
         )  # fmt: skip
         queries, text = x[:, :n_query_rows], x[:, n_query_rows:]
         outputs = []

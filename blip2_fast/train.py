@@ -527,24 +527,37 @@ def build_qformer(config: TrainConfig, vision_width: int):
     return from_bert(config.model.bert_path, **overrides)
 
 
-def register_zero3_external_parameters(stage1: torch.nn.Module) -> None:
-    """Tell ZeRO-3 about parameters read outside their own module's ``forward``.
+def register_zero3_fused_parameters(root: torch.nn.Module) -> None:
+    """Tell ZeRO-3 about the Q-Former parameters its fused paths read outside their own module's ``forward``.
 
     ZeRO-3 gathers a partitioned parameter only around the forward (and backward)
     of the module that owns it. The fused blocks (``ResidualNorm``,
     ``FeedForward``) hand their children's weights to one function instead of
-    calling the children, and ``query_tokens`` / ``temp`` are read by methods of
-    the Q-Former other than ``forward``: each is registered with the module that
-    reads it.
+    calling the children, and a layer reads its self-attention's three projections
+    as one (``Attention.project_qkv``): each is registered with the module that reads it.
     """
     import deepspeed
 
     from blip2_fast.layers import FeedForward, ResidualNorm
+    from blip2_fast.qformer import Layer
 
-    for module in stage1.modules():
+    for module in root.modules():
         if isinstance(module, (ResidualNorm, FeedForward)):
             for p in module.parameters():
                 deepspeed.zero.register_external_parameter(module, p)
+        elif isinstance(module, Layer):
+            attn = module.self_attn
+            for p in (*attn.query.parameters(), *attn.key.parameters(), *attn.value.parameters()):
+                deepspeed.zero.register_external_parameter(module, p)
+
+
+def register_zero3_external_parameters(stage1: torch.nn.Module) -> None:
+    """Tell ZeRO-3 about parameters read outside their own module's ``forward``: the fused paths' (see
+    :func:`register_zero3_fused_parameters`), and ``query_tokens`` / ``temp``, read by methods of the Q-Former
+    other than ``forward``."""
+    import deepspeed
+
+    register_zero3_fused_parameters(stage1)
     qformer = stage1.qformer
     for p in (qformer.query_tokens, qformer.temp):
         deepspeed.zero.register_external_parameter(stage1, p)

@@ -71,6 +71,7 @@ from blip2_fast.train import (  # noqa: E402
     param_groups,
     parse_overrides,
     read_config,
+    register_zero3_fused_parameters,
     run_facts,
     save_checkpoint,
     sections_from_dict,
@@ -451,16 +452,11 @@ def build_engine(step_module: torch.nn.Module, config: Stage2Config, ds_config: 
 
 
 def register_zero3_external_parameters(step_module: Stage2Step) -> None:
-    """ZeRO-3 gathers a parameter only around its own module's forward: the fused blocks hand their
-    children's weights to one function, and ``encode_image`` reads ``query_tokens`` directly."""
+    """ZeRO-3 gathers a parameter only around its own module's forward: the fused paths read some outside it
+    (:func:`train.register_zero3_fused_parameters`), and ``encode_image`` reads ``query_tokens`` directly."""
     import deepspeed
 
-    from blip2_fast.layers import FeedForward, ResidualNorm
-
-    for module in step_module.modules():
-        if isinstance(module, (ResidualNorm, FeedForward)):
-            for p in module.parameters():
-                deepspeed.zero.register_external_parameter(module, p)
+    register_zero3_fused_parameters(step_module)
     deepspeed.zero.register_external_parameter(step_module, step_module.model.qformer.query_tokens)
 
 
