@@ -210,11 +210,12 @@ class Stage1Loss(nn.Module):
         rank, world = distributed.get_rank(), distributed.get_world_size()
         temp = clamped_temp(model.temp)
 
-        # ---------------------------------------------------------------- ITC
+        # ---------------------------------------------------------------- ITC (and ITG's pass with it)
         ctx = model.image_context(image_embeds)
-        query = model.encode_image(ctx)
-        image_feats = model.image_features(query.hidden)  # (B, Q, D)
-        text_feats = model.text_features(model.encode_text(input_ids, mask))  # (B, D)
+        decoder_ids, itg_labels = itg_targets(input_ids, mask, self.bos_token_id)
+        query_hidden, text_hidden, lm_logits = model.encode_itc_itg(ctx, input_ids, mask, decoder_ids)
+        image_feats = model.image_features(query_hidden)  # (B, Q, D)
+        text_feats = model.text_features(text_hidden)  # (B, D)
         image_feats_all = distributed.all_gather_no_grad(image_feats)
         text_feats_all = distributed.all_gather_no_grad(text_feats)
         image_ids_all = distributed.all_gather_no_grad(image_ids)
@@ -249,8 +250,15 @@ class Stage1Loss(nn.Module):
         itm = F.cross_entropy(itm_logits, itm_labels)
 
         # ---------------------------------------------------------------- ITG
-        itg = itg_loss(model, input_ids, mask, query.cache, self.bos_token_id)
+        itg = itg_loss_of(lm_logits, itg_labels)
         return Stage1Output(itc + itm + itg, itc, itm, itg, temp.detach())
+
+
+def itg_targets(input_ids: torch.Tensor, mask: torch.Tensor, bos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(decoder input: the caption with [DEC] in place of [CLS], labels: the next token, pads -100) for ITG."""
+    ids = input_ids.clone()
+    ids[:, 0] = bos_token_id
+    return ids, ids.masked_fill(~mask, -100)[:, 1:]
 
 
 def itg_loss(
@@ -261,17 +269,20 @@ def itg_loss(
     bos_token_id: int,
     label_smoothing: float = LABEL_SMOOTHING,
 ) -> torch.Tensor:
-    """LM loss of the caption over the cached query K/V: [DEC] replaces [CLS], pads ignored, shifted by one.
+    """LM loss of the caption over the cached query K/V (``model.decode``): see :func:`itg_loss_of`."""
+    ids, labels = itg_targets(input_ids, mask, bos_token_id)
+    logits, _ = model.decode(ids, mask, cache)
+    return itg_loss_of(logits, labels, label_smoothing)
+
+
+def itg_loss_of(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = LABEL_SMOOTHING) -> torch.Tensor:
+    """LM loss of the decoder's logits (B, T, V) against ``labels`` (B, T - 1): pads ignored, shifted by one.
 
     The mean is over the tokens of the *global* batch: each rank divides its sum
     by the global count / world, so that the average over ranks (what
     data-parallel training optimises) is the loss of the whole batch, whatever
     the split. A per-rank mean would weight the tokens of short-caption ranks more.
     """
-    ids = input_ids.clone()
-    ids[:, 0] = bos_token_id
-    labels = ids.masked_fill(~mask, -100)[:, 1:]
-    logits, _ = model.decode(ids, mask, cache)
     total = F.cross_entropy(
         logits[:, :-1].float().flatten(0, 1),
         labels.flatten(),

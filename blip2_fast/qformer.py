@@ -246,8 +246,8 @@ class Attention(nn.Module):
 
 
 # Dropout sites of a layer: self-attention probabilities and output, cross-attention probabilities and output,
-# the query FFN, the text FFN.
-SEEDS_PER_LAYER = 6
+# the query FFN, the text FFN, and the second self-attention of the ITC + ITG pass (Layer.forward_itc_itg).
+SEEDS_PER_LAYER = 7
 
 
 class Layer(nn.Module):
@@ -321,6 +321,55 @@ class Layer(nn.Module):
             outputs.append(self.ffn_text(text, backend, seeds[5]))
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
         return out, (k, v)
+
+    def forward_itc_itg(
+        self,
+        hidden: torch.Tensor,
+        *,
+        n_query: int,
+        n_text: int,
+        decoder_valid: torch.Tensor | None,
+        text_valid: torch.Tensor | None,
+        image_kv: tuple[torch.Tensor, torch.Tensor],
+        image_valid: torch.Tensor | None,
+        backend: str,
+        seeds: tuple[torch.Tensor, ...] | None = None,
+    ) -> torch.Tensor:
+        """One layer of the ITC + ITG pass over [queries ; ITG text ; ITC text] (B, Q + 2T, H).
+
+        The same numbers as the query pass, the text pass and the decoder over the query cache, with every
+        projection, output block and text FFN run once over all rows: queries see queries (and, by
+        cross-attention, the image); the ITG text sees the queries and itself causally (MULTIMODAL_CAUSAL over
+        the leading Q + T rows, ``decoder_valid`` (B, Q + T) their keys); the ITC text sees itself alone
+        (``text_valid`` (B, T)).
+        """
+        seeds = seeds or (None,) * SEEDS_PER_LAYER
+        attn = self.self_attn
+        if backend == "triton":
+            q, k, v = attn.project_qkv(hidden)
+        else:
+            q, (k, v) = attn.heads(attn.query(hidden)), attn.project_kv(hidden)
+        split = n_query + n_text  # [queries ; ITG text] | [ITC text]
+        p = attn.dropout if self.training else 0.0
+        decoder = attention(
+            q[:, :, :split], k[:, :, :split], v[:, :, :split], mask_kind=MaskKind.MULTIMODAL_CAUSAL, n_query=n_query,
+            key_padding=decoder_valid, dropout_p=p, backend=backend, dropout_seed=seeds[0],
+        )  # fmt: skip
+        text = attention(
+            q[:, :, split:], k[:, :, split:], v[:, :, split:], mask_kind=MaskKind.UNIMODAL, n_query=0,
+            key_padding=text_valid, dropout_p=p, backend=backend, dropout_seed=seeds[6],
+        )  # fmt: skip
+        B, L, H = hidden.shape
+        rows = [decoder.transpose(1, 2).reshape(B, split, H), text.transpose(1, 2).reshape(B, L - split, H)]
+        x = attn.output(torch.cat(rows, dim=1), hidden, backend, seeds[1])
+        queries = x[:, :n_query]
+        if self.cross_attn is not None:
+            queries = self.cross_attn(
+                queries, *image_kv, mask_kind=MaskKind.BIDIRECTIONAL, n_query=0, key_padding=image_valid,
+                backend=backend, seeds=seeds[2:4],
+            )  # fmt: skip
+        queries = self.ffn_query(queries, backend, seeds[4])
+        return torch.cat([queries, self.ffn_text(x[:, n_query:], backend, seeds[5])], dim=1)
 
 
 class LMHead(nn.Module):
@@ -435,10 +484,7 @@ class QFormer(nn.Module):
             key_valid = torch.cat([old, new], dim=1)
         buffer = past.buffer if past is not None and past.can_grow_in_place(hidden.shape[1]) else None
         backend = resolve_backend(self.backend, hidden.device)
-        seeds = None
-        dropout = self.config.hidden_dropout_prob > 0 or self.config.attention_probs_dropout_prob > 0
-        if backend == "triton" and self.training and dropout:  # every dropout seed of the pass in one launch
-            seeds = dropout_seeds(len(self.layers) * SEEDS_PER_LAYER, hidden.device)
+        seeds = self._dropout_seeds(backend, hidden.device)
         layers = []
         for i, layer in enumerate(self.layers):
             hidden, kv = layer(
@@ -533,6 +579,58 @@ class QFormer(nn.Module):
             embeds, n_query_rows=0, mask_kind=MaskKind.MULTIMODAL_CAUSAL, row_valid=valid, past=cache
         )
         return self.lm_head(hidden), cache
+
+    def encode_itc_itg(
+        self,
+        image: torch.Tensor | ImageContext,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        decoder_ids: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stage 1's ITC and ITG passes as one: (query outputs (B, Q, H), text outputs (B, T, H), LM logits of
+        ``decoder_ids`` over the queries (B, T, V)).
+
+        The numbers of ``encode_image``, ``encode_text`` and ``decode`` over the query cache (within fp32
+        rounding; each row draws its own dropout), in one pass over [queries ; decoder text ; text]: every
+        layer's projections, output blocks and text FFN run once, with bigger GEMMs and half the launches.
+        ``decoder_ids`` (B, T) shares ``attention_mask`` with ``input_ids`` (the caption with [DEC] first).
+        """
+        ctx = self._as_context(image)
+        valid = self._check_text(input_ids, attention_mask)
+        if decoder_ids.shape != input_ids.shape:
+            raise ValueError(
+                f"decoder_ids must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(decoder_ids.shape)}"
+            )
+        B, T = input_ids.shape
+        Q = self.config.num_query_tokens
+        self._check_batch(image=ctx.batch_size, input_ids=B)
+        emb = self.embeddings
+        positions = emb.position(torch.arange(T, device=input_ids.device))
+        text = emb.word(torch.cat([decoder_ids, input_ids], dim=1)) + positions.repeat(2, 1)
+        hidden = emb.dropout(emb.norm(torch.cat([self._queries(B), text], dim=1)))  # (B, Q + 2T, H)
+        decoder_valid = None if valid is None else torch.cat([valid.new_ones(B, Q), valid], dim=1)
+        backend = resolve_backend(self.backend, hidden.device)
+        seeds = self._dropout_seeds(backend, hidden.device)
+        for i, layer in enumerate(self.layers):
+            hidden = layer.forward_itc_itg(
+                hidden,
+                n_query=Q,
+                n_text=T,
+                decoder_valid=decoder_valid,
+                text_valid=valid,
+                image_kv=ctx.kv[i],
+                image_valid=ctx.valid,
+                backend=backend,
+                seeds=None if seeds is None else seeds[i * SEEDS_PER_LAYER : (i + 1) * SEEDS_PER_LAYER],
+            )
+        return hidden[:, :Q], hidden[:, Q + T :], self.lm_head(hidden[:, Q : Q + T])
+
+    def _dropout_seeds(self, backend: str, device: torch.device) -> tuple[torch.Tensor, ...] | None:
+        """Every dropout seed of a pass for the triton kernels, drawn in one launch (None: nothing to draw)."""
+        dropout = self.config.hidden_dropout_prob > 0 or self.config.attention_probs_dropout_prob > 0
+        if backend == "triton" and self.training and dropout:
+            return dropout_seeds(len(self.layers) * SEEDS_PER_LAYER, device)
+        return None
 
     # ---------------------------------------------------------------- heads
 

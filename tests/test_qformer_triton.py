@@ -209,3 +209,36 @@ def test_a_training_pass_draws_its_dropout_seeds_at_once_and_each_site_its_own(m
     seeds.clear()
     model.encode_image(model.image_context(image, image_mask))
     assert draws == [n_layers * qformer_module.SEEDS_PER_LAYER] and all(s is None for s in seeds)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_the_itc_itg_pass_equals_the_three_passes_it_replaces(backend):
+    """encode_itc_itg against encode_image + encode_text + decode over the query cache, padded text and image
+    tokens: the three outputs and every parameter gradient (sharp random weights: LayerNorm gains and biases
+    random, attention peaked, so a swapped segment or a wrong mask shows at 1e-2)."""
+    from random_weights import randomize
+
+    torch.manual_seed(0)
+    model = randomize(QFormer(QFormerConfig.preset("tiny", backend=backend)).eval(), seed=3).to(DEVICE)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("query.weight", "key.weight")):
+                p.mul_(8.0)  # peaked attention
+            elif "norm" in name and name.endswith("bias"):
+                p.normal_(0, 0.3)
+    image, ids, mask, image_mask = batch(model.config, seed=4)
+    decoder_ids = ids.clone()
+    decoder_ids[:, 0] = 1
+    gen = generator(5)
+    got = model.encode_itc_itg(model.image_context(image, image_mask), ids, mask, decoder_ids)
+    query = model.encode_image(model.image_context(image, image_mask))
+    want = (query.hidden, model.encode_text(ids, mask), model.decode(decoder_ids, mask, query.cache)[0])
+    weights = [torch.randn(w.shape, generator=gen, device=w.device) for w in want]
+    for name, g, w in zip(("queries", "text", "logits"), got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    grads = [grads_of(model, sum((o * r).sum() for o, r in zip(outs, weights, strict=True))) for outs in (got, want)]
+    assert grads[0].keys() == grads[1].keys()
+    for name in ("query_tokens", "layers.0.cross_attn.key.weight", "layers.1.self_attn.value.weight"):
+        assert grads[1][name].abs().max() > 0, name
+    for name, g in grads[1].items():
+        torch.testing.assert_close(grads[0][name], g, atol=5e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
