@@ -104,20 +104,24 @@ def test_itg_gradient_flows_into_the_cached_query_keys_and_values(models):
 
 @pytest.mark.slow
 def test_trains_with_dropout_on_the_triton_backend():
-    """Train mode (attention and hidden dropout 0.1 in the kernels): the loss on a fixed batch goes down."""
+    """Train mode (attention and hidden dropout 0.1 in the kernels): four steps on a fixed batch lower its loss,
+    read without dropout before and after (a train-mode loss moves with each step's dropout draw)."""
     torch.manual_seed(0)
-    model = QFormer(QFormerConfig.preset("tiny", backend="triton")).train()
+    model = QFormer(QFormerConfig.preset("tiny", backend="triton"))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     data = batch(model.config, seed=2)
-    losses = []
-    for _ in range(3):
+    with torch.no_grad():
+        before = sum(stage1_losses(model.eval(), *data).values()).item()
+    model.train()
+    for _ in range(4):
         loss = sum(stage1_losses(model, *data).values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(loss.item())
-    assert all(torch.isfinite(torch.tensor(losses)))
-    assert losses[-1] < losses[0] - 0.05, losses
+        assert torch.isfinite(loss)
+    with torch.no_grad():
+        after = sum(stage1_losses(model.eval(), *data).values()).item()
+    assert after < before - 0.5, (before, after)
 
 
 def stage1_outputs(model: QFormer, image, ids, mask, image_mask) -> dict[str, torch.Tensor]:
