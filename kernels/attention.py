@@ -620,6 +620,11 @@ def attention_forward(
     return out, lse
 
 
+def _heads_first(t: torch.Tensor) -> torch.Tensor:
+    B, H, L, D = t.shape
+    return torch.empty((B, L, H, D), dtype=t.dtype, device=t.device).transpose(1, 2)
+
+
 def _bwd_plan(q, k, v, do, out, dq, dk, dv, mask_kind, n_query, key_pad, padding, dropout_p, config) -> tuple:
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
@@ -664,14 +669,15 @@ def attention_backward(
     config: AttnConfig | None = None,
     sig=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dQ, dK, dV from the saved output and log-sum-exp; each is laid out like its input. ``sig`` as in
+    """dQ, dK, dV from the saved output and log-sum-exp, each (B, H, L, D) over (B, L, H, D) storage. ``sig`` as in
     :func:`attention_forward` (the incoming grad's strides and alignment are added to it here)."""
     key_pad, lengths, padding = pad
     if sig is not None:
         sig = (sig, do.stride()) if not do.data_ptr() & 15 else None
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
-    # laid out like q, k, v; a function of their shapes and strides, so of the signature
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # (B, L, H, D) storage seen heads-first, as the Q-Former's projections lay out q, k, v: the grad of their
+    # transpose-and-view is then a view too (no copy per input), whatever the inputs' own strides
+    dq, dk, dv = (_heads_first(t) for t in (q, k, v))
     plan = None if sig is None else _BWD_PLANS.get(sig)
     if plan is None:
         plan = _bwd_plan(q, k, v, do, out, dq, dk, dv, mask_kind, n_query, key_pad, padding, dropout_p, config)
@@ -782,7 +788,7 @@ def _attention_bwd_op(
 
 @_attention_bwd_op.register_fake
 def _(do, q, k, v, out, lse, lengths, padding, seed, mask_kind, n_query, key_pad, dropout_p, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return _heads_first(q), _heads_first(k), _heads_first(v)
 
 
 def _attention_op_setup(ctx, inputs, output):

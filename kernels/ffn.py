@@ -18,8 +18,8 @@ and after them is a fused Triton epilogue:
   residual grad and the dense-output grad in one pass, plus per-program partial
   sums of the LayerNorm weight/bias and dense bias grads (reduced by torch).
 
-Memory: the FFN saves only its input (the caller's tensor: a view stays a view),
-the pre-norm sum and two fp32 per row, about 20% of what eager autograd keeps
+Memory: the FFN saves only its input rows (the caller's tensor when contiguous, else the
+copy the forward reads, such as that of x[:, :32]), the pre-norm sum and two fp32 per row, about 20% of what eager autograd keeps
 (measured at B=4, L=67, 768/3072, fp32). The 4H-wide activation is computed
 ``chunk_size`` sequence positions at a time (all rows at once for 0) and
 recomputed the same way in the backward, so at most one chunk of it is alive at a
@@ -40,10 +40,10 @@ blocks; the configs for 384, 768 and 1024 are the ones compiled ahead of time fo
 sm_80/sm_90 in the tests, see :func:`kernel_configs`); rows * hidden < 2**31 (the
 RNG counter is 32-bit).
 Inputs may be non-contiguous views such as ``x[:, :32]`` (the query rows of a
-Q-Former sequence): cuBLAS wants (rows, H) rows, so they are copied to that layout
-in the forward and again in the backward (H wide, small next to the GEMMs); what
-is saved is the caller's view, so no copy is kept alive between the two. The
-backward returns grads for every tensor argument.
+Q-Former sequence): cuBLAS and the kernels want (rows, H) rows, so the FFN copies
+them to that layout once in the forward and keeps the copy for the backward (H wide,
+small next to the GEMMs; one launch fewer than copying again there). The backward
+returns grads for every tensor argument.
 """
 
 from __future__ import annotations
@@ -767,11 +767,13 @@ class FFNFunction(torch.autograd.Function):
         ctx, x, up_w, up_b, down_w, down_b, norm_w, norm_b, eps, dropout_p, chunk_size, seed, store_mask, recompute,
         sig,
     ):  # fmt: skip
+        # the rows the kernels read: x itself when contiguous, else one copy (of a view such as x[:, :32]),
+        # kept for the backward rather than made again there
+        x = x.contiguous()
         out, mask, pre, stats, kept, chunk_rows = _ffn_fwd(
             x, up_w, up_b, down_w, down_b, norm_w, norm_b, eps, dropout_p, chunk_size, seed, store_mask, recompute,
             sig,
         )  # fmt: skip
-        # x itself, not its (rows, H) copy: a view such as x[:, :32] shares the caller's storage.
         ctx.save_for_backward(x, up_w, up_b, down_w, norm_w, pre, stats, kept)
         ctx.cfg = (dropout_p, seed, chunk_rows, (norm_w.dtype, norm_b.dtype, down_b.dtype), sig)
         if mask is not None:
