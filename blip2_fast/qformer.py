@@ -205,13 +205,18 @@ class Attention(nn.Module):
     def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.heads(self.key(x)), self.heads(self.value(x))
 
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Self-attention's q, k, v of ``x`` by one GEMM over the three weights concatenated (per call, so the
-        parameters stay the three Linears checkpoints name): one launch and one weight-grad GEMM pair instead of
-        three. The heads are strided views into the one output."""
+    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """Self-attention's [q | k | v] of ``x`` (B, L, 3H) by one GEMM over the three weights concatenated (per
+        call, so the parameters stay the three Linears checkpoints name): one launch and one weight-grad GEMM
+        pair instead of three."""
         weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
         bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-        q, k, v = F.linear(x, weight, bias).split(self.query.out_features, dim=-1)
+        return F.linear(x, weight, bias)
+
+    def qkv_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, L, 3H) from :meth:`project_qkv` -> q, k, v heads, strided views into it (their grads are views of one
+        (B, L, 3H) grad: split and view backwards copy nothing but the final concatenation)."""
+        q, k, v = qkv.split(self.query.out_features, dim=-1)
         return self.heads(q), self.heads(k), self.heads(v)
 
     def forward(
@@ -286,10 +291,7 @@ class Layer(nn.Module):
         ``seeds``: ``SEEDS_PER_LAYER`` dropout seeds for the triton kernels (see :meth:`QFormer._encode`), or None.
         """
         seeds = seeds or (None,) * SEEDS_PER_LAYER
-        if backend == "triton":
-            q, k, v = self.self_attn.project_qkv(hidden)
-        else:  # the reference path and the stock backends keep BERT's three projections
-            q, (k, v) = None, self.self_attn.project_kv(hidden)
+        q, k, v = self.self_attn.qkv_heads(self.self_attn.project_qkv(hidden))
         if storage is not None:  # grow a preallocated cache in place
             start, end = past[0].shape[2], past[0].shape[2] + k.shape[2]
             storage[0][:, :, start:end] = k
@@ -301,7 +303,7 @@ class Layer(nn.Module):
             hidden, k, v, mask_kind=mask_kind, n_query=n_query_keys, key_padding=key_padding, backend=backend,
             seeds=seeds[0:2], q=q,
         )  # fmt: skip
-        queries, text = x[:, :n_query_rows], x[:, n_query_rows:]
+        queries, text = x.split([n_query_rows, x.shape[1] - n_query_rows], dim=1)  # its backward: one cat
         outputs = []
         if n_query_rows:
             if self.cross_attn is not None:
@@ -345,31 +347,29 @@ class Layer(nn.Module):
         """
         seeds = seeds or (None,) * SEEDS_PER_LAYER
         attn = self.self_attn
-        if backend == "triton":
-            q, k, v = attn.project_qkv(hidden)
-        else:
-            q, (k, v) = attn.heads(attn.query(hidden)), attn.project_kv(hidden)
+        B, L, H = hidden.shape
         split = n_query + n_text  # [queries ; ITG text] | [ITC text]
+        # rows split before heads: every backward here is a view or one concatenation, never a zero-filled slice
+        decoder_qkv, text_qkv = attn.project_qkv(hidden).split([split, L - split], dim=1)
         p = attn.dropout if self.training else 0.0
         decoder = attention(
-            q[:, :, :split], k[:, :, :split], v[:, :, :split], mask_kind=MaskKind.MULTIMODAL_CAUSAL, n_query=n_query,
+            *attn.qkv_heads(decoder_qkv), mask_kind=MaskKind.MULTIMODAL_CAUSAL, n_query=n_query,
             key_padding=decoder_valid, dropout_p=p, backend=backend, dropout_seed=seeds[0],
         )  # fmt: skip
         text = attention(
-            q[:, :, split:], k[:, :, split:], v[:, :, split:], mask_kind=MaskKind.UNIMODAL, n_query=0,
+            *attn.qkv_heads(text_qkv), mask_kind=MaskKind.UNIMODAL, n_query=0,
             key_padding=text_valid, dropout_p=p, backend=backend, dropout_seed=seeds[6],
         )  # fmt: skip
-        B, L, H = hidden.shape
         rows = [decoder.transpose(1, 2).reshape(B, split, H), text.transpose(1, 2).reshape(B, L - split, H)]
         x = attn.output(torch.cat(rows, dim=1), hidden, backend, seeds[1])
-        queries = x[:, :n_query]
+        queries, texts = x.split([n_query, L - n_query], dim=1)
         if self.cross_attn is not None:
             queries = self.cross_attn(
                 queries, *image_kv, mask_kind=MaskKind.BIDIRECTIONAL, n_query=0, key_padding=image_valid,
                 backend=backend, seeds=seeds[2:4],
             )  # fmt: skip
         queries = self.ffn_query(queries, backend, seeds[4])
-        return torch.cat([queries, self.ffn_text(x[:, n_query:], backend, seeds[5])], dim=1)
+        return torch.cat([queries, self.ffn_text(texts, backend, seeds[5])], dim=1)
 
 
 class LMHead(nn.Module):
@@ -623,7 +623,8 @@ class QFormer(nn.Module):
                 backend=backend,
                 seeds=None if seeds is None else seeds[i * SEEDS_PER_LAYER : (i + 1) * SEEDS_PER_LAYER],
             )
-        return hidden[:, :Q], hidden[:, Q + T :], self.lm_head(hidden[:, Q : Q + T])
+        queries, decoder, text = hidden.split([Q, T, T], dim=1)
+        return queries, text, self.lm_head(decoder)
 
     def _dropout_seeds(self, backend: str, device: torch.device) -> tuple[torch.Tensor, ...] | None:
         """Every dropout seed of a pass for the triton kernels, drawn in one launch (None: nothing to draw)."""
