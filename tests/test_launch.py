@@ -195,3 +195,28 @@ def test_the_kernels_that_run_compile_without_spills(arch):
     print("\n".join(json.dumps(k) for k in kernels))
     spilled = [k for k in kernels if k["spill_stores"] or k["spill_loads"]]
     assert not spilled, spilled
+
+
+# Kernel launches per stage-1 step at BLIP-2 size, batch 32, triton backend (forward + backward + AdamW), as
+# benchmarks/launch_count.py counts them. 4,463 before the launch work; 2,265 with the ITC + ITG pass, one
+# QKV GEMM per layer, a pass's dropout seeds in one draw and the fused reductions. The aim is 2,000 and below.
+LAUNCH_BUDGET = 2_300
+
+
+def test_a_stage1_step_stays_within_its_launch_budget():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/launch_count.py", "--backends", "triton", "sdpa"], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    print(proc.stdout)
+    rows = {}
+    for line in proc.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 5 and cells[1].isdigit():
+            rows[cells[0]] = [int(c) for c in cells[1:]]
+    forward, backward, optimizer, step = rows["triton"]
+    assert forward + backward + optimizer == step
+    assert step <= LAUNCH_BUDGET, f"triton stage-1 step: {step} launches (budget {LAUNCH_BUDGET})"
+    assert step < rows["sdpa"][3], rows
