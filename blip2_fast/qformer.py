@@ -111,31 +111,56 @@ class ImageContext:
 
     kv[i] = (k, v), each (B, nh, N, hd), for cross-attention layers, None for the
     others; ``valid`` (B, N) marks real image tokens (None = all). ITC and the
-    three ITM groups reuse it instead of projecting the image again.
+    three ITM groups reuse it instead of projecting the image again. ``packed``, when
+    set, is every cross-attention layer's [k | v] side by side, (B, N, 2 * H * layers),
+    and kv are views into it: one GEMM made them, and selecting or concatenating
+    images is one op on it (``pack`` says which layers, and how many heads).
     """
 
     kv: list[tuple[torch.Tensor, torch.Tensor] | None]
     valid: torch.Tensor | None = None
+    packed: torch.Tensor | None = None
+    pack: tuple[tuple[bool, ...], int] | None = None  # (cross-attention per layer, heads)
 
     @property
     def batch_size(self) -> int:
         return next(kv for kv in self.kv if kv is not None)[0].shape[0]
 
+    @staticmethod
+    def from_packed(
+        packed: torch.Tensor, pack: tuple[tuple[bool, ...], int], valid: torch.Tensor | None
+    ) -> ImageContext:
+        layout, heads = pack
+        B, N, width = packed.shape
+        parts = iter(packed.split(width // (2 * sum(layout)), dim=-1))
+
+        def view(x: torch.Tensor) -> torch.Tensor:
+            return x.view(B, N, heads, -1).transpose(1, 2)
+
+        kv = [(view(next(parts)), view(next(parts))) if cross else None for cross in layout]
+        return ImageContext(kv, valid, packed, pack)
+
     def index_select(self, index: torch.Tensor) -> ImageContext:
-        kv = [None if p is None else (p[0].index_select(0, index), p[1].index_select(0, index)) for p in self.kv]
         valid = None if self.valid is None else self.valid.index_select(0, index)
+        if self.packed is not None:
+            return ImageContext.from_packed(self.packed.index_select(0, index), self.pack, valid)
+        kv = [None if p is None else (p[0].index_select(0, index), p[1].index_select(0, index)) for p in self.kv]
         return ImageContext(kv, valid)
 
     @staticmethod
     def cat(contexts: list[ImageContext]) -> ImageContext:
+        if all(c.valid is None for c in contexts):
+            valid = None
+        else:
+            valid = torch.cat([c.valid if c.valid is not None else c.kv_ones() for c in contexts])
+        pack = contexts[0].pack
+        if all(c.packed is not None and c.pack == pack for c in contexts):
+            return ImageContext.from_packed(torch.cat([c.packed for c in contexts]), pack, valid)
         kv = [
             None if parts[0] is None else (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
             for parts in zip(*(c.kv for c in contexts), strict=True)
         ]
-        if all(c.valid is None for c in contexts):
-            return ImageContext(kv, None)
-        valid = [c.valid if c.valid is not None else c.kv_ones() for c in contexts]
-        return ImageContext(kv, torch.cat(valid))
+        return ImageContext(kv, valid)
 
     def kv_ones(self) -> torch.Tensor:
         k = next(kv for kv in self.kv if kv is not None)[0]
@@ -515,8 +540,15 @@ class QFormer(nn.Module):
         self._check_image(image_embeds)
         valid = as_bool_mask(image_mask, tuple(image_embeds.shape[:2]), "image_mask")
         x = self.ln_vision(image_embeds.to(self.ln_vision.weight.dtype))
-        kv = [None if layer.cross_attn is None else layer.cross_attn.project_kv(x) for layer in self.layers]
-        return ImageContext(kv, valid)
+        # every cross-attention layer's K and V by one GEMM over their weights concatenated (per call: the
+        # parameters stay each layer's Linears)
+        cross = [layer.cross_attn for layer in self.layers if layer.cross_attn is not None]
+        if not cross:
+            return ImageContext([None] * len(self.layers), valid)
+        weight = torch.cat([w for a in cross for w in (a.key.weight, a.value.weight)])
+        bias = torch.cat([b for a in cross for b in (a.key.bias, a.value.bias)])
+        pack = (tuple(layer.cross_attn is not None for layer in self.layers), self.config.num_attention_heads)
+        return ImageContext.from_packed(F.linear(x, weight, bias), pack, valid)
 
     def _as_context(self, image: torch.Tensor | ImageContext) -> ImageContext:
         return image if isinstance(image, ImageContext) else self.image_context(image)

@@ -533,8 +533,11 @@ def register_zero3_fused_parameters(root: torch.nn.Module) -> None:
     ZeRO-3 gathers a partitioned parameter only around the forward (and backward)
     of the module that owns it. The fused blocks (``ResidualNorm``,
     ``FeedForward``) hand their children's weights to one function instead of
-    calling the children, and a layer reads its self-attention's three projections
-    as one (``Attention.project_qkv``): each is registered with the module that reads it.
+    calling the children, a layer reads its self-attention's three projections
+    as one (``Attention.project_qkv``), and ``QFormer.image_context`` reads every
+    cross-attention layer's key and value projections as one: each is registered
+    with the module that reads it (``root``, whose forward runs around the Q-Former's
+    methods, for the image context).
     """
     import deepspeed
 
@@ -549,6 +552,9 @@ def register_zero3_fused_parameters(root: torch.nn.Module) -> None:
             attn = module.self_attn
             for p in (*attn.query.parameters(), *attn.key.parameters(), *attn.value.parameters()):
                 deepspeed.zero.register_external_parameter(module, p)
+            if module.cross_attn is not None:
+                for p in (*module.cross_attn.key.parameters(), *module.cross_attn.value.parameters()):
+                    deepspeed.zero.register_external_parameter(root, p)
 
 
 def register_zero3_external_parameters(stage1: torch.nn.Module) -> None:
