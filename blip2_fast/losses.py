@@ -178,7 +178,7 @@ class Stage1Loss(nn.Module):
     ``forward``).
     """
 
-    def __init__(self, qformer: QFormer, bos_token_id: int, seed: int = 0):
+    def __init__(self, qformer: QFormer, bos_token_id: int, seed: int = 0, share_fused_weights: bool = True):
         super().__init__()
         if not qformer.config.text_input:
             raise ValueError("stage-1 training needs a Q-Former with text_input=True")
@@ -190,6 +190,9 @@ class Stage1Loss(nn.Module):
         self.qformer = qformer
         self.bos_token_id = bos_token_id
         self.sampler = HardNegativeSampler(seed)
+        # each layer's concatenated q/k/v weights made once per step and shared by both passes (eager only; off
+        # under ZeRO-3, whose gathered weights should not outlive the module that gathered them)
+        self.share_fused_weights = share_fused_weights
 
     def forward(
         self,
@@ -211,9 +214,10 @@ class Stage1Loss(nn.Module):
         temp = clamped_temp(model.temp)
 
         # ---------------------------------------------------------------- ITC (and ITG's pass with it)
+        weights = {} if self.share_fused_weights and not torch.compiler.is_compiling() else None
         ctx = model.image_context(image_embeds)
         decoder_ids, itg_labels = itg_targets(input_ids, mask, self.bos_token_id)
-        query_hidden, text_hidden, lm_logits = model.encode_itc_itg(ctx, input_ids, mask, decoder_ids)
+        query_hidden, text_hidden, lm_logits = model.encode_itc_itg(ctx, input_ids, mask, decoder_ids, weights)
         image_feats = model.image_features(query_hidden)  # (B, Q, D)
         text_feats = model.text_features(text_hidden)  # (B, D)
         image_feats_all = distributed.all_gather_no_grad(image_feats)
@@ -245,7 +249,7 @@ class Stage1Loss(nn.Module):
         itm_ctx = ImageContext.cat([ctx, ctx_neg, ctx])  # pos, neg image, pos
         itm_ids = torch.cat([input_ids, input_ids, ids_all.index_select(0, neg_text)])  # pos, pos, neg text
         itm_mask = torch.cat([mask, mask, mask_all.index_select(0, neg_text)])
-        itm_logits = model.itm_logits(model.match(itm_ctx, itm_ids, itm_mask)).float()
+        itm_logits = model.itm_logits(model.match(itm_ctx, itm_ids, itm_mask, weights)).float()
         itm_labels = torch.cat([itm_logits.new_ones(B), itm_logits.new_zeros(2 * B)]).long()
         itm = F.cross_entropy(itm_logits, itm_labels)
 

@@ -230,13 +230,20 @@ class Attention(nn.Module):
     def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.heads(self.key(x)), self.heads(self.value(x))
 
-    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
+    def project_qkv(self, x: torch.Tensor, weight_cache: dict | None = None) -> torch.Tensor:
         """Self-attention's [q | k | v] of ``x`` (B, L, 3H) by one GEMM over the three weights concatenated (per
-        call, so the parameters stay the three Linears checkpoints name): one launch and one weight-grad GEMM
-        pair instead of three."""
-        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
-        bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-        return F.linear(x, weight, bias)
+        call, or once per ``weight_cache``, a dict that lives as long as the weights do not change: the
+        parameters stay the three Linears checkpoints name): one launch and one weight-grad GEMM pair instead of
+        three."""
+        fused = None if weight_cache is None else weight_cache.get(self)
+        if fused is None:
+            fused = (
+                torch.cat([self.query.weight, self.key.weight, self.value.weight]),
+                torch.cat([self.query.bias, self.key.bias, self.value.bias]),
+            )
+            if weight_cache is not None:
+                weight_cache[self] = fused
+        return F.linear(x, *fused)
 
     def qkv_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, L, 3H) from :meth:`project_qkv` -> q, k, v heads, strided views into it (their grads are views of one
@@ -310,13 +317,14 @@ class Layer(nn.Module):
         image_valid: torch.Tensor | None,
         backend: str,
         seeds: tuple[torch.Tensor, ...] | None = None,
+        weight_cache: dict | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """hidden: (B, L, H), its first ``n_query_rows`` rows are queries. Returns (B, L, H) and this layer's K/V.
 
         ``seeds``: ``SEEDS_PER_LAYER`` dropout seeds for the triton kernels (see :meth:`QFormer._encode`), or None.
         """
         seeds = seeds or (None,) * SEEDS_PER_LAYER
-        q, k, v = self.self_attn.qkv_heads(self.self_attn.project_qkv(hidden))
+        q, k, v = self.self_attn.qkv_heads(self.self_attn.project_qkv(hidden, weight_cache))
         if storage is not None:  # grow a preallocated cache in place
             start, end = past[0].shape[2], past[0].shape[2] + k.shape[2]
             storage[0][:, :, start:end] = k
@@ -361,6 +369,7 @@ class Layer(nn.Module):
         image_valid: torch.Tensor | None,
         backend: str,
         seeds: tuple[torch.Tensor, ...] | None = None,
+        weight_cache: dict | None = None,
     ) -> torch.Tensor:
         """One layer of the ITC + ITG pass over [queries ; ITG text ; ITC text] (B, Q + 2T, H).
 
@@ -375,7 +384,7 @@ class Layer(nn.Module):
         B, L, H = hidden.shape
         split = n_query + n_text  # [queries ; ITG text] | [ITC text]
         # rows split before heads: every backward here is a view or one concatenation, never a zero-filled slice
-        decoder_qkv, text_qkv = attn.project_qkv(hidden).split([split, L - split], dim=1)
+        decoder_qkv, text_qkv = attn.project_qkv(hidden, weight_cache).split([split, L - split], dim=1)
         p = attn.dropout if self.training else 0.0
         decoder = attention(
             *attn.qkv_heads(decoder_qkv), mask_kind=MaskKind.MULTIMODAL_CAUSAL, n_query=n_query,
@@ -498,8 +507,10 @@ class QFormer(nn.Module):
         row_valid: torch.Tensor | None,
         image: ImageContext | None = None,
         past: KVCache | None = None,
+        weight_cache: dict | None = None,
     ) -> tuple[torch.Tensor, KVCache]:
-        """Run every layer over ``hidden`` (B, L, H); return (B, L, H) and the K/V cache extended by these rows."""
+        """Run every layer over ``hidden`` (B, L, H); return (B, L, H) and the K/V cache extended by these rows.
+        ``weight_cache``: see :meth:`Attention.project_qkv`."""
         n_query_keys = past.n_query if past is not None else n_query_rows
         key_valid = row_valid
         if past is not None and (past.valid is not None or row_valid is not None):
@@ -524,6 +535,7 @@ class QFormer(nn.Module):
                 image_valid=None if image is None else image.valid,
                 backend=backend,
                 seeds=None if seeds is None else seeds[i * SEEDS_PER_LAYER : (i + 1) * SEEDS_PER_LAYER],
+                weight_cache=weight_cache,
             )
             layers.append(kv)
         if buffer is not None:
@@ -575,8 +587,10 @@ class QFormer(nn.Module):
         image: torch.Tensor | ImageContext,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        weight_cache: dict | None = None,
     ) -> torch.Tensor:
-        """[queries ; text] under BIDIRECTIONAL with cross-attention for the queries. Returns (B, Q + T, H)."""
+        """[queries ; text] under BIDIRECTIONAL with cross-attention for the queries. Returns (B, Q + T, H).
+        ``weight_cache``: see :meth:`Attention.project_qkv`."""
         ctx = self._as_context(image)
         valid = self._check_text(input_ids, attention_mask)
         self._check_batch(image=ctx.batch_size, input_ids=input_ids.shape[0])
@@ -590,6 +604,7 @@ class QFormer(nn.Module):
             mask_kind=MaskKind.BIDIRECTIONAL,
             row_valid=row_valid,
             image=ctx,
+            weight_cache=weight_cache,
         )
         return hidden
 
@@ -618,6 +633,7 @@ class QFormer(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         decoder_ids: torch.Tensor,
+        weight_cache: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stage 1's ITC and ITG passes as one: (query outputs (B, Q, H), text outputs (B, T, H), LM logits of
         ``decoder_ids`` over the queries (B, T, V)).
@@ -625,7 +641,8 @@ class QFormer(nn.Module):
         The numbers of ``encode_image``, ``encode_text`` and ``decode`` over the query cache (within fp32
         rounding; each row draws its own dropout), in one pass over [queries ; decoder text ; text]: every
         layer's projections, output blocks and text FFN run once, with bigger GEMMs and half the launches.
-        ``decoder_ids`` (B, T) shares ``attention_mask`` with ``input_ids`` (the caption with [DEC] first).
+        ``decoder_ids`` (B, T) shares ``attention_mask`` with ``input_ids`` (the caption with [DEC] first);
+        ``weight_cache``: see :meth:`Attention.project_qkv`.
         """
         ctx = self._as_context(image)
         valid = self._check_text(input_ids, attention_mask)
@@ -654,6 +671,7 @@ class QFormer(nn.Module):
                 image_valid=ctx.valid,
                 backend=backend,
                 seeds=None if seeds is None else seeds[i * SEEDS_PER_LAYER : (i + 1) * SEEDS_PER_LAYER],
+                weight_cache=weight_cache,
             )
         queries, decoder, text = hidden.split([Q, T, T], dim=1)
         return queries, text, self.lm_head(decoder)

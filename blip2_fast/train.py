@@ -537,7 +537,7 @@ def register_zero3_fused_parameters(root: torch.nn.Module) -> None:
     as one (``Attention.project_qkv``), and ``QFormer.image_context`` reads every
     cross-attention layer's key and value projections as one: each is registered
     with the module that reads it (``root``, whose forward runs around the Q-Former's
-    methods, for the image context).
+    methods, for the image context and the ITC + ITG pass).
     """
     import deepspeed
 
@@ -552,6 +552,8 @@ def register_zero3_fused_parameters(root: torch.nn.Module) -> None:
             attn = module.self_attn
             for p in (*attn.query.parameters(), *attn.key.parameters(), *attn.value.parameters()):
                 deepspeed.zero.register_external_parameter(module, p)
+                # the ITC + ITG pass runs Layer.forward_itc_itg, a method: its reads are the root's
+                deepspeed.zero.register_external_parameter(root, p)
             if module.cross_attn is not None:
                 for p in (*module.cross_attn.key.parameters(), *module.cross_attn.value.parameters()):
                     deepspeed.zero.register_external_parameter(root, p)
@@ -1422,9 +1424,10 @@ def _train(config: TrainConfig) -> dict[str, Any]:
     # DeepSpeed broadcasts parameters as bytes, which a 0-dim tensor cannot be viewed as: train the
     # temperature as shape (1,) and give it back its 0-dim shape on export.
     qformer.temp = torch.nn.Parameter(qformer.temp.detach().reshape(1))
-    stage1 = Stage1Loss(qformer, tokenizer.bos_token_id, seed=t.seed)
     ds_config = deepspeed_config(config, device)
-    if ds_config["zero_optimization"]["stage"] == 3:
+    zero3 = ds_config["zero_optimization"]["stage"] == 3
+    stage1 = Stage1Loss(qformer, tokenizer.bos_token_id, seed=t.seed, share_fused_weights=not zero3)
+    if zero3:
         register_zero3_external_parameters(stage1)
     compile_step(stage1, t.compile, device, ds_config["zero_optimization"]["stage"])
     vision = vision.to_device(device)
