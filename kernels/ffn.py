@@ -19,8 +19,8 @@ and after them is a fused Triton epilogue:
   sums of the LayerNorm weight/bias and dense bias grads (reduced by torch).
 
 Memory: the FFN saves only its input rows (the caller's tensor when contiguous, else the
-copy the forward reads, such as that of x[:, :32]), the pre-norm sum and two fp32 per row, about 20% of what eager autograd keeps
-(measured at B=4, L=67, 768/3072, fp32). The 4H-wide activation is computed
+copy the forward reads, such as that of x[:, :32]), the pre-norm sum and two fp32 per
+row, about 20% of what eager autograd keeps (measured at B=4, L=67, 768/3072, fp32). The 4H-wide activation is computed
 ``chunk_size`` sequence positions at a time (all rows at once for 0) and
 recomputed the same way in the backward, so at most one chunk of it is alive at a
 time. ``recompute=False`` trades memory back for speed: it keeps the (rows, 4H)
@@ -116,7 +116,7 @@ def _gelu_fwd_bwd_kernel(
 def _res_norm_fwd_kernel(
     y_ptr,  # (R, N) dense output without bias
     bias_ptr,  # (N,)
-    res_ptr,  # (R, N)
+    res_ptr,  # (R, N) rows, in groups of res_seq rows res_stride_b elements apart (a (B, S, N) view's layout)
     w_ptr,  # (N,) LayerNorm weight
     b_ptr,  # (N,) LayerNorm bias
     out_ptr,  # (R, N)
@@ -125,6 +125,8 @@ def _res_norm_fwd_kernel(
     mask_ptr,  # (R, N) int8 keep mask, written only when STORE_MASK
     n_rows,
     n_cols,
+    res_seq,
+    res_stride_b,
     eps,
     seed_ptr,  # (1,) int64: the dropout seed, read on the device
     p,
@@ -147,7 +149,8 @@ def _res_norm_fwd_kernel(
         z = tl.where(keep, z * scale, 0.0)
         if STORE_MASK:
             tl.store(mask_ptr + offs, keep.to(tl.int8), mask=mask)
-    s = z + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    r_offs = (rows // res_seq).to(tl.int64)[:, None] * res_stride_b + ((rows % res_seq) * n_cols)[:, None]
+    s = z + tl.load(res_ptr + r_offs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     s_st = s.to(sum_ptr.dtype.element_ty)
     tl.store(sum_ptr + offs, s_st, mask=mask)
     # Statistics from the stored (rounded) sum so the backward, which reloads it, sees the same numbers.
@@ -166,7 +169,7 @@ def _res_norm_fwd_kernel(
 
 @triton.jit
 def _res_norm_bwd_kernel(
-    dout_ptr,  # (R, N)
+    dout_ptr,  # (R, N) rows, in groups of dout_seq rows dout_stride_b elements apart (a (B, S, N) view's layout)
     sum_ptr,  # (R, N)
     stats_ptr,  # (2, R) fp32: mean, rstd
     w_ptr,
@@ -176,6 +179,8 @@ def _res_norm_bwd_kernel(
     n_rows,
     n_cols,
     rows_per_prog,
+    dout_seq,
+    dout_stride_b,
     seed_ptr,
     p,
     scale,
@@ -197,7 +202,8 @@ def _res_norm_bwd_kernel(
         row_ok = rows < row_end
         mask = row_ok[:, None] & col_ok[None, :]
         offs = rows[:, None] * n_cols + cols[None, :]
-        dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        d_offs = (rows // dout_seq).to(tl.int64)[:, None] * dout_stride_b + ((rows % dout_seq) * n_cols)[:, None]
+        dout = tl.load(dout_ptr + d_offs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         s = tl.load(sum_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
         rstd = tl.load(stats_ptr + n_rows + rows, mask=row_ok, other=0.0)
@@ -322,6 +328,8 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
                     "mask_ptr": "*i8",
                     "n_rows": "i32",
                     "n_cols": "i32",
+                    "res_seq": "i32",
+                    "res_stride_b": "i32",
                     "eps": "fp32",
                     "seed_ptr": "*i64",
                     "p": "fp32",
@@ -350,6 +358,8 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict[str, object], in
                     "n_rows": "i32",
                     "n_cols": "i32",
                     "rows_per_prog": "i32",
+                    "dout_seq": "i32",
+                    "dout_stride_b": "i32",
                     "seed_ptr": "*i64",
                     "p": "fp32",
                     "scale": "fp32",
@@ -448,6 +458,17 @@ def gelu_forward_backward_(
 _NO_MASK: dict[torch.device, torch.Tensor] = {}  # the int8 pointer a launch that stores no mask passes
 
 
+def _rows_of(t: torch.Tensor, rows: int) -> tuple[torch.Tensor, int, int]:
+    """(t, rows per group, elements between groups) for a kernel reading t's rows: a contiguous t is one group; a
+    (B, S, N) view with contiguous rows (a slice along S, as a concatenation's backward hands out) is read in
+    place; anything else is copied to contiguous rows first."""
+    if t.is_contiguous():
+        return t, rows, 0
+    if t.dim() == 3 and t.stride(2) == 1 and t.stride(1) == t.shape[2]:
+        return t, t.shape[1], t.stride(0)
+    return t.contiguous(), rows, 0
+
+
 def res_norm_forward(
     y: torch.Tensor,
     bias: torch.Tensor,
@@ -461,16 +482,18 @@ def res_norm_forward(
     sig=None,
     y_is_scratch: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """LayerNorm(residual + dropout(y + bias)) on contiguous (..., N): (out, pre-norm sum, stats, mask), the
-    first two shaped like ``residual``, stats (2, rows) fp32: each row's mean and 1 / std. With ``y_is_scratch`` the
-    sum is written over ``y`` where their dtypes agree (each element is read before it is written)."""
+    """LayerNorm(residual + dropout(y + bias)) for a contiguous (..., N) ``y`` and a ``residual`` of its shape (read
+    in place when :func:`_rows_of` allows): (out, pre-norm sum, stats, mask), the first two contiguous in the
+    residual's dtype, stats (2, rows) fp32: each row's mean and 1 / std. With ``y_is_scratch`` the sum is written
+    over ``y`` where their dtypes agree (each element is read before it is written)."""
     cols = y.shape[-1]
     rows = y.numel() // cols
     has_dropout = dropout_p > 0.0
     grid, options = getattr(sig, "norm_fwd", None) or _norm_fwd_launch(rows, cols, has_dropout, store_mask, sig)
+    residual, seq, stride_b = _rows_of(residual, rows)
     # in the residual's dtype: under autocast the dense output is half precision, the residual stream fp32
-    out = torch.empty_like(residual)
-    pre = y if y_is_scratch and y.dtype == residual.dtype else torch.empty_like(residual)
+    out = torch.empty_like(y, dtype=residual.dtype)
+    pre = y if y_is_scratch and y.dtype == residual.dtype else torch.empty_like(y, dtype=residual.dtype)
     stats = torch.empty((2, rows), device=y.device, dtype=torch.float32)
     if options["STORE_MASK"]:
         keep = torch.empty(residual.shape, device=y.device, dtype=torch.int8)
@@ -479,11 +502,11 @@ def res_norm_forward(
         if keep is None:
             keep = _NO_MASK.setdefault(y.device, torch.empty(1, device=y.device, dtype=torch.int8))
     args = (
-        y, bias, residual, norm_weight, norm_bias, out, pre, stats, keep, rows, cols, eps,
+        y, bias, residual, norm_weight, norm_bias, out, pre, stats, keep, rows, cols, seq, stride_b, eps,
         seed if has_dropout else stats,  # without dropout the pointer is never read
         dropout_p, 1.0 / (1.0 - dropout_p),
     )  # fmt: skip
-    _RES_NORM_FWD.launch(sig, grid, args, options)
+    _RES_NORM_FWD.launch(sig if sig is None or seq == rows else (sig, seq, stride_b), grid, args, options)
     mask = None
     if store_mask:
         mask = keep.bool() if has_dropout else torch.ones(residual.shape, dtype=torch.bool, device=y.device)
@@ -513,7 +536,8 @@ def res_norm_backward(
     sum_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad of residual, grad of dense output, (3, N) ``sum_dtype``: LayerNorm weight, LayerNorm bias and dense bias
-    grads), for a contiguous (..., N) ``dout`` and ``pre``; the first two are shaped like ``pre``.
+    grads), for a (..., N) ``dout`` (see :func:`_rows_of`) and a contiguous ``pre``; the first two are shaped like
+    ``pre``.
 
     The residual's grad takes the pre-norm sum's dtype; the dense output's takes ``dense_dtype`` (default the same).
     The three sums accumulate in fp32 whatever ``sum_dtype`` is.
@@ -528,11 +552,13 @@ def res_norm_backward(
     dz = torch.empty_like(pre, dtype=dense_dtype or pre.dtype)
     # the three partial sums in one buffer, reduced by one launch into the grads' dtype
     parts = torch.empty((3, n_prog, cols), device=pre.device, dtype=torch.float32)
+    dout, seq, stride_b = _rows_of(dout, rows)
+    key = sig if sig is None or seq == rows else (sig, seq, stride_b)
     args = (
-        dout, pre, stats, norm_weight, dres, dz, parts, rows, cols, rows_per_prog,
+        dout, pre, stats, norm_weight, dres, dz, parts, rows, cols, rows_per_prog, seq, stride_b,
         seed if has_dropout else stats, dropout_p, 1.0 / (1.0 - dropout_p),
     )  # fmt: skip
-    _RES_NORM_BWD.launch(sig, (n_prog,), args, options)
+    _RES_NORM_BWD.launch(key, (n_prog,), args, options)
     sums = torch.empty((3, cols), device=pre.device, dtype=sum_dtype)
     _SUM_PARTS.launch(sig, (cdiv(cols, SUM_BLOCK_N), 3), (parts, sums, n_prog, cols), _SUM_OPTIONS)
     return dres, dz, sums
@@ -601,7 +627,7 @@ def _res_norm_fwd(x, residual, weight, bias, norm_weight, norm_bias, eps, dropou
     """(out shaped like residual, mask or None, pre-norm sum shaped like residual, (2, rows) fp32 mean and rstd)."""
     y = F.linear(x, weight)  # cuBLAS, (..., N); bias, dropout, residual and LayerNorm fused below
     out, pre, stats, mask = res_norm_forward(
-        y, bias, residual.contiguous(), norm_weight, norm_bias, eps, dropout_p, seed, store_mask, sig, y_is_scratch=True
+        y, bias, residual, norm_weight, norm_bias, eps, dropout_p, seed, store_mask, sig, y_is_scratch=True
     )
     return out, mask, pre, stats
 
@@ -618,10 +644,9 @@ def _cast_rows(rows: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> list[torc
     return [row.to(dtype) for row, dtype in zip(rows, dtypes, strict=True)]
 
 
-def _contiguous_grad(dout: torch.Tensor, sig):
-    """The incoming grad, contiguous, and ``sig`` if that keeps every kernel pointer aligned (else None)."""
-    dout = dout.contiguous()
-    return dout, (sig if sig is not None and not dout.data_ptr() & 15 else None)
+def _grad_key(dout: torch.Tensor, sig):
+    """``sig`` if the incoming grad's address keeps every kernel pointer aligned, else None."""
+    return sig if sig is not None and not dout.data_ptr() & 15 else None
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -632,7 +657,7 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 def _res_norm_bwd(dout, x, weight, pre, stats, norm_weight, dropout_p, seed, need, sig=None, sum_dtype=torch.float32):
     """Grads of (x, residual, weight) and the (3, N) ``sum_dtype`` grads of (norm_weight, norm_bias, bias), for
     :func:`_cast_rows`; GEMMs whose grad ``need`` lacks are skipped."""
-    dout, sig = _contiguous_grad(dout, sig)
+    sig = _grad_key(dout, sig)
     dres, dz, sums = res_norm_backward(dout, pre, stats, norm_weight, dropout_p, seed, x.dtype, sig, sum_dtype)
     dx = dz @ weight if need[0] else None
     dw = _flat(dz).t() @ _flat(x) if need[2] else None
@@ -697,7 +722,7 @@ def _ffn_bwd(
     xg = xg if xg.dtype == up_w.dtype else xg.to(up_w.dtype)
     rows = xg.numel() // xg.shape[-1]
     single = chunk_rows >= rows
-    dout, sig = _contiguous_grad(dout, sig if single else None)
+    sig = _grad_key(dout, sig if single else None)
     # LayerNorm + dropout backward does not need the 4H activation: one launch over all rows.
     dres, dz, sums = res_norm_backward(dout, pre, stats, norm_w, dropout_p, seed, xg.dtype, sig, sum_dtype)
     if single:  # each grad straight in its dtype (the bias's reduction accumulates in fp32)

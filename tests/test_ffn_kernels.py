@@ -389,3 +389,53 @@ def test_gpu_parity_low_precision(dtype):
     _check_2x("out", out, eager_out, ref_out, 1e-3)
     for name, a, e, b in zip(RN_GRADS, g, eager_g, ref_g, strict=True):
         _check_2x(f"grad {name}", a, e, b, 1e-3 * max(1.0, b.abs().max().item()))
+
+
+@pytest.mark.parametrize("op", ["ffn", "residual_norm"])
+def test_row_slices_are_read_in_place_with_the_reference_numbers(op, monkeypatch):
+    """The Q-Former hands these blocks row slices of a longer sequence (x[:, :Q]: the residual of the
+    cross-attention output block, the FFN input), and their outputs are concatenated, so the backward gets a
+    slice of the concatenation's grad. The kernels read both in place (strided rows); the numbers are the
+    reference's."""
+    batch, seq, n_query, hidden, inter = 2, 9, 4, 96, 384
+    g = generator(7)
+    full = torch.randn(batch, seq, hidden, generator=g)
+    rest = torch.randn(batch, seq - n_query, hidden, generator=g)
+    dout = torch.randn(batch, seq, hidden, generator=g)
+    params = _ffn_params(batch, n_query, hidden, inter)[1:] if op == "ffn" else [
+        torch.randn(batch, n_query, hidden, generator=g),  # the attention context (the dense layer's input)
+        torch.randn(hidden, hidden, generator=g) * hidden**-0.5,
+        torch.randn(hidden, generator=g) * 0.1,
+        1.0 + 0.2 * torch.randn(hidden, generator=g),
+        0.1 * torch.randn(hidden, generator=g),
+    ]  # fmt: skip
+
+    def run(fused):
+        leaves = [t.detach().clone().requires_grad_() for t in (full, *params)]
+        rows = leaves[0][:, :n_query]  # a view: strided rows
+        if op == "ffn":
+            out = (ffn if fused else ffn_ref)(rows, *leaves[1:], EPS)
+        else:
+            ctx, w, b, nw, nb = leaves[1:]
+            out = (residual_norm if fused else residual_norm_ref)(ctx, rows, w, b, nw, nb, EPS)
+        total = torch.cat([out, rest], dim=1)  # its backward hands `out` a slice of dout
+        return out.detach(), torch.autograd.grad(total, leaves, dout)
+
+    import blip2_fast.kernels.ffn as kffn
+
+    read_in_place = []
+
+    def rows_of(t, rows):
+        got = real_rows_of(t, rows)
+        read_in_place.append(got[0] is t and got[1] < rows)
+        return got
+
+    want_out, want_grads = run(fused=False)
+    real_rows_of = kffn._rows_of
+    monkeypatch.setattr(kffn, "_rows_of", rows_of)
+    got_out, got_grads = run(fused=True)
+    torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-5)
+    for i, (a, b) in enumerate(zip(got_grads, want_grads, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"grad {i}")
+    # residual (the FFN's is its own contiguous copy of the rows, made for its GEMMs) and the incoming grad
+    assert read_in_place == ([False, True] if op == "ffn" else [True, True]), read_in_place

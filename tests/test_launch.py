@@ -198,9 +198,10 @@ def test_the_kernels_that_run_compile_without_spills(arch):
 
 
 # Kernel launches per stage-1 step at BLIP-2 size, batch 32, triton backend (forward + backward + AdamW), as
-# benchmarks/launch_count.py counts them. 4,463 before the launch work; 2,265 with the ITC + ITG pass, one
-# QKV GEMM per layer, a pass's dropout seeds in one draw and the fused reductions. The aim is 2,000 and below.
-LAUNCH_BUDGET = 2_300
+# benchmarks/launch_count.py counts them: 4,463 before the launch work, 1,993 with the ITC + ITG pass, one QKV
+# GEMM per layer and one image K/V GEMM, a pass's dropout seeds in one draw, the fused reductions and strided
+# rows read in place.
+LAUNCH_BUDGET = 2_000
 
 
 def test_a_stage1_step_stays_within_its_launch_budget():
