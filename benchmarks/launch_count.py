@@ -2,12 +2,11 @@
 
     python benchmarks/launch_count.py [--batch 32] [--backends sdpa triton]
 
-The step (ITC + ITM + ITG forward, backward, AdamW's update; the second of two, past AdamW's state creation)
-runs on ``meta`` tensors: the fused kernels
-really compile for sm_90 and their launches are counted at the stand-in driver's stub (``hostcost``), and
-every other aten op that is neither a view nor an allocation counts as one launch (a proxy: cuBLAS and
-torch's fused kernels launch one or a few). The same narrow patches as ``bench_host.py`` let meta tensors
-through the kernels' CUDA checks.
+The step (ITC + ITM + ITG forward, backward, AdamW's update; the second of two, past AdamW's state
+creation) runs on ``meta`` tensors: the fused kernels really compile for sm_90 and their launches are
+counted at the stand-in driver's stub (``hostcost``), and every other aten op that is neither a view nor
+an allocation counts as one launch (a proxy: cuBLAS and torch's fused kernels launch one or a few). The
+same narrow patches as ``bench_host.py`` let meta tensors through the kernels' CUDA checks.
 """
 
 from __future__ import annotations
