@@ -10,6 +10,9 @@ One BERT encoder serves three roles, chosen by the self-attention mask kind:
   rows (ITM).
 - ``decode``: text over the cached query K/V under MULTIMODAL_CAUSAL (ITG,
   captioning); returns LM logits and the cache grown by the new tokens.
+- ``encode_itc_itg``: stage-1 training's ``encode_image`` + ``encode_text`` +
+  ``decode`` over the query cache as one pass over [queries ; decoder text ; text],
+  with the same numbers and half the launches.
 
 Shapes: B batch, Q queries (32), T text tokens, N image tokens, H hidden,
 E image-feature width, nh heads, hd head dim.
@@ -226,9 +229,6 @@ class Attention(nn.Module):
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         B, L, _ = x.shape
         return x.view(B, L, self.num_heads, -1).transpose(1, 2)  # (B, nh, L, hd)
-
-    def project_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.heads(self.key(x)), self.heads(self.value(x))
 
     def project_qkv(self, x: torch.Tensor, weight_cache: dict | None = None) -> torch.Tensor:
         """Self-attention's [q | k | v] of ``x`` (B, L, 3H) by one GEMM over the three weights concatenated (per

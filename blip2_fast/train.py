@@ -243,6 +243,11 @@ class EvalSection:
         for key in ("k_test", "batch_size", "num_beams", "max_new_tokens"):
             if getattr(self, key) < 1:
                 raise ValueError(f"eval.{key} must be >= 1, got {getattr(self, key)}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:  # checked at start, not when captioning at the end
+            raise ValueError(
+                f"eval.min_new_tokens must lie in [0, eval.max_new_tokens={self.max_new_tokens}], "
+                f"got {self.min_new_tokens}"
+            )
         if self.every < 0:
             raise ValueError(f"eval.every must be >= 0, got {self.every}")
 

@@ -402,6 +402,11 @@ def test_run_settings_that_would_mislead_are_refused(tmp_path):
     config = load_config(None, data + [("data.image_root", str(tmp_path)), ("eval.every", "2")])
     with pytest.raises(ValueError, match="eval.every=2 needs a held-out set: data.eval_annotation_file"):
         build_datasets(config, 32)
+    # refused at start, not when the end-of-run captions are drawn (that lost the last recall row and plot)
+    for low, high in (("21", "20"), ("-1", "20"), ("5", "4")):
+        with pytest.raises(ValueError, match=r"eval.min_new_tokens must lie in \[0, eval.max_new_tokens="):
+            load_config(None, [("eval.min_new_tokens", low), ("eval.max_new_tokens", high)])
+    load_config(None, [("eval.min_new_tokens", "4"), ("eval.max_new_tokens", "4")])
 
 
 # ------------------------------------------------------------------ DeepSpeed runs
