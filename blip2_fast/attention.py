@@ -238,9 +238,7 @@ def attention(
     if name == "triton" and mask_kind == MaskKind.BIDIRECTIONAL and key_padding is None and key_lengths is None:
         name = "sdpa"
     fn = get_attention(name)
-    if name == "triton" and dropout_seed is not None:
-        return fn(q, k, v, mask_kind=mask_kind, n_query=n_query, key_padding=key_padding, key_lengths=key_lengths,
-                  dropout_p=dropout_p, seed=dropout_seed)  # fmt: skip
+    seed = {"seed": dropout_seed} if name == "triton" and dropout_seed is not None else {}
     return fn(
         q,
         k,
@@ -250,6 +248,7 @@ def attention(
         key_padding=key_padding,
         key_lengths=key_lengths,
         dropout_p=dropout_p,
+        **seed,
     )
 
 

@@ -51,8 +51,6 @@ class Plan:
     """The token of a validated call signature: launches are keyed by it (hashed by identity, so a lookup costs
     no hashing of the signature itself), and it carries what was computed once for that signature."""
 
-    __slots__ = ("__dict__", "__weakref__")
-
     def __init__(self, **fields):
         self.__dict__.update(fields)
 
