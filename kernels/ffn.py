@@ -78,6 +78,13 @@ def _gelu_erf(x):
 
 
 @triton.jit
+def _grouped_rows(rows, seq, stride_b, n_cols):
+    """Element offset of each row of a tensor read as groups of ``seq`` rows ``stride_b`` elements apart (a
+    (B, S, N) view with contiguous rows; one group when contiguous)."""
+    return (rows // seq).to(tl.int64) * stride_b + (rows % seq) * n_cols
+
+
+@triton.jit
 def _bias_gelu_fwd_kernel(u_ptr, bias_ptr, out_ptr, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """out = GELU(u + bias); u, out: (n_rows, n_cols) contiguous."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -149,8 +156,8 @@ def _res_norm_fwd_kernel(
         z = tl.where(keep, z * scale, 0.0)
         if STORE_MASK:
             tl.store(mask_ptr + offs, keep.to(tl.int8), mask=mask)
-    r_offs = (rows // res_seq).to(tl.int64)[:, None] * res_stride_b + ((rows % res_seq) * n_cols)[:, None]
-    s = z + tl.load(res_ptr + r_offs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    r_offs = _grouped_rows(rows, res_seq, res_stride_b, n_cols)[:, None] + cols[None, :]
+    s = z + tl.load(res_ptr + r_offs, mask=mask, other=0.0).to(tl.float32)
     s_st = s.to(sum_ptr.dtype.element_ty)
     tl.store(sum_ptr + offs, s_st, mask=mask)
     # Statistics from the stored (rounded) sum so the backward, which reloads it, sees the same numbers.
@@ -202,8 +209,8 @@ def _res_norm_bwd_kernel(
         row_ok = rows < row_end
         mask = row_ok[:, None] & col_ok[None, :]
         offs = rows[:, None] * n_cols + cols[None, :]
-        d_offs = (rows // dout_seq).to(tl.int64)[:, None] * dout_stride_b + ((rows % dout_seq) * n_cols)[:, None]
-        dout = tl.load(dout_ptr + d_offs + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        d_offs = _grouped_rows(rows, dout_seq, dout_stride_b, n_cols)[:, None] + cols[None, :]
+        dout = tl.load(dout_ptr + d_offs, mask=mask, other=0.0).to(tl.float32)
         s = tl.load(sum_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
         rstd = tl.load(stats_ptr + n_rows + rows, mask=row_ok, other=0.0)
@@ -395,42 +402,43 @@ _LAUNCH_PARAMS = Plans()  # (what, shape, flags) -> (grid, options) or the backw
 # Each *_launch helper is called only when the plan ``sig`` (if any) lacks its result, and stores it there.
 
 
-def _ew_launch(rows: int, cols: int, sig=None) -> tuple[tuple[int, int], dict]:
-    key = ("ew", rows, cols)
+def _launch_params(sig, name: str, key: tuple, make):
+    """``make()``, computed once per ``key`` and kept on the plan ``sig`` as ``name``."""
     hit = _LAUNCH_PARAMS.get(key)
     if hit is None:
-        options = {"BLOCK_R": _EW_BLOCK_R, "BLOCK_C": EW_BLOCK_C, "num_warps": EW_NUM_WARPS}
-        hit = _LAUNCH_PARAMS.remember(key, ((cdiv(rows, _EW_BLOCK_R), cdiv(cols, EW_BLOCK_C)), options))
+        hit = _LAUNCH_PARAMS.remember(key, make())
     if sig is not None:
-        sig.ew = hit
+        setattr(sig, name, hit)
     return hit
+
+
+def _ew_launch(rows: int, cols: int, sig=None) -> tuple[tuple[int, int], dict]:
+    def make():
+        options = {"BLOCK_R": _EW_BLOCK_R, "BLOCK_C": EW_BLOCK_C, "num_warps": EW_NUM_WARPS}
+        return (cdiv(rows, _EW_BLOCK_R), cdiv(cols, EW_BLOCK_C)), options
+
+    return _launch_params(sig, "ew", ("ew", rows, cols), make)
 
 
 def _norm_fwd_launch(rows: int, cols: int, dropout: bool, store_mask: bool, sig=None) -> tuple[tuple[int], dict]:
-    key = ("norm fwd", rows, cols, dropout, store_mask)
-    hit = _LAUNCH_PARAMS.get(key)
-    if hit is None:
+    def make():
         cfg = _norm_config(cols)
-        options = {"HAS_DROPOUT": dropout, "STORE_MASK": store_mask and dropout, **cfg}
-        hit = _LAUNCH_PARAMS.remember(key, ((cdiv(rows, cfg["BLOCK_M"]),), options))
-    if sig is not None:
-        sig.norm_fwd = hit
-    return hit
+        return (cdiv(rows, cfg["BLOCK_M"]),), {"HAS_DROPOUT": dropout, "STORE_MASK": store_mask and dropout, **cfg}
+
+    return _launch_params(sig, "norm_fwd", ("norm fwd", rows, cols, dropout, store_mask), make)
 
 
 def _norm_bwd_launch(rows: int, cols: int, dropout: bool, device: torch.device, sig=None) -> tuple[int, int, dict]:
     """(programs, rows per program, options): each program reduces its rows' weight grads to one partial row."""
-    key = ("norm bwd", rows, cols, dropout, device)
-    hit = _LAUNCH_PARAMS.get(key)
-    if hit is None:
+
+    def make():
         cfg = _norm_config(cols)
         block_m = cfg["BLOCK_M"]
         n_prog = max(1, min(_num_programs(device), cdiv(rows, block_m)))
         rows_per_prog = cdiv(cdiv(rows, n_prog), block_m) * block_m
-        hit = _LAUNCH_PARAMS.remember(key, (cdiv(rows, rows_per_prog), rows_per_prog, {"HAS_DROPOUT": dropout, **cfg}))
-    if sig is not None:
-        sig.norm_bwd = hit
-    return hit
+        return cdiv(rows, rows_per_prog), rows_per_prog, {"HAS_DROPOUT": dropout, **cfg}
+
+    return _launch_params(sig, "norm_bwd", ("norm bwd", rows, cols, dropout, device), make)
 
 
 def bias_gelu(u: torch.Tensor, bias: torch.Tensor, out: torch.Tensor | None = None, sig=None) -> torch.Tensor:
@@ -458,15 +466,14 @@ def gelu_forward_backward_(
 _NO_MASK: dict[torch.device, torch.Tensor] = {}  # the int8 pointer a launch that stores no mask passes
 
 
-def _rows_of(t: torch.Tensor, rows: int) -> tuple[torch.Tensor, int, int]:
-    """(t, rows per group, elements between groups) for a kernel reading t's rows: a contiguous t is one group; a
-    (B, S, N) view with contiguous rows (a slice along S, as a concatenation's backward hands out) is read in
-    place; anything else is copied to contiguous rows first."""
-    if t.is_contiguous():
-        return t, rows, 0
-    if t.dim() == 3 and t.stride(2) == 1 and t.stride(1) == t.shape[2]:
-        return t, t.shape[1], t.stride(0)
-    return t.contiguous(), rows, 0
+def _rows_of(t: torch.Tensor, rows: int, sig) -> tuple[torch.Tensor, int, int, object]:
+    """(t, rows per group, elements between groups, the launch key) for a kernel reading t's rows
+    (``_grouped_rows``): a contiguous t is one group; a (B, S, N) view with contiguous rows (a slice along S, as a
+    concatenation's backward hands out) is read in place, under a key that adds its layout to the plan ``sig``;
+    anything else is copied to contiguous rows first."""
+    if t.dim() == 3 and not t.is_contiguous() and t.stride(2) == 1 and t.stride(1) == t.shape[2]:
+        return t, t.shape[1], t.stride(0), None if sig is None else (sig, t.shape[1], t.stride(0))
+    return t.contiguous(), rows, 0, sig
 
 
 def res_norm_forward(
@@ -490,7 +497,7 @@ def res_norm_forward(
     rows = y.numel() // cols
     has_dropout = dropout_p > 0.0
     grid, options = getattr(sig, "norm_fwd", None) or _norm_fwd_launch(rows, cols, has_dropout, store_mask, sig)
-    residual, seq, stride_b = _rows_of(residual, rows)
+    residual, seq, stride_b, key = _rows_of(residual, rows, sig)
     # in the residual's dtype: under autocast the dense output is half precision, the residual stream fp32
     out = torch.empty_like(y, dtype=residual.dtype)
     pre = y if y_is_scratch and y.dtype == residual.dtype else torch.empty_like(y, dtype=residual.dtype)
@@ -506,7 +513,7 @@ def res_norm_forward(
         seed if has_dropout else stats,  # without dropout the pointer is never read
         dropout_p, 1.0 / (1.0 - dropout_p),
     )  # fmt: skip
-    _RES_NORM_FWD.launch(sig if sig is None or seq == rows else (sig, seq, stride_b), grid, args, options)
+    _RES_NORM_FWD.launch(key, grid, args, options)
     mask = None
     if store_mask:
         mask = keep.bool() if has_dropout else torch.ones(residual.shape, dtype=torch.bool, device=y.device)
@@ -552,8 +559,7 @@ def res_norm_backward(
     dz = torch.empty_like(pre, dtype=dense_dtype or pre.dtype)
     # the three partial sums in one buffer, reduced by one launch into the grads' dtype
     parts = torch.empty((3, n_prog, cols), device=pre.device, dtype=torch.float32)
-    dout, seq, stride_b = _rows_of(dout, rows)
-    key = sig if sig is None or seq == rows else (sig, seq, stride_b)
+    dout, seq, stride_b, key = _rows_of(dout, rows, sig)
     args = (
         dout, pre, stats, norm_weight, dres, dz, parts, rows, cols, rows_per_prog, seq, stride_b,
         seed if has_dropout else stats, dropout_p, 1.0 / (1.0 - dropout_p),

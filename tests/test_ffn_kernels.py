@@ -425,8 +425,8 @@ def test_row_slices_are_read_in_place_with_the_reference_numbers(op, monkeypatch
 
     read_in_place = []
 
-    def rows_of(t, rows):
-        got = real_rows_of(t, rows)
+    def rows_of(t, rows, sig):
+        got = real_rows_of(t, rows, sig)
         read_in_place.append(got[0] is t and got[1] < rows)
         return got
 
