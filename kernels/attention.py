@@ -536,15 +536,14 @@ def _padding_args(
             return _PAD_VECTOR, _lengths_of(key_padding), key_padding.to(torch.uint8)
         return _PAD_VECTOR, _last_valid_plus_one(key_padding), key_padding.view(torch.uint8)
     if key_lengths is not None:
-        if not validate:
-            pass
-        elif key_lengths.shape != (B,) or key_lengths.is_floating_point() or key_lengths.dtype == torch.bool:
-            raise ValueError(
-                f"key_lengths must be an integer tensor of shape (B,) = ({B},), "
-                f"got {key_lengths.dtype} {tuple(key_lengths.shape)}"
-            )
-        elif key_lengths.device != q.device:
-            raise ValueError(f"key_lengths must be on {q.device}, got {key_lengths.device}")
+        if validate:
+            if key_lengths.shape != (B,) or key_lengths.is_floating_point() or key_lengths.dtype == torch.bool:
+                raise ValueError(
+                    f"key_lengths must be an integer tensor of shape (B,) = ({B},), "
+                    f"got {key_lengths.dtype} {tuple(key_lengths.shape)}"
+                )
+            if key_lengths.device != q.device:
+                raise ValueError(f"key_lengths must be on {q.device}, got {key_lengths.device}")
         return _PAD_LENGTHS, key_lengths.to(torch.int32), q  # clamped to [0, Lk] in the kernels
     return _PAD_NONE, q, q
 
