@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import math
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,19 +25,28 @@ T = TypeVar("T")
 _SCALARS = {"int": int, "float": float, "bool": bool, "str": str}
 
 
-def _typed(cls: type, name: str, kind: str, value: Any, place: str) -> Any:
-    """``value`` as field ``name`` of type ``kind`` wants it; a value of another type is an error naming both."""
+def _typed(setting: str, kind: str, value: Any) -> Any:
+    """``value`` as ``setting`` (of type ``kind``) wants it; a value of another type is an error naming both."""
     expected = _SCALARS.get(kind)
     if expected is float and not isinstance(value, bool):
         if isinstance(value, int):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
+            value = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
             with contextlib.suppress(ValueError):
-                return float(value)
+                value = float(value)
     if expected is not None and (not isinstance(value, expected) or (expected is int and isinstance(value, bool))):
         article = "an" if kind[0] in "aeiou" else "a"
-        raise ValueError(f"{cls.__name__}.{name}{place} must be {article} {kind}, got {value!r}")
+        raise ValueError(f"{setting} must be {article} {kind}, got {value!r}")
+    if expected is float and not math.isfinite(value):  # no setting means anything at inf or nan
+        raise ValueError(f"{setting} must be a finite number, got {value!r}")
     return value
+
+
+def check_range(owner: str, name: str, value: float, low: float, high: float = math.inf, *, open_low=False) -> None:
+    """Refuse ``value`` of setting ``owner.name`` outside [low, high] ((low, high] with ``open_low``), naming it."""
+    if not (low < value if open_low else low <= value) or not value <= high:
+        span = f"{'(' if open_low else '['}{low:g}, {high:g}{']' if high < math.inf else ')'}"
+        raise ValueError(f"{owner}.{name} must lie in {span}, got {value!r}")
 
 
 def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "") -> T:
@@ -46,22 +57,61 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ValueError(f"unknown {cls.__name__} key(s) {unknown}{place}; valid keys: {', '.join(fields)}")
-    return cls(**{k: _typed(cls, k, str(fields[k]), v, place) for k, v in data.items()})
+    owner = where or cls.__name__  # a run config's section ("optim"), else the class
+    return cls(**{k: _typed(f"{owner}.{k}", str(fields[k]), v) for k, v in data.items()})
 
 
-def load_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or TOML file into a dict."""
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ValueError(f"key(s) {twice} given twice in one object")
+    return dict(pairs)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass: plain data only)
+
+
+def load_file(path: str | Path, suffixes: tuple[str, ...] = (".yaml", ".yml", ".toml")) -> dict[str, Any]:
+    """A YAML, TOML or JSON file's top-level mapping, parsed strictly: a key given twice, a syntax error or
+    another top-level value is a one-line error naming the file (and the line where the parser says)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    if path.suffix == ".toml":
-        return tomllib.loads(path.read_text())
-    if path.suffix in (".yaml", ".yml"):
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-        return data
-    raise ValueError(f"{path}: expected a .yaml, .yml or .toml file")
+    if path.suffix not in suffixes:
+        raise ValueError(f"{path}: expected a {', '.join(suffixes)} file")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)  # TOML refuses duplicate keys itself
+        elif path.suffix == ".json":
+            data = json.loads(text, object_pairs_hook=_refuse_duplicates)
+        else:
+            data = parse_yaml(text)
+            data = {} if data is None else data
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise ValueError(f"{path}: {where}{' '.join(str(err.problem or err.context).split())}") from None
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, ValueError) as err:  # JSON's and TOML's name the line
+        raise ValueError(f"{path}: {' '.join(str(err).split())}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
 
 
 @dataclasses.dataclass
@@ -127,8 +177,8 @@ class QFormerConfig:
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"QFormerConfig.{name} must lie in [0, 1), got {getattr(self, name)!r}")
-        if not self.ln_vision_eps > 0:
-            raise ValueError(f"QFormerConfig.ln_vision_eps must be > 0, got {self.ln_vision_eps!r}")
+        for name in ("layer_norm_eps", "ln_vision_eps", "initializer_range"):
+            check_range("QFormerConfig", name, getattr(self, name), 0, open_low=True)
         if self.chunk_size_feed_forward < 0:
             raise ValueError(f"QFormerConfig.chunk_size_feed_forward must be >= 0, got {self.chunk_size_feed_forward}")
         if not 0 <= self.pad_token_id < self.vocab_size:
@@ -214,6 +264,7 @@ class VisionConfig:
             )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("VisionConfig.hidden_size must be a multiple of num_attention_heads")
+        check_range("VisionConfig", "layer_norm_eps", self.layer_norm_eps, 0, open_low=True)
 
     @property
     def num_tokens(self) -> int:

@@ -65,7 +65,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from blip2_fast import distributed  # noqa: E402
-from blip2_fast.config import QFormerConfig, VisionConfig, from_dict, load_file  # noqa: E402
+from blip2_fast.config import QFormerConfig, VisionConfig, check_range, from_dict, load_file, parse_yaml  # noqa: E402
 
 # ---------------------------------------------------------------------------- config
 
@@ -163,12 +163,19 @@ class OptimSection:
     vit_layer_decay: float = 1.0
 
     def __post_init__(self) -> None:
-        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr and 0 <= self.warmup_lr <= self.lr):
-            raise ValueError("optim needs lr > 0 and 0 <= min_lr, warmup_lr <= lr")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or len(self.betas) != 2:
-            raise ValueError("optim.warmup_steps and weight_decay must be >= 0 and betas a pair")
-        if not 0 < self.vit_layer_decay <= 1:
-            raise ValueError(f"optim.vit_layer_decay must lie in (0, 1], got {self.vit_layer_decay}")
+        check_range("optim", "lr", self.lr, 0, open_low=True)
+        for key in ("min_lr", "warmup_lr"):
+            check_range("optim", key, getattr(self, key), 0, self.lr)
+        check_range("optim", "eps", self.eps, 0, open_low=True)  # 0 divides by zero where a moment is 0
+        check_range("optim", "weight_decay", self.weight_decay, 0)
+        check_range("optim", "vit_layer_decay", self.vit_layer_decay, 0, 1, open_low=True)
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in self.betas):
+            raise ValueError(f"optim.betas must be a pair of numbers, got {self.betas!r}")
+        for beta in self.betas:
+            if not 0 <= beta < 1:  # 1 never forgets the first gradient; nan fails this too
+                raise ValueError(f"optim.betas must each lie in [0, 1), got {self.betas!r}")
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -219,8 +226,11 @@ class TrainSection:
                 "train.keep_checkpoints 0 keeps no checkpoint: train.save_every, train.resume and train.stop_after "
                 "need one"
             )
-        if self.save_every < 0 or self.grad_clip < 0:
-            raise ValueError("train.save_every and train.grad_clip must be >= 0")
+        if self.save_every < 0:
+            raise ValueError(f"train.save_every must be >= 0, got {self.save_every}")
+        check_range("train", "grad_clip", self.grad_clip, 0)  # 0: no clipping
+        if not 0 <= self.seed < 2**31:  # numpy seeds lie in [0, 2**32); the held-out data uses seed + 1_000_003
+            raise ValueError(f"train.seed must lie in [0, 2**31), got {self.seed}")
         if self.stop_after is not None and not 1 <= self.stop_after <= self.steps:
             raise ValueError(f"train.stop_after must lie in [1, train.steps={self.steps}], got {self.stop_after}")
         if self.name in ("", ".", "..") or "/" in self.name or "\\" in self.name:
@@ -314,14 +324,21 @@ def _coerce(section: type, values: dict[str, Any], where: str) -> dict[str, Any]
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError(value)
                 out[key] = value.lower() in ("true", "1", "yes")
+            elif target is str and isinstance(value, bool):  # YAML 1.1 reads yes/no/on/off as booleans
+                raise ValueError(value)
             elif target is str and not isinstance(value, str):
                 out[key] = str(value)
         except ValueError as err:
-            raise ValueError(f"{where}.{key} must be a {target.__name__}, got {value!r}") from err
+            quote = " (quote it: YAML reads yes/no/on/off as booleans)" if target is str else ""
+            raise ValueError(f"{where}.{key} must be {_a(target)}, got {value!r}{quote}") from err
         expected = {float: (float,), int: (int,), bool: (bool,), str: (str,), dict: (dict,), list: (list,)}.get(target)
         if expected and not isinstance(out[key], expected) or (target is int and isinstance(out[key], bool)):
-            raise ValueError(f"{where}.{key} must be a {target.__name__}, got {value!r}")
+            raise ValueError(f"{where}.{key} must be {_a(target)}, got {value!r}")
     return out
+
+
+def _a(kind: type) -> str:
+    return f"{'an' if kind.__name__[0] in 'aeiou' else 'a'} {kind.__name__}"
 
 
 def apply_override(data: dict[str, Any], key: str, raw: str, sections: dict[str, type] = SECTIONS) -> None:
@@ -348,7 +365,7 @@ def apply_override(data: dict[str, Any], key: str, raw: str, sections: dict[str,
         elif not isinstance(node[name], dict):
             raise ValueError(f"override --{key}: {name} is not a mapping")
         node = node[name]
-    node[rest[-1]] = yaml.safe_load(raw)
+    node[rest[-1]] = parse_yaml(raw)
 
 
 T = TypeVar("T")
@@ -448,12 +465,21 @@ def deepspeed_config(config: TrainConfig, device: torch.device) -> dict[str, Any
         path = Path(t.deepspeed_config)
         if not path.is_file():
             raise FileNotFoundError(f"train.deepspeed_config: file not found: {path}")
-        base = json.loads(path.read_text())
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer"):
-        if key in base and key != "optimizer":
-            raise ValueError(f"{t.deepspeed_config}: remove {key!r}; it comes from train.batch_size / train.grad_accum")
-        if key == "optimizer" and key in base:
-            raise ValueError(f"{t.deepspeed_config}: remove 'optimizer'; training passes torch AdamW (see optim.*)")
+        base = load_file(path, (".json",))
+    # what a run sets itself: a JSON value for it would be ignored, so it is refused
+    owned = {
+        "train_batch_size": "train.batch_size",
+        "train_micro_batch_size_per_gpu": "train.batch_size",
+        "gradient_accumulation_steps": "train.grad_accum",
+        "gradient_clipping": "train.grad_clip",
+        "optimizer": "optim.* (training passes torch AdamW)",
+        "scheduler": "optim.* (warmup + cosine, passed to DeepSpeed)",
+    }
+    for key, source in owned.items():
+        if key in base:
+            raise ValueError(f"{t.deepspeed_config}: remove {key!r}; it comes from {source}")
+    if all(base.get(half, {}).get("enabled") is True for half in ("fp16", "bf16")):
+        raise ValueError(f"{t.deepspeed_config}: fp16 and bf16 are both enabled; enable one (or set train.precision)")
     ds = dict(base)
     precision = resolve_precision(config, base, device)
     ds["train_micro_batch_size_per_gpu"] = t.batch_size

@@ -107,12 +107,75 @@ def test_overrides_are_typed():
     assert config.optim.lr == 1e-4 and isinstance(config.optim.lr, float)
     assert config.train.steps == 7 and config.train.resume is True
     assert config.model.qformer["num_hidden_layers"] == 3
-    with pytest.raises(ValueError, match="train.steps must be a int"):
+    with pytest.raises(ValueError, match="train.steps must be an int"):
         load_config(None, [("train.steps", "many")])
     with pytest.raises(ValueError, match="train.precision must be one of"):
         load_config(None, [("train.precision", "fp8")])
     with pytest.raises(ValueError, match="dotted key"):
         load_config(None, [("nonsense", "1")])
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("optim.lr", "inf"),
+        ("optim.lr", ".nan"),
+        ("optim.lr", "0"),
+        ("optim.min_lr", "1.0"),  # above lr
+        ("optim.warmup_lr", "-1e-6"),
+        ("optim.eps", "0"),  # divides by zero where a moment is 0: NaN weights
+        ("optim.eps", "-1e-8"),
+        ("optim.weight_decay", "-.inf"),
+        ("optim.betas", "[0.9, 1.0]"),
+        ("optim.betas", "[0.9, .nan]"),
+        ("optim.betas", "[0.9]"),
+        ("optim.betas", "[0.9, fast]"),
+        ("optim.vit_layer_decay", "nan"),
+        ("train.grad_clip", "nan"),
+        ("train.grad_clip", "-1"),
+        ("train.seed", "-1"),
+        ("train.seed", "4294967296"),
+        ("model.qformer.layer_norm_eps", "0"),
+        ("model.qformer.initializer_range", "inf"),
+        ("model.qformer.hidden_dropout_prob", "nan"),
+        ("model.vision", "{preset: tiny, layer_norm_eps: -1e-6}"),
+    ],
+)
+def test_every_number_is_checked_finite_and_in_range(key, value):
+    field = key.split(".")[-1] if key != "model.vision" else "layer_norm_eps"
+    with pytest.raises(ValueError, match=re.escape(field) + " must"):
+        load_config(None, [(key, value)])
+
+
+def test_config_files_are_parsed_strictly(tmp_path):
+    """Nothing ambiguous is resolved silently: a key given twice, a YAML 1.1 boolean where a name is meant,
+    a DeepSpeed JSON key the run sets itself, both half precisions."""
+    config = tmp_path / "run.yaml"
+    config.write_text("optim:\n  lr: 1.0e-4\n  lr: 1.0e-3\n")  # PyYAML alone keeps the last
+    with pytest.raises(ValueError, match=r"run.yaml: line 3: key 'lr' given twice"):
+        load_config(config)
+    config.write_text("train:\n  steps: [3\n")
+    with pytest.raises(ValueError, match=r"run.yaml: line 3: "):
+        load_config(config)
+    for name in ("no", "on", "off", "yes"):
+        with pytest.raises(ValueError, match=r"train.name must be a str, got (True|False) \(quote it"):
+            load_config(None, [("train.name", name)])
+    assert load_config(None, [("train.name", "'no'")]).train.name == "no"
+    assert load_config(None, [("train.name", "2024")]).train.name == "2024"
+    ds = tmp_path / "ds.json"
+    cases = {
+        '{"zero_optimization": {"stage": 1}, "zero_optimization": {}}': r"\['zero_optimization'\] given twice",
+        '{"zero_optimization": {"stage": 1},}': r"ds.json: Expecting property name",
+        '{"scheduler": {"type": "WarmupLR"}}': r"remove 'scheduler'; it comes from optim",
+        '{"optimizer": {"type": "Adam"}}': r"remove 'optimizer'; it comes from optim",
+        '{"gradient_clipping": 5.0}': r"remove 'gradient_clipping'; it comes from train.grad_clip",
+        '{"train_batch_size": 64}': r"remove 'train_batch_size'; it comes from train.batch_size",
+        '{"fp16": {"enabled": true}, "bf16": {"enabled": true}}': "fp16 and bf16 are both enabled",
+    }
+    for text, message in cases.items():
+        ds.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            deepspeed_config(load_config(None, [("train.deepspeed_config", str(ds))]), torch.device("cpu"))
 
 
 def test_missing_data_paths_are_clear_errors(tmp_path):

@@ -75,8 +75,11 @@ def test_bad_config_is_named(tmp_path):
         load_config(bad)
     with pytest.raises(ValueError, match="model.llm_family must be one of auto, decoder, encoder_decoder"):
         load_config(None, [("model.llm_family", "gpt")])
-    with pytest.raises(ValueError, match="train.steps must be a int"):
+    with pytest.raises(ValueError, match="train.steps must be an int"):
         load_config(None, [("train.steps", "many")])
+    for key, value in (("optim.lr", "inf"), ("optim.qformer_lr_scale", ".nan"), ("optim.eps", "0")):
+        with pytest.raises(ValueError, match=rf"{key} must"):
+            load_config(None, [(key, value)])
     with pytest.raises(ValueError, match=r"llm_hidden \(30\) must be divisible by llm_heads \(4\)"):
         load_config(None, [("model.llm_hidden", "30")])
     with pytest.raises(ValueError, match="data.feature_cache is a stage-1 option"):
