@@ -22,7 +22,9 @@ Resuming (``--train.resume true``) restores the weights, optimizer, LR
 schedule, the data position (epoch permutation and offset), the torch / numpy
 / python RNG of every rank and the hard-negative generator, so a resumed run
 follows the uninterrupted one; a checkpoint written with another batch size,
-accumulation, number of ranks, seed or ``model.freeze_vit`` is refused. A resume unpickles nothing that
+accumulation, number of ranks, seed or ``model.freeze_vit`` is refused. The optimizer settings (``optim.lr``,
+the schedule, betas, eps, weight decay) and ``train.steps`` are this run's: a resume may change them (a lower
+rate after a divergence) and says what it changed. A resume unpickles nothing that
 could run code: the RNG state is safetensors, and DeepSpeed's own files must first load weights-only.
 A fresh run in a folder that holds one moves the earlier run aside (``<name>.replaced-<time>``), and only
 a folder a run wrote (marked by ``.blip2_fast-run``); either way the folder is left untouched until every
@@ -1026,14 +1028,47 @@ def load_checkpoint(engine, folder: Path, facts: dict[str, int]) -> tuple[int, i
 
     for file in sorted((folder / tag).glob("*.pt")):
         check_weights_only(file, deepspeed_checkpoint_types())
+    settings = _optimizer_settings(engine)  # this run's, from its config: the checkpoint's replace them
     path, client = engine.load_checkpoint(str(folder), tag=tag, load_module_strict=False)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {folder / tag}")
+    changed = _restore_optimizer_settings(engine, settings)
+    if changed and distributed.get_rank() == 0:
+        print(f"train.resume: {', '.join(changed)}: the rest of the run follows this config, not the checkpoint")
     engine.module.sampler.load_state_dict(client["sampler"])
     _set_rng_state(rng)
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return int(client["step"]), int(client["micro_step"])
+
+
+OPTIMIZER_SETTINGS = {"weight_decay": "optim.weight_decay", "betas": "optim.betas", "eps": "optim.eps"}
+
+
+def _optimizer_settings(engine) -> tuple[list[dict[str, Any]], list[float]]:
+    """The settings of each parameter group (weight decay, betas, eps) and its peak rate (the schedule's base)."""
+    groups = [{k: g[k] for k in OPTIMIZER_SETTINGS} for g in engine.optimizer.param_groups]
+    return groups, list(engine.lr_scheduler.base_lrs)
+
+
+def _restore_optimizer_settings(engine, settings: tuple[list[dict[str, Any]], list[float]]) -> list[str]:
+    """Put back this run's optimizer settings and peak rates over a loaded checkpoint's (which DeepSpeed restores
+    with the moments, so a resume with a new optim.lr would keep the old one); the rates of this step follow.
+    Returns what changed, as "optim.lr 0.0003 -> 0.001"."""
+    groups, peaks = settings
+    scheduler = engine.lr_scheduler
+    changed = {}
+    if scheduler.base_lrs != peaks:
+        changed["optim.lr"] = f"optim.lr {scheduler.base_lrs[0]:g} -> {peaks[0]:g}"
+    for group, wanted in zip(engine.optimizer.param_groups, groups, strict=True):
+        for key, value in wanted.items():
+            if group[key] != value:
+                changed.setdefault(key, f"{OPTIMIZER_SETTINGS[key]} {group[key]} -> {value}")
+                group[key] = value
+    scheduler.base_lrs = peaks
+    for group, peak, ratio in zip(engine.optimizer.param_groups, peaks, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"], group["lr"] = peak, peak * ratio(scheduler.last_epoch)
+    return list(changed.values())
 
 
 def _read_rng(folder: Path, rank: int) -> dict[str, Any]:

@@ -520,6 +520,7 @@ def test_resume_equals_uninterrupted(tmp_path, freeze_vit):
         ("model.qformer.attention_probs_dropout_prob", "0.1"),
         ("model.freeze_vit", freeze_vit),
     ]
+    changed = [("train.steps", "6"), ("optim.lr", "1e-3"), ("optim.eps", "1e-6"), ("optim.betas", "[0.8, 0.99]")]
     full, first, second, refused = _train_in_subprocess(
         tmp_path,
         f"""
@@ -542,8 +543,20 @@ def test_resume_equals_uninterrupted(tmp_path, freeze_vit):
         import yaml
         recorded = yaml.safe_load((Path(second["run_dir"]) / "config.yaml").read_text())["train"]["batch_size"]
         result = [full["history"], first["history"], second["history"], [refused, recorded]]
+        if {freeze_vit == "true"}:  # two steps more at new optimizer settings (once: the ViT changes nothing here)
+            import contextlib, io
+            said = io.StringIO()
+            with contextlib.redirect_stdout(said):
+                run(load_config(None, common + resume + {changed!r}))
+            result[3].append(said.getvalue())
         """,
     )
+    if freeze_vit == "true":
+        said = refused.pop()
+        assert "optim.lr 0.0003 -> 0.001, optim.betas (0.9, 0.999) -> (0.8, 0.99), optim.eps 1e-08 -> 1e-06" in said
+        optim = load_config(None, common + changed).optim  # steps 5 and 6 ran at the new rates
+        rows = _losses(tmp_path / "split")
+        assert [r["lr"] for r in rows[4:]] == pytest.approx([lr_at(s, optim, 6) for s in (4, 5)], rel=1e-9)
     assert len(full) == 4 and len(first) == 2 and len(second) == 2
     refused, recorded = refused
     assert refused and "batch_size 4 -> 3" in refused, refused
@@ -553,10 +566,11 @@ def test_resume_equals_uninterrupted(tmp_path, freeze_vit):
             assert a[key] == pytest.approx(b[key], abs=1e-6), (key, full, first + second)
     assert full[0]["loss"] != full[3]["loss"]
     split = tmp_path / "split"
-    assert (split / "checkpoints" / "latest").read_text() == "step00000004"
-    assert [r["step"] for r in _losses(split)] == [1, 2, 3, 4]  # the resumed run continues the CSV
+    last = 6 if freeze_vit == "true" else 4
+    assert (split / "checkpoints" / "latest").read_text() == f"step{last:08d}"
+    assert [r["step"] for r in _losses(split)] == list(range(1, last + 1))  # the resumed run continues the CSV
     optim = load_config(None, common).optim  # each row's lr is the one its step ran at: lr_at(step - 1)
-    assert [r["lr"] for r in _losses(split)] == pytest.approx([lr_at(s, optim, 4) for s in range(4)], rel=1e-9)
+    assert [r["lr"] for r in _losses(split)][:4] == pytest.approx([lr_at(s, optim, 4) for s in range(4)], rel=1e-9)
     whole, resumed = load_file(tmp_path / "full" / "vision.safetensors"), load_file(split / "vision.safetensors")
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
