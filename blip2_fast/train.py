@@ -55,7 +55,9 @@ import math  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import socket  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 import typing  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
@@ -782,6 +784,7 @@ class GlobalBatches:
             collate_fn=lambda x: x,
             generator=torch.Generator().manual_seed(self.seed),  # keeps the global RNG untouched
             persistent_workers=False,
+            worker_init_fn=ignore_sigterm,
         )
         for k, (samples, skipped) in enumerate(loader):
             batch = self.collate(samples)
@@ -949,6 +952,61 @@ def save_checkpoint(engine, folder: Path, step: int, micro_step: int, keep: int,
                 shutil.rmtree(folder / old, ignore_errors=True)
     distributed.barrier()
     return folder / tag
+
+
+class Preempted(RuntimeError):
+    """The run stopped on SIGTERM, its checkpoint saved: ``--train.resume true`` continues it."""
+
+    EXIT_STATUS = 128 + signal.SIGTERM  # what a shell reports for a process SIGTERM ended: not a finished run
+
+
+class StopRequest:
+    """SIGTERM (what SLURM, Kubernetes and DeepSpeed's launcher send before they stop a job) noted, not obeyed
+    at once: the loop asks :meth:`agreed` at each step boundary, and every rank stops at the same step.
+
+    Ranks agree where they meet anyway (``at_sync``: the steps whose losses are read), so that the loop adds
+    no collective; a run of one rank stops at the next step."""
+
+    def __init__(self):
+        self.received, self._before = False, None
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # where Python runs signal handlers
+            self._before = signal.signal(signal.SIGTERM, self._note)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._before is not None:
+            signal.signal(signal.SIGTERM, self._before)
+
+    def _note(self, signum, frame) -> None:
+        if not self.received and distributed.get_rank() == 0:
+            print("SIGTERM: checkpointing at the next step, then stopping", file=sys.stderr, flush=True)
+        self.received = True
+
+    def agreed(self, at_sync: bool) -> bool:
+        if distributed.get_world_size() == 1:
+            return self.received
+        return at_sync and any(distributed.all_gather_object(self.received))
+
+
+def stop_on_request(engine, config, step: int, micro_step: int, ckpt_dir: Path, export) -> None:
+    """End a run that :class:`StopRequest` stopped: its checkpoint (with ``train.keep_checkpoints`` 0 the model
+    so far, by ``export()``), then :class:`Preempted` naming where it stands."""
+    t = config.train
+    if t.keep_checkpoints:
+        where = save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints, run_facts(config))
+        then = f"checkpoint {where}; --train.resume true continues the run"
+    else:
+        check_finite_weights(engine.module, step, ckpt_dir)
+        then = f"no checkpoint kept (train.keep_checkpoints 0), the model so far exported to {export()}"
+    raise Preempted(f"stopped on SIGTERM at step {step} of {t.steps}: {then}")
+
+
+def ignore_sigterm(worker_id: int = 0) -> None:
+    """Data-loader workers leave SIGTERM to the training process (a launcher signals the whole process tree):
+    it stops them when it stops, after its checkpoint."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class NonFiniteTraining(RuntimeError):
@@ -1463,12 +1521,13 @@ def build_engine(module: torch.nn.Module, config, ds_config: dict[str, Any]):
 
 
 def run(config: TrainConfig) -> dict[str, Any]:
-    """Train (and evaluate) as ``config`` says; returns the per-step losses, the final metrics and the paths."""
-    with holding_run_folder(config):
-        return _train(config)
+    """Train (and evaluate) as ``config`` says; returns the per-step losses, the final metrics and the paths.
+    On SIGTERM the run checkpoints at the next step and raises :class:`Preempted`."""
+    with holding_run_folder(config), StopRequest() as stop:
+        return _train(config, stop)
 
 
-def _train(config: TrainConfig) -> dict[str, Any]:
+def _train(config: TrainConfig, stop: StopRequest) -> dict[str, Any]:
     from tqdm import tqdm
 
     from blip2_fast.losses import Stage1Loss
@@ -1580,7 +1639,8 @@ def _train(config: TrainConfig) -> dict[str, Any]:
         acc, skipped = None, 0
         bar.update(1)
         evaluating = config.eval.every and step % config.eval.every == 0 and step < t.steps and held_out is not None
-        if step % t.log_every == 0 or step == end or evaluating:
+        reading = step % t.log_every == 0 or step == end or evaluating  # the ranks meet: losses are read
+        if reading:
             # losses averaged over ranks, what the global batch gave: one read for every step since the last
             # (in between they stay on the device: no host sync)
             values = torch.stack(pending)
@@ -1623,6 +1683,16 @@ def _train(config: TrainConfig) -> dict[str, Any]:
             engine.train()
         if t.save_every and step % t.save_every == 0 and step < end:
             save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints, run_facts(config))
+        if step < end and stop.agreed(reading):
+            bar.close()
+            if log is not None:
+                log.close()
+
+            def export() -> Path:
+                export_run(engine, qformer.config, vision, run_dir)
+                return run_dir / "model.safetensors"
+
+            stop_on_request(engine, config, step, micro_step, ckpt_dir, export)
     bar.close()
     if t.keep_checkpoints:  # which checks the weights finite first: nothing non-finite is saved or exported
         save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints, run_facts(config))
@@ -1715,8 +1785,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         from blip2_fast import train_stage2
 
         return train_stage2.main(sys.argv[1:] if argv is None else list(argv))
-    config = load_config(args.config, overrides)
-    return run(config)
+    return run_or_exit(run, load_config(args.config, overrides))
+
+
+def run_or_exit(train, config) -> dict[str, Any]:
+    """``train(config)`` for a command line: a run stopped on SIGTERM says where it stands and exits 143."""
+    try:
+        return train(config)
+    except Preempted as stopped:
+        if distributed.get_rank() == 0:
+            print(stopped, file=sys.stderr)
+        sys.exit(Preempted.EXIT_STATUS)
 
 
 if __name__ == "__main__":

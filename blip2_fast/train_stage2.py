@@ -58,6 +58,7 @@ from blip2_fast.config import QFormerConfig, VisionConfig  # noqa: E402
 from blip2_fast.train import (  # noqa: E402
     DataSection,
     OptimSection,
+    StopRequest,
     TrainSection,
     build_datasets,
     check_finite_losses,
@@ -73,9 +74,11 @@ from blip2_fast.train import (  # noqa: E402
     read_config,
     register_zero3_fused_parameters,
     run_facts,
+    run_or_exit,
     save_checkpoint,
     sections_from_dict,
     start_run,
+    stop_on_request,
     write_csv_atomic,
 )
 
@@ -639,11 +642,11 @@ def check_query_spread(model, train_set, device: torch.device, n: int = 16) -> d
 
 def run(config: Stage2Config) -> dict[str, Any]:
     """Train as ``config`` says, export, caption held-out images; returns losses, scores and paths."""
-    with holding_run_folder(config):
-        return _train(config)
+    with holding_run_folder(config), StopRequest() as stop:
+        return _train(config, stop)
 
 
-def _train(config: Stage2Config) -> dict[str, Any]:
+def _train(config: Stage2Config, stop: StopRequest) -> dict[str, Any]:
     import deepspeed
     from tqdm import tqdm
 
@@ -736,6 +739,18 @@ def _train(config: Stage2Config) -> dict[str, Any]:
                 print(progress_line(step, end, record, lr, sec_per_step), file=sys.stderr, flush=True)
         if t.save_every and step % t.save_every == 0 and step < end:
             save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints, run_facts(config))
+        if step < end and stop.agreed(True):  # the ranks met for this step's loss
+            bar.close()
+
+            def export() -> Path:
+                path = run_dir / "model.safetensors"
+                with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None, enabled=zero3):
+                    if rank == 0:
+                        save_trainable(model, path)
+                distributed.barrier()
+                return path
+
+            stop_on_request(engine, config, step, micro_step, ckpt_dir, export)
     bar.close()
     if t.keep_checkpoints:  # which checks the weights finite first: nothing non-finite is saved or exported
         save_checkpoint(engine, ckpt_dir, step, micro_step, t.keep_checkpoints, run_facts(config))
@@ -836,7 +851,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """``train.py --stage 2`` hands its arguments here (``--stage 2`` may be among them)."""
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    return run(load_config(args.config, overrides))
+    return run_or_exit(run, load_config(args.config, overrides))
 
 
 if __name__ == "__main__":

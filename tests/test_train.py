@@ -964,3 +964,41 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_its_last_good_checkpoin
         state = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
         assert all(bool(v.isfinite().all()) for v in state.values() if v.is_floating_point()), tag
     assert str(folder / "checkpoints") in said or "no checkpoint was written" in said
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_at_the_next_step_and_stops(tmp_path):
+    """SIGTERM to a whole 2-rank run (torchrun, its ranks and their data-loader workers), as SLURM or Kubernetes
+    send it before preemption: the ranks agree on a step, save its checkpoint and stop with status 143, and
+    the run resumes from it."""
+    from interrupt import logged_steps, sigterm_once_training
+
+    from blip2_fast.train import _free_port
+
+    args = TINY + [("train.steps", "1000"), ("train.output_dir", str(tmp_path)), ("data.num_workers", "1")]
+    train = str(ROOT / "blip2_fast" / "train.py")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    run_dir = tmp_path / "stage1-default"
+    env = _env()
+    proc = sigterm_once_training([*torchrun, train, "--stage", "1", *_args(args)], run_dir / "metrics.csv", env=env)
+    said = proc.stdout + proc.stderr
+    stopped = re.search(r"stopped on SIGTERM at step (\d+) of 1000: checkpoint (\S+);", said)
+    assert stopped, said[-3000:]
+    step = int(stopped.group(1))
+    assert proc.stderr.count("stopped on SIGTERM") == 1  # rank 0 says it
+    assert "raise Preempted" not in said  # the ranks' exit is a message, not a traceback (torchrun prints its own)
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step{step:08d}"
+    assert sorted(p.name for p in (run_dir / "checkpoints" / f"step{step:08d}").glob("rng_rank*")) == [
+        "rng_rank00000.safetensors",
+        "rng_rank00001.safetensors",
+    ]
+    assert logged_steps(run_dir / "metrics.csv")[-1] == step
+    assert proc.returncode != 0  # never read as a finished run (the ranks exit 143; torchrun, signalled, its own)
+    resume = args + [("train.resume", "true"), ("train.steps", str(step + 1)), ("train.evaluate", "false")]
+    torchrun[-1] = f"--master_port={_free_port()}"
+    again = subprocess.run(
+        [*torchrun, train, "--stage", "1", *_args(resume)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / f'step{step:08d}'} at step {step}" in again.stdout
+    assert logged_steps(run_dir / "metrics.csv")[-1] == step + 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -651,3 +652,25 @@ def test_stage2_from_stage1_reaches_a_lower_held_out_loss_than_from_fresh(bootst
 def test_stage2_from_stage1_names_the_right_colour_well_above_chance(bootstrapped):
     got = bootstrapped["stage1"]
     assert got["scores"]["colour"] > got["chance"]["colour"] + 0.3, got
+
+
+@pytest.mark.slow
+def test_sigterm_alone_stops_at_the_next_step_and_keeps_the_model(tmp_path):
+    """One process, no launcher, SIGTERM'd: it stops after the step it is in; with train.keep_checkpoints 0
+    (nothing to resume from) it exports the model so far, and exits 143, never as a finished run."""
+    from interrupt import logged_steps, sigterm_once_training
+
+    runs = tmp_path / "runs"
+    args = [*TINY, "--train.steps", "1000", "--train.keep_checkpoints", "0", "--train.output_dir", str(runs)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / "blip2_fast" / "train.py"), "--stage", "2", *args]
+    run_dir = runs / "stage2-default"
+    proc = sigterm_once_training(command, run_dir / "metrics.csv", cwd=tmp_path, env=env)
+    assert proc.returncode == 143, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stopped = re.search(
+        r"stopped on SIGTERM at step (\d+) of 1000: no checkpoint kept .* exported to (\S+)$", proc.stderr
+    )
+    assert stopped, proc.stderr[-3000:]
+    assert int(stopped.group(1)) == logged_steps(run_dir / "metrics.csv")[-1]
+    assert Path(stopped.group(2)) == run_dir / "model.safetensors" and Path(stopped.group(2)).stat().st_size > 0
+    assert not (run_dir / "checkpoints" / "latest").exists()
