@@ -267,11 +267,16 @@ def build_model(config: Stage2Config):
     if init is not None and is_stage2_folder(init):
         if m.llm is not None:
             raise ValueError(f"model.init {init} is a whole stage-2 model with its own LLM: model.llm must be null")
+        _refuse_vision_weights(m, f"{init} is a whole stage-2 model, trained with its own ViT")
         model, tokenizer = load_pretrained(init)
     elif init is not None and (init.suffix in (".pth", ".pt") or (init / "config.json").is_file()):
         model, tokenizer = _checkpoint_model(config, init)
     else:
+        if init is not None:
+            _refuse_vision_weights(m, f"{init} is a stage-1 run, whose Q-Former learned with its vision.safetensors")
         model, tokenizer = _stage2_model(config, init)
+        if m.vision_weights:
+            model.image_encoder = _fresh_qformer_vision(m, model.image_encoder.config)
     if m.image_size is not None and m.image_size != model.image_encoder.config.image_size:
         from blip2_fast.checkpoint import resize_vision
 
@@ -279,6 +284,28 @@ def build_model(config: Stage2Config):
     if not m.freeze_vit:
         model.image_encoder.unfreeze(m.vit_grad_checkpoint)
     return model, tokenizer, init
+
+
+def _refuse_vision_weights(m: Stage2ModelSection, why: str) -> None:
+    if m.vision_weights:
+        raise ValueError(
+            f"model.vision_weights {m.vision_weights}: not used, {why}; it applies to a LAVIS or transformers "
+            "model.init, or a fresh Q-Former (model.init null): set it null"
+        )
+
+
+def _fresh_qformer_vision(m: Stage2ModelSection, described: VisionConfig):
+    """The ViT of ``model.vision_weights`` for a fresh Q-Former, which was built for ``model.vision``'s width."""
+    from blip2_fast.checkpoint import load_vision
+
+    source = Path(m.vision_weights)
+    vision = load_vision(source, described if source.suffix in (".pth", ".pt") else None)  # an EVA .pth: model.vision
+    if vision.config.hidden_size != described.hidden_size:
+        raise ValueError(
+            f"model.vision_weights {source}: a ViT of width {vision.config.hidden_size}, but the fresh Q-Former "
+            f"reads model.vision's width {described.hidden_size}: make model.vision describe that ViT"
+        )
+    return vision.freeze()
 
 
 def _checkpoint_model(config: Stage2Config, init: Path):

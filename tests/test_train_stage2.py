@@ -422,6 +422,33 @@ def test_init_from_a_stage1_run_folder(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.image_encoder.parameters(), vision.parameters(), strict=True))
 
 
+def test_vision_weights_are_used_or_refused(tmp_path):
+    """model.vision_weights builds a fresh Q-Former's ViT; where the ViT comes with model.init (a stage-1
+    run), it is refused rather than ignored, and a path that is not there is named."""
+    import torch
+
+    from blip2_fast.checkpoint import save_vision
+    from blip2_fast.config import VisionConfig
+    from blip2_fast.vision import ImageEncoder
+
+    torch.manual_seed(5)
+    trained = ImageEncoder(VisionConfig.preset("tiny"))
+    save_vision(trained, tmp_path / "vit.safetensors")
+    fresh = [("model.init", "null"), RANDOM_LLM, ("model.vision_weights", str(tmp_path / "vit.safetensors"))]
+    model, _, _ = build_model(load_config(None, fresh))
+    assert all(torch.equal(a, b) for a, b in zip(model.image_encoder.parameters(), trained.parameters(), strict=True))
+    assert model.image_encoder.frozen
+    missing = [("model.init", "null"), RANDOM_LLM, ("model.vision_weights", str(tmp_path / "nowhere.safetensors"))]
+    with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):
+        build_model(load_config(None, missing))
+    wider = [*fresh, ("model.vision", "{preset: small}")]
+    with pytest.raises(ValueError, match="a ViT of width 48, but the fresh Q-Former reads model.vision's width 192"):
+        build_model(load_config(None, wider))
+    run = [("model.init", str(_stage1_folder(tmp_path))), RANDOM_LLM, fresh[-1]]
+    with pytest.raises(ValueError, match=r"model.vision_weights .*: not used, .* is a stage-1 run"):
+        build_model(load_config(None, run))
+
+
 @pytest.mark.slow
 def test_fine_tuning_a_trained_stage2_model_on_captions(tmp_path):
     """BLIP-2's COCO caption fine-tuning in small: a Blip2ForConditionalGeneration folder (LLM and tokenizer
