@@ -48,6 +48,7 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import csv  # noqa: E402
 import dataclasses  # noqa: E402
+import errno  # noqa: E402
 import fcntl  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
@@ -913,6 +914,30 @@ def run_facts(config) -> dict[str, int]:
     }
 
 
+# how a full disk (or quota) reads where the writer drops errno: torch's zip writer, safetensors (Rust)
+_DISK_FULL = ("no space left", "os error 28", "disk quota exceeded", "os error 122")
+_WRITE_FAILED = ("unexpected pos", "file write failed", *_DISK_FULL)
+
+
+@contextlib.contextmanager
+def writing(path: Path, what: str) -> Iterator[None]:
+    """A write under ``path`` that fails for want of space is an ``OSError`` saying so, naming ``path`` and its
+    free space (torch's own message, "unexpected pos 704 vs 598", names neither); other errors pass."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        text = str(err).lower()
+        full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(s in text for s in _DISK_FULL)
+        if not full and not any(s in text for s in _WRITE_FAILED):
+            raise
+        place = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+        free = shutil.disk_usage(place).free / 1e6
+        why = "no space left on the device" if full else "the device is probably full or over quota"
+        raise OSError(
+            errno.ENOSPC, f"writing {what} to {path} failed: {why} ({free:.0f} MB free); the writer said: {err}"
+        ) from err
+
+
 def save_checkpoint(engine, folder: Path, step: int, micro_step: int, keep: int, facts: dict[str, int]) -> Path:
     """Atomic DeepSpeed checkpoint: write ``tmp-<tag>``, rename to ``<tag>``, then point ``latest`` at it.
     ``facts`` (:func:`run_facts`) go beside it as ``run.json``, for a resumed run to be checked against."""
@@ -932,8 +957,11 @@ def save_checkpoint(engine, folder: Path, step: int, micro_step: int, keep: int,
     stage1 = engine.module
     client = {"step": step, "micro_step": micro_step, "sampler": stage1.sampler.state_dict()}
     # frozen weights (a stage-2 LLM) come from their own files: a checkpoint holds what training changes
-    engine.save_checkpoint(str(folder), tag=tmp, client_state=client, save_latest=False, exclude_frozen_parameters=True)
-    save_rng(_rng_file(folder / tmp, rank))
+    with writing(folder / tmp, f"the checkpoint of step {step} ({_last_good(folder)})"):
+        engine.save_checkpoint(
+            str(folder), tag=tmp, client_state=client, save_latest=False, exclude_frozen_parameters=True
+        )
+        save_rng(_rng_file(folder / tmp, rank))
     distributed.barrier()
     if rank == 0:
         (folder / tmp / "run.json").write_text(json.dumps(facts))
@@ -1188,9 +1216,10 @@ def export_vision(engine, path: Path) -> Path | None:
 def export_run(engine, qformer_config: QFormerConfig, vision, run_dir: Path) -> None:
     """The weights in ``engine`` now as ``model.safetensors`` (and ``vision.safetensors`` when the ViT trains),
     seen by every rank when this returns."""
-    export_trainable(engine, qformer_config, run_dir / "model.safetensors")
-    if not vision.frozen:
-        export_vision(engine, run_dir / "vision.safetensors")
+    with writing(run_dir, "the trained model"):
+        export_trainable(engine, qformer_config, run_dir / "model.safetensors")
+        if not vision.frozen:
+            export_vision(engine, run_dir / "vision.safetensors")
     distributed.barrier()
 
 
@@ -1255,7 +1284,8 @@ def write_csv_atomic(path: Path, fields: list[str], rows: list[dict[str, Any]]) 
     writer = csv.DictWriter(text, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
-    write_text_atomic(path, text.getvalue())
+    with writing(path, "the metrics"):
+        write_text_atomic(path, text.getvalue())
 
 
 class MetricsLog:
@@ -1280,7 +1310,7 @@ class MetricsLog:
 
     def log(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
-        with self.path.open("a", newline="") as f:
+        with writing(self.path, "the metrics"), self.path.open("a", newline="") as f:
             csv.DictWriter(f, fieldnames=CSV_FIELDS + RECALL_FIELDS).writerow(row)
         if self.tb is not None:
             for key, value in row.items():
@@ -1578,7 +1608,8 @@ def _train(config: TrainConfig, stop: StopRequest) -> dict[str, Any]:
         from blip2_fast.checkpoint import save_vision
 
         # a trainable ViT's is replaced at each export; a resumed one's stays the last export until then
-        save_vision(vision, run_dir / "vision.safetensors")
+        with writing(run_dir, "the run's ViT"):
+            save_vision(vision, run_dir / "vision.safetensors")
     log = MetricsLog(run_dir, step) if rank == 0 else None
     best = best_so_far(run_dir)
 

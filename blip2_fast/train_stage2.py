@@ -80,6 +80,7 @@ from blip2_fast.train import (  # noqa: E402
     start_run,
     stop_on_request,
     write_csv_atomic,
+    writing,
 )
 
 DEFAULT_INIT = "runs/stage1-default"
@@ -773,7 +774,8 @@ def _train(config: Stage2Config, stop: StopRequest) -> dict[str, Any]:
                 path = run_dir / "model.safetensors"
                 with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None, enabled=zero3):
                     if rank == 0:
-                        save_trainable(model, path)
+                        with writing(run_dir, "the trained model"):
+                            save_trainable(model, path)
                 distributed.barrier()
                 return path
 
@@ -799,8 +801,9 @@ def _train(config: Stage2Config, stop: StopRequest) -> dict[str, Any]:
     # under ZeRO-3 every rank holds a shard: gather the whole model for the export and the generation
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None, enabled=zero3):
         if rank == 0:
-            save_trainable(model, model_path)
-            save_transformers(model, hf_dir, tokenizer=tokenizer)  # the folder loads as a whole
+            with writing(run_dir, "the trained model"):
+                save_trainable(model, model_path)
+                save_transformers(model, hf_dir, tokenizer=tokenizer)  # the folder loads as a whole
             result.update(model=model_path, transformers=hf_dir)
         if t.evaluate and step == t.steps:
             # every rank captions the same images: under ZeRO-3 each forward takes part in collectives

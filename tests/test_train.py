@@ -1002,3 +1002,39 @@ def test_sigterm_checkpoints_at_the_next_step_and_stops(tmp_path):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"resumed from {run_dir / 'checkpoints' / f'step{step:08d}'} at step {step}" in again.stdout
     assert logged_steps(run_dir / "metrics.csv")[-1] == step + 1
+
+
+def test_a_full_disk_is_named_with_the_path_and_its_free_space(tmp_path):
+    """torch's writer fails on a full disk with "unexpected pos 704 vs 598", naming neither file nor cause:
+    a write that fails so (here for real, under a file-size limit) or with ENOSPC says both; others pass."""
+    import errno
+
+    script = textwrap.dedent(
+        f"""
+        import resource, signal, torch
+        from pathlib import Path
+        from blip2_fast.train import writing
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        target = Path({str(tmp_path)!r}) / "checkpoints" / "tmp-step00000003"
+        target.mkdir(parents=True)
+        with writing(target, "the checkpoint of step 3"):
+            torch.save({{"w": torch.zeros(100_000)}}, target / "mp_rank_00_model_states.pt")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True, text=True, timeout=300)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and last.startswith("OSError: [Errno 28] writing the checkpoint of step 3 to "), last
+    assert "tmp-step00000003 failed: the device is probably full or over quota (" in last and " MB free)" in last
+    assert "unexpected pos" in last  # the writer's own words follow
+
+    from blip2_fast.train import writing
+
+    with pytest.raises(OSError, match=r"writing the metrics to .*metrics.csv failed: no space left on the device \("):
+        with writing(tmp_path / "metrics.csv", "the metrics"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    for other in (OSError(errno.EACCES, "Permission denied"), ValueError("not a write")):
+        with pytest.raises(type(other)) as raised:
+            with writing(tmp_path, "anything"):
+                raise other
+        assert raised.value is other
