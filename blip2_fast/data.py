@@ -14,8 +14,13 @@ Randomness is a function of ``(seed, epoch, sample)``, never of the worker that
 happens to load a sample, so a run gives the same pixels with any ``num_workers``
 and a resumed run repeats the data of an uninterrupted one.
 
-A corrupt or missing image never stops an epoch: the sample becomes ``None``, the
-collate drops it and reports how many it dropped in ``batch["skipped"]``.
+Every image becomes RGB through ``to_rgb``: upright by its EXIF orientation, alpha
+composited over white, 16-bit greyscale scaled (not clipped) to 8 bits; a mode with
+no known correct RGB form (``F``, 32-bit ``I``, ``LAB``) is refused by name.
+
+A corrupt or missing image, or a caption that cleans to nothing, never stops an
+epoch: the sample becomes ``None``, the collate drops it and reports how many it
+dropped in ``batch["skipped"]``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import io
 import json
 import logging
 import math
+import operator
 import os
 import re
 import tarfile
@@ -37,7 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import ExifTags, Image, ImageDraw, ImageOps
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 __all__ = [
@@ -58,6 +64,7 @@ __all__ = [
     "module_fingerprint",
     "random_resized_crop_box",
     "sample_seed",
+    "to_rgb",
 ]
 
 log = logging.getLogger(__name__)
@@ -98,6 +105,84 @@ def clean_caption(text: str, max_words: int = 50) -> str:
     if len(words) > max_words:
         text = " ".join(words[:max_words])
     return text
+
+
+# --------------------------------------------------------------------------- images -> RGB
+
+# 16-bit greyscale. A PNG's "I" (what older Pillow opens a 16-bit grey PNG as) is
+# 16-bit too: PNG has no deeper samples.
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+_ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+# PIL's own conversion is right for these: CMYK naively (no ICC profile, as in LAVIS and
+# Hugging Face), YCbCr as JPEG's full-range BT.601, HSV by the standard hexcone formula.
+_AS_PIL = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "HSV")
+_REFUSED = {
+    "F": "float values have no known range (0-1, 0-255, 0-65535 or HDR)",
+    "I": "32-bit integer values have no known range (only a PNG's are known to be 16-bit)",
+    "LAB": "its white point is not recorded, and Pillow's LAB to RGB differs between versions",
+}
+_TRANSPOSING_ORIENTATIONS = (2, 3, 4, 5, 6, 7, 8)
+
+
+def to_rgb(image: Image.Image, name: str | None = None) -> Image.Image:
+    """An 8-bit RGB image with the pixels ``image`` shows; ``image`` itself when it already is one.
+
+    Upright by its EXIF orientation; alpha (an alpha band, a transparent palette
+    entry or colour) composited over white, as Hugging Face image processors do;
+    16-bit greyscale scaled to 8 bits (value / 257, rounded; PIL's own conversion
+    clips at 255); 1, L, P, CMYK, YCbCr, HSV and RGBX converted as PIL does. Any
+    other mode (F, 32-bit I, LAB) is a one-line ValueError naming the image (``name``,
+    default its file name) and the mode. A multi-frame image gives the frame it is
+    at (a file opens at its first).
+    """
+    name = name or getattr(image, "filename", "") or "an in-memory image"
+    sixteen_bit = image.mode in _SIXTEEN_BIT or (image.mode == "I" and image.format == "PNG")
+    image = _upright(image)  # first: a transposed image has no format, a rebuilt 8-bit one no EXIF
+    if sixteen_bit:
+        image = _sixteen_to_eight_bits(image, name)
+    if image.mode == "La":  # PIL has no La -> RGBA conversion; premultiplied RGBa has one
+        grey, alpha = image.split()
+        image = Image.merge("RGBa", (grey, grey, grey, alpha))
+    if image.mode not in _AS_PIL + _ALPHA_MODES:
+        reason = _REFUSED.get(image.mode, "no known conversion to RGB")
+        raise ValueError(f"{name}: image mode {image.mode} is refused: {reason}")
+    if _has_alpha(image):
+        return _over_white(image.convert("RGBA"))
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    # A phone stores the sensor's pixels and the camera's rotation in EXIF; checking first
+    # avoids exif_transpose's copy of every upright image.
+    if image.getexif().get(ExifTags.Base.Orientation) in _TRANSPOSING_ORIENTATIONS:
+        return ImageOps.exif_transpose(image)
+    return image
+
+
+def _sixteen_to_eight_bits(image: Image.Image, name: str) -> Image.Image:
+    """16-bit greyscale -> "L", or "LA" when a grey value is marked transparent (PNG tRNS)."""
+    values = np.asarray(image)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise ValueError(f"{name}: image mode {image.mode} holds values outside 0..65535, so it is not 16-bit")
+    # round(v / 257) exactly in integers: 65535 -> 255, 32768 -> 128
+    grey = Image.fromarray(((values.astype(np.uint32) + 128) // 257).astype(np.uint8))
+    transparent = image.info.get("transparency")
+    if not isinstance(transparent, int):
+        return grey
+    alpha = Image.fromarray(np.where(values == transparent, 0, 255).astype(np.uint8))
+    return Image.merge("LA", (grey, alpha))
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    # Image.has_transparency_data, which Pillow 10.0 lacks
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        return True
+    return image.mode == "P" and image.palette is not None and image.palette.mode.endswith("A")
+
+
+def _over_white(rgba: Image.Image) -> Image.Image:
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
 
 
 # --------------------------------------------------------------------------- transforms
@@ -202,8 +287,7 @@ class ImageTransform:
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         if not isinstance(image, Image.Image):
             raise ValueError(f"the image transform expects a PIL.Image.Image, got {type(image).__name__}")
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        image = to_rgb(image)
         size = (self.image_size, self.image_size)
         if self.train:
             generator = generator if generator is not None else self.generator
@@ -388,15 +472,29 @@ class SyntheticShapes(Dataset):
 # --------------------------------------------------------------------------- caption JSON
 
 
+def _is_image_id(value: Any) -> bool:
+    """A non-empty str or an int. Not a bool or a float: as dict keys True == 1 == 1.0, which would
+    silently give two images one id."""
+    if isinstance(value, str):
+        return bool(value.strip())
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_image_id(value: Any, where: str) -> None:
+    if not _is_image_id(value):
+        raise ValueError(f"{where} has image_id {value!r:.100}; an image id is a non-empty str or an int")
+
+
 class CaptionJSON(Dataset):
     """COCO/LAVIS caption annotations + an image folder; one sample per caption.
 
     ``annotation_file`` holds either a list of ``{"image": path relative to
     image_root, "caption": str or list of str, "image_id": optional}`` (LAVIS), or
     COCO's ``{"images": [{"id", "file_name"}], "annotations": [{"image_id",
-    "caption"}]}``. Image ids (any JSON scalar) map to consecutive ints in order of
-    first appearance; an entry without one takes the id of its image path, so the
-    captions of one image share an id.
+    "caption"}]}``. Image ids (a non-empty str or an int) map to consecutive ints in
+    order of first appearance; an entry without one (or with null) takes the id of
+    its image path, so the captions of one image share an id. One image path with
+    two different ids is an error, as is any other id (bool, float, list, object).
 
     Items are ``{"image": Path, "caption": str, "image_id": int}``: images are
     opened by ``ImageTextDataset``, which skips and counts the unreadable ones.
@@ -417,6 +515,7 @@ class CaptionJSON(Dataset):
         entries = self._entries(data)
         self.samples: list[tuple[str, str, int]] = []
         ids: dict[Any, int] = {}
+        first_id: dict[str, tuple[int, Any]] = {}  # image path -> (entry, image_id given)
         for n, entry in enumerate(entries):
             if not isinstance(entry, Mapping) or entry.get("image") is None or entry.get("caption") is None:
                 raise ValueError(
@@ -425,18 +524,27 @@ class CaptionJSON(Dataset):
                 )
             image, captions = entry["image"], entry["caption"]
             captions = [captions] if isinstance(captions, str) else captions
-            if not isinstance(image, str) or not isinstance(captions, list) or not captions:
+            if not isinstance(image, str) or not image.strip():
                 raise ValueError(
-                    f"{annotation_file}: entry {n} needs 'image' a str and 'caption' a str or a non-empty list of str"
+                    f"{annotation_file}: entry {n} needs 'image' a non-empty str (a path under the image root),"
+                    f" got {image!r:.100}"
                 )
+            if not isinstance(captions, list) or not captions:
+                raise ValueError(f"{annotation_file}: entry {n} needs 'caption' a str or a non-empty list of str")
             if not all(isinstance(c, str) for c in captions):
                 raise ValueError(f"{annotation_file}: entry {n} has a caption that is not a str")
-            raw_id = entry.get("image_id")
-            if raw_id is None:  # absent or null: the image file names the image
-                raw_id = ("path", image)
-            if isinstance(raw_id, (dict, list)):
-                raise ValueError(f"{annotation_file}: entry {n} has an 'image_id' that is not a str or number")
-            image_id = ids.setdefault(raw_id, len(ids))
+            given = entry.get("image_id")
+            if given is not None:
+                _check_image_id(given, f"{annotation_file}: entry {n}")
+            # Captions of one image under two ids would be each other's ITC negatives.
+            first, first_given = first_id.setdefault(image, (n, given))
+            if first_given != given:
+                raise ValueError(
+                    f"{annotation_file}: entry {n} gives image {image!r:.100} the image_id {given!r:.60},"
+                    f" entry {first} gave it {first_given!r:.60}"
+                )
+            # absent or null: the image file names the image
+            image_id = ids.setdefault(("path", image) if given is None else given, len(ids))
             self.samples.extend((image, c, image_id) for c in captions)
         self.num_images = len(ids)
 
@@ -444,15 +552,14 @@ class CaptionJSON(Dataset):
         if isinstance(data, list):
             return data
         if isinstance(data, Mapping) and "images" in data and "annotations" in data:
-            try:
-                files = {img["id"]: img["file_name"] for img in data["images"]}
-            except (KeyError, TypeError) as err:
-                raise ValueError(
-                    f"{self.annotation_file}: every COCO 'images' entry needs 'id' and 'file_name'"
-                ) from err
+            if not isinstance(data["images"], list) or not isinstance(data["annotations"], list):
+                raise ValueError(f"{self.annotation_file}: COCO 'images' and 'annotations' must be lists")
+            files = self._coco_files(data["images"])
             out = []
             for n, ann in enumerate(data["annotations"]):
-                if not isinstance(ann, Mapping) or ann.get("image_id") not in files:
+                image_id = ann.get("image_id") if isinstance(ann, Mapping) else None
+                _check_image_id(image_id, f"{self.annotation_file}: annotation {n}")
+                if image_id not in files:
                     raise ValueError(f"{self.annotation_file}: annotation {n} names an image_id missing from 'images'")
                 out.append(
                     {"image": files[ann["image_id"]], "caption": ann.get("caption"), "image_id": ann["image_id"]}
@@ -462,6 +569,20 @@ class CaptionJSON(Dataset):
             f"{self.annotation_file}: expected a JSON list of {{'image', 'caption'}} entries"
             " or a COCO object with 'images' and 'annotations'"
         )
+
+    def _coco_files(self, images: Any) -> dict[Any, Any]:
+        """COCO ``images``: id -> file_name; a bad or repeated id is an error."""
+        files: dict[Any, Any] = {}
+        for n, img in enumerate(images):
+            if not isinstance(img, Mapping) or "id" not in img or "file_name" not in img:
+                raise ValueError(
+                    f"{self.annotation_file}: every COCO 'images' entry needs 'id' and 'file_name' (entry {n})"
+                )
+            _check_image_id(img["id"], f"{self.annotation_file}: images entry {n}")
+            if img["id"] in files:
+                raise ValueError(f"{self.annotation_file}: images entry {n} repeats the id {img['id']!r:.100}")
+            files[img["id"]] = img["file_name"]
+        return files
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -522,8 +643,10 @@ class WebDatasetShards(IterableDataset):
     optionally ``key.json`` with an ``image_id`` (an int is used as is, a str is
     hashed, so the captions of one image share it across shards). Without one, the
     id is a stable 63-bit hash of the shard name and key (one id per sample). Items are
-    ``{"image": bytes or None, "caption": str or None, "image_id": int, "key": str}``;
-    a missing image or caption is left for ``ImageTextDataset`` to skip and count.
+    ``{"image": bytes or None, "caption": str or None, "image_id": int, "key": str}``,
+    plus ``"error": str`` for a sample whose caption is not UTF-8 or whose json or
+    its ``image_id`` (a non-empty str or an int) is bad; such samples, and those
+    missing an image or caption, are left for ``ImageTextDataset`` to skip and count.
 
     Splitting (``split``): ``"shard"`` gives shards round-robin to the
     ``world_size * num_workers`` readers (rank-major): no shard is read twice,
@@ -635,31 +758,56 @@ class WebDatasetShards(IterableDataset):
     @staticmethod
     def _sample(shard: str, key: str, group: dict[str, bytes]) -> dict[str, Any]:
         image = next((group[ext] for ext in IMAGE_EXTENSIONS if ext in group), None)
-        caption = None
+        caption, caption_problem = WebDatasetShards._caption(key, group)
+        image_id, id_problem = WebDatasetShards._image_id(shard, key, group)
+        sample = {"image": image, "caption": caption, "image_id": image_id, "key": f"{shard}/{key}"}
+        if caption_problem or id_problem:
+            sample["error"] = caption_problem or id_problem
+        return sample
+
+    @staticmethod
+    def _caption(key: str, group: dict[str, bytes]) -> tuple[str | None, str | None]:
+        """(caption or None, what is wrong with it or None)."""
         for ext in ("txt", "caption", "text"):
             if ext in group:
-                caption = group[ext].decode("utf-8", errors="replace").strip()
-                break
-        image_id = None
-        if "json" in group:
-            try:
-                image_id = json.loads(group["json"]).get("image_id")
-            except (ValueError, AttributeError):
-                image_id = None
-        if image_id is None:
-            image_id = sample_seed("sample", shard, key)
-        elif not isinstance(image_id, int) or isinstance(image_id, bool):
-            image_id = sample_seed("image_id", str(image_id))  # e.g. "coco_391895": shared by its captions
-        return {"image": image, "caption": caption, "image_id": image_id, "key": f"{shard}/{key}"}
+                try:
+                    return group[ext].decode("utf-8").strip(), None
+                except UnicodeDecodeError:  # replacement characters would be trained as text
+                    return None, f"{key}.{ext} is not UTF-8 text"
+        return None, None
+
+    @staticmethod
+    def _image_id(shard: str, key: str, group: dict[str, bytes]) -> tuple[int, str | None]:
+        """(image id, what is wrong with the json's image_id or None); a broken id falls back to the sample's."""
+        own = sample_seed("sample", shard, key)
+        if "json" not in group:
+            return own, None
+        try:
+            meta = json.loads(group["json"])
+        except ValueError:  # also UnicodeDecodeError
+            return own, f"{key}.json is not valid JSON"
+        if not isinstance(meta, dict):
+            return own, f"{key}.json is not a JSON object"
+        raw = meta.get("image_id")
+        if raw is None:
+            return own, None
+        if not _is_image_id(raw):
+            return own, f"{key}.json has image_id {raw!r:.60}; an image id is a non-empty str or an int"
+        # a str (e.g. "coco_391895") is hashed, so its captions share it across shards
+        return (sample_seed("image_id", raw) if isinstance(raw, str) else raw), None
 
 
 # --------------------------------------------------------------------------- samples and batches
 
 
-def load_image(image: Image.Image | str | os.PathLike | bytes) -> Image.Image:
-    """A fully decoded RGB PIL image from a PIL image, a path or encoded bytes (PIL errors propagate)."""
+def load_image(image: Image.Image | str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
+    """A fully decoded RGB PIL image (``to_rgb``) from a PIL image, a path or encoded bytes.
+
+    ``name`` names the image in errors (default: its path or file name). PIL's errors
+    for unreadable files propagate; a mode with no correct RGB form is a ValueError.
+    """
     if isinstance(image, Image.Image):
-        return image.convert("RGB") if image.mode != "RGB" else image
+        return to_rgb(image, name)
     if isinstance(image, (bytes, bytearray)):
         opened = Image.open(io.BytesIO(image))
     elif isinstance(image, (str, os.PathLike)):
@@ -669,7 +817,15 @@ def load_image(image: Image.Image | str | os.PathLike | bytes) -> Image.Image:
     with opened:
         # PIL decodes lazily: load() here makes a truncated file fail now, not mid-batch.
         opened.load()
-        return opened.convert("RGB")
+        rgb = to_rgb(opened, name or _name_of(image, "image bytes"))
+        # closing a file's image frees its pixels: what is returned must be a copy
+        return opened.copy() if rgb is opened else rgb
+
+
+def _name_of(image: Any, fallback: str) -> str:
+    if isinstance(image, (str, os.PathLike)):
+        return str(image)
+    return getattr(image, "filename", "") or fallback
 
 
 def check_images(images: Any) -> None:
@@ -681,7 +837,7 @@ def check_images(images: Any) -> None:
 def load_pixels(images: Sequence[Any], transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
     """(B, 3, S, S): PIL images, paths or encoded bytes, each decoded and put through ``transform``."""
     check_images(images)
-    return torch.stack([transform(load_image(image)) for image in images])
+    return torch.stack([transform(load_image(im, _name_of(im, f"images[{i}]"))) for i, im in enumerate(images)])
 
 
 class _ImageText:
@@ -721,14 +877,26 @@ class _ImageText:
     def _make(self, record: Mapping[str, Any], index: int, rng_key: int | str) -> dict[str, Any] | None:
         image, caption = record.get("image"), record.get("caption")
         name = str(record.get("key", image if isinstance(image, (str, os.PathLike)) else index))
+        if record.get("error"):
+            self._skip(name, str(record["error"]))
+            return None
         if caption is None:
             self._skip(name, "no caption")
+            return None
+        if not isinstance(caption, str):
+            raise ValueError(f"sample {name}: a caption must be a str, got {type(caption).__name__}")
+        cleaned = clean_caption(caption, self.max_words)
+        if not cleaned:  # "", "...", "!!!": empty text would be trained as a caption
+            self._skip(name, f"caption {caption!r:.60} is empty after cleaning")
             return None
         if image is None:
             self._skip(name, "no image")
             return None
+        image_id = _int_id(record.get("image_id", index))
+        if image_id is None:
+            raise ValueError(f"sample {name}: image_id must be an int, got {record.get('image_id')!r:.60}")
         try:
-            image = load_image(image)
+            image = load_image(image, name)
         except FileNotFoundError:
             self._skip(name, "image file not found")
             return None
@@ -740,24 +908,33 @@ class _ImageText:
             pixels = self.transform(image, generator=generator)
         else:
             pixels = self.transform(image)
-        return {
-            "pixels": pixels,
-            "caption": clean_caption(caption, self.max_words),
-            "image_id": int(record.get("image_id", index)),
-            "index": index,
-        }
+        return {"pixels": pixels, "caption": cleaned, "image_id": image_id, "index": index}
+
+
+def _int_id(value: Any) -> int | None:
+    """``value`` as an int if it is one (numpy and torch ints too), else None: int() would truncate 1.5,
+    parse "12" and take True for 1."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 class ImageTextDataset(_ImageText, Dataset):
     """Training samples from a source: decoded, transformed image and cleaned caption.
 
     Items are ``{"pixels": (3, S, S) float, "caption": str, "image_id": int,
-    "index": int}``, or ``None`` for a sample whose image is missing or unreadable
-    (or that has no caption): such samples are counted in ``skipped`` (per process:
-    with ``num_workers > 0`` read ``batch["skipped"]``) and their names kept in
-    ``skipped_names`` (first 100). For an iterable source (``WebDatasetShards``) the
-    result is iterable too, with ``index`` -1 and the ``None`` placeholders yielded
-    in place so that the collate still counts them.
+    "index": int}``, or ``None`` for a sample whose image is missing or unreadable,
+    that has no caption or one that cleans to nothing ("", "...", "!!!"), or that
+    its source marks broken (``"error"``): such samples are counted in ``skipped``
+    (per process: with ``num_workers > 0`` read ``batch["skipped"]``) and their
+    names kept in ``skipped_names`` (first 100). A caption that is not a str or an
+    ``image_id`` that is not an int is a ValueError (a bug in the source, not in
+    the data). For an iterable source (``WebDatasetShards``) the result is iterable
+    too, with ``index`` -1 and the ``None`` placeholders yielded in place so that
+    the collate still counts them.
 
     The transform draws its randomness from a generator seeded by ``(seed, epoch,
     index)`` (the tar key for shards); call ``set_epoch`` at each epoch (before the

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 from torch.utils.data import DataLoader
 
 from blip2_fast.data import (
@@ -24,6 +24,7 @@ from blip2_fast.data import (
     clean_caption,
     collate_batch,
     expand_urls,
+    load_image,
     module_fingerprint,
     random_resized_crop_box,
 )
@@ -162,6 +163,249 @@ def test_bad_transform_arguments():
         build_transform(32, train=False)(torch.zeros(3, 8, 8))
 
 
+# --------------------------------------------------------------------------- image modes -> RGB
+
+WHITE, RED, GREEN, BLUE = (255, 255, 255), (255, 0, 0), (0, 255, 0), (0, 0, 255)
+CORNERS = [(0, 0), (1, 0), (0, 1), (1, 1)]  # the pixels of a 2x2 image, row-major
+
+
+def at_corners(rgbs: list) -> dict:
+    return dict(zip(CORNERS, rgbs, strict=True))
+
+
+def grey(*values: int) -> list[tuple[int, int, int]]:
+    return [(v, v, v) for v in values]
+
+
+def image_of(mode: str, values: list, size=(2, 2), **info) -> Image.Image:
+    """An image of ``mode`` holding ``values`` (row-major); P and PA get the palette red, green, blue."""
+    image = Image.new(mode, size)
+    if mode in ("P", "PA"):
+        image.putpalette([*RED, *GREEN, *BLUE])
+    image.putdata(values)
+    image.info.update(info)
+    return image
+
+
+def sixteen_bit(mode: str, values: list[int], **info) -> Image.Image:
+    dtype = {"I;16": "<u2", "I;16L": "<u2", "I;16B": ">u2"}[mode]
+    image = Image.frombytes(mode, (2, 2), np.array(values, dtype=dtype).tobytes())
+    image.info.update(info)
+    return image
+
+
+def png_int(values: list[int]) -> Image.Image:
+    """What older Pillow opens a 16-bit grey PNG as: mode I, format PNG."""
+    image = Image.fromarray(np.array(values, dtype=np.int32).reshape(2, 2))
+    image.format = "PNG"
+    return image
+
+
+def rgba_palette() -> Image.Image:
+    image = Image.new("P", (2, 2))
+    image.putpalette([*RED, 0, *GREEN, 128, *BLUE, 255], "RGBA")
+    image.putdata([0, 1, 2, 2])
+    return image
+
+
+def rgb_pixels(image: Image.Image) -> list[tuple[int, ...]]:
+    assert image.mode == "RGB"
+    return [tuple(p) for p in np.asarray(image).reshape(-1, 3).tolist()]
+
+
+def tensor_pixels(pixels: torch.Tensor) -> list[tuple[int, ...]]:
+    values = (unnormalise(pixels) * 255).round().to(torch.uint8).permute(1, 2, 0).reshape(-1, 3)
+    return [tuple(p) for p in values.tolist()]
+
+
+# The expected pixels are the spec: alpha a over white is c*a/255 + 255*(1 - a/255), rounded; 16-bit v
+# becomes round(v / 257); CMYK is (255 - c)(255 - k)/255, rounded.
+MODE_CASES = [
+    pytest.param(lambda: sixteen_bit("I;16", [0, 32768, 65535, 257]), grey(0, 128, 255, 1), id="I;16"),
+    pytest.param(lambda: sixteen_bit("I;16B", [65535, 1000, 128, 384]), grey(255, 4, 0, 1), id="I;16B"),
+    pytest.param(lambda: sixteen_bit("I;16L", [32767, 65534, 129, 771]), grey(127, 255, 1, 3), id="I;16L"),
+    pytest.param(lambda: png_int([0, 32768, 65535, 257]), grey(0, 128, 255, 1), id="I-of-a-PNG"),
+    pytest.param(
+        lambda: sixteen_bit("I;16", [1000, 65535, 0, 32768], transparency=1000),
+        [WHITE, *grey(255, 0, 128)],
+        id="I;16-transparent-grey",
+    ),
+    pytest.param(
+        lambda: image_of("RGBA", [(255, 0, 0, 0), (255, 0, 0, 128), (10, 20, 30, 255), (0, 0, 0, 0)]),
+        [WHITE, (255, 127, 127), (10, 20, 30), WHITE],
+        id="RGBA",
+    ),
+    pytest.param(
+        lambda: image_of("RGBa", [(0, 0, 0, 0), (128, 0, 0, 128), (10, 20, 30, 255), (0, 0, 0, 0)]),
+        [WHITE, (255, 127, 127), (10, 20, 30), WHITE],
+        id="RGBa-premultiplied",
+    ),
+    pytest.param(lambda: image_of("LA", [(100, 0), (100, 128), (100, 255), (0, 0)]), grey(255, 177, 100, 255), id="LA"),
+    pytest.param(lambda: image_of("La", [(0, 0), (50, 128), (100, 255), (0, 0)]), grey(255, 177, 100, 255), id="La"),
+    pytest.param(
+        lambda: image_of("PA", [(0, 0), (1, 128), (2, 255), (0, 255)]),
+        [WHITE, (127, 255, 127), BLUE, RED],
+        id="PA",
+    ),
+    pytest.param(
+        lambda: image_of("P", [0, 1, 2, 0], transparency=0), [WHITE, GREEN, BLUE, WHITE], id="P-transparent-entry"
+    ),
+    pytest.param(
+        lambda: image_of("P", [0, 1, 2, 0], transparency=bytes([0, 128, 255])),
+        [WHITE, (127, 255, 127), BLUE, WHITE],
+        id="P-alpha-per-entry",
+    ),
+    pytest.param(rgba_palette, [WHITE, (127, 255, 127), BLUE, BLUE], id="P-RGBA-palette"),
+    pytest.param(lambda: image_of("L", [7, 9, 7, 200], transparency=7), grey(255, 9, 255, 200), id="L-transparent"),
+    pytest.param(
+        lambda: image_of("RGB", [(1, 2, 3), (4, 5, 6), (1, 2, 3), (1, 2, 4)], transparency=(1, 2, 3)),
+        [WHITE, (4, 5, 6), WHITE, (1, 2, 4)],
+        id="RGB-transparent",
+    ),
+    pytest.param(lambda: image_of("1", [0, 255, 0, 255], transparency=0), [WHITE] * 4, id="1-transparent"),
+    # As PIL converts them.
+    pytest.param(lambda: image_of("L", [0, 7, 128, 255]), grey(0, 7, 128, 255), id="L"),
+    pytest.param(lambda: image_of("1", [0, 255, 255, 0]), grey(0, 255, 255, 0), id="1"),
+    pytest.param(lambda: image_of("P", [0, 1, 2, 0]), [RED, GREEN, BLUE, RED], id="P"),
+    pytest.param(
+        lambda: image_of("RGBX", [(1, 2, 3, 0), (4, 5, 6, 9), (7, 8, 9, 0), (0, 0, 0, 255)]),
+        [(1, 2, 3), (4, 5, 6), (7, 8, 9), (0, 0, 0)],
+        id="RGBX",
+    ),
+    pytest.param(
+        lambda: image_of("CMYK", [(255, 0, 0, 0), (0, 0, 0, 128), (0, 0, 0, 0), (0, 200, 100, 50)]),
+        [(0, 255, 255), (127, 127, 127), WHITE, (205, 44, 125)],
+        id="CMYK",
+    ),
+    pytest.param(
+        lambda: image_of("YCbCr", [(128, 128, 128), (255, 128, 128), (0, 128, 128), (128, 128, 128)]),
+        grey(128, 255, 0, 128),
+        id="YCbCr",
+    ),
+    pytest.param(
+        lambda: image_of("HSV", [(0, 255, 255), (85, 255, 255), (170, 255, 255), (0, 0, 128)]),
+        [RED, GREEN, BLUE, (128, 128, 128)],
+        id="HSV",
+    ),
+]
+
+
+@pytest.mark.parametrize("make, expected", MODE_CASES)
+def test_every_image_mode_reaches_the_model_as_rgb(make, expected):
+    assert rgb_pixels(load_image(make())) == expected
+    # The transform converts a PIL image it is given the same way; at the image's own size its
+    # resize is the identity, so the pixels come back exactly.
+    assert tensor_pixels(build_transform(2, train=False)(make())) == expected
+
+
+@pytest.mark.parametrize("mode", ["F", "I", "LAB"])
+def test_modes_without_a_known_rgb_form_are_refused_by_name(tmp_path, mode):
+    image = Image.new(mode, (2, 2))
+    with pytest.raises(ValueError, match=rf"^shard-3\.tar/k7: image mode {mode} is refused: ") as err:
+        load_image(image, "shard-3.tar/k7")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=rf"^an in-memory image: image mode {mode} is refused"):
+        build_transform(2, train=False)(image)
+    # From a file the error names the file; in training the sample is skipped, counted and named.
+    path = tmp_path / f"{mode}.tif"
+    image.save(path)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: image mode {mode} is refused"):
+        load_image(path)
+    (tmp_path / "ann.json").write_text(json.dumps([{"image": path.name, "caption": "a picture"}]))
+    dataset = ImageTextDataset(CaptionJSON(tmp_path / "ann.json", tmp_path), build_transform(2, train=False))
+    assert dataset[0] is None and dataset.skipped == 1 and dataset.skipped_names == [str(path)]
+
+
+def test_a_png_int_image_beyond_16_bits_is_refused():
+    with pytest.raises(ValueError, match="mode I holds values outside 0..65535"):
+        load_image(png_int([0, 1, 2, 70000]))
+
+
+def quadrants(mode: str, size: tuple[int, int], colours: list) -> Image.Image:
+    """``colours`` in the top-left, top-right, bottom-left, bottom-right quarters."""
+    image = Image.new(mode, size)
+    w, h = size[0] // 2, size[1] // 2
+    for (x, y), colour in zip([(0, 0), (w, 0), (0, h), (w, h)], colours, strict=True):
+        image.paste(colour, (x, y, x + w, y + h))
+    return image
+
+
+def write_mode_files(root: Path) -> dict[str, tuple[tuple[int, int], dict, int]]:
+    """Files whose modes need care: name -> (size, {(x, y): expected RGB}, tolerance). PNG and GIF are
+    exact; JPEG is lossy, a level or two even at quality 100 on flat 8x8 blocks."""
+    root.mkdir(parents=True, exist_ok=True)
+    sixteen_bit("I;16", [0, 32768, 65535, 257]).save(root / "grey16.png")
+    sixteen_bit("I;16", [1000, 65535, 0, 32768], transparency=1000).save(root / "grey16-transparent.png")
+    image_of("P", [0, 1, 2, 0], transparency=bytes([0, 128, 255])).save(root / "palette.png")
+    image_of("RGBA", [(255, 0, 0, 0), (255, 0, 0, 128), (10, 20, 30, 255), (0, 0, 0, 0)]).save(root / "rgba.png")
+    cmyk = [(255, 0, 0, 0), (0, 0, 0, 128), (0, 0, 0, 0), (0, 200, 100, 50)]
+    quadrants("CMYK", (16, 16), cmyk).save(root / "cmyk.jpg", quality=100)
+    # A phone photo held upright: stored as the sensor saw it (32x16), EXIF orientation 6, "rotate 90
+    # degrees clockwise to view". Clockwise, the stored top-left quarter ends at the top right.
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    stored = quadrants("RGB", (32, 16), [RED, BLUE, GREEN, (255, 255, 0)])
+    stored.save(root / "rotated.jpg", quality=100, subsampling=0, exif=exif.tobytes())
+    # Two frames: the first is the image; its palette entry 0 is transparent.
+    first, second = image_of("P", [0, 1, 2, 0]), image_of("P", [1, 1, 1, 1])
+    first.save(root / "frames.gif", save_all=True, append_images=[second], transparency=0, optimize=False)
+    return {
+        "grey16.png": ((2, 2), at_corners(grey(0, 128, 255, 1)), 0),
+        "grey16-transparent.png": ((2, 2), at_corners([WHITE, *grey(255, 0, 128)]), 0),
+        "palette.png": ((2, 2), at_corners([WHITE, (127, 255, 127), BLUE, WHITE]), 0),
+        "rgba.png": ((2, 2), at_corners([WHITE, (255, 127, 127), (10, 20, 30), WHITE]), 0),
+        "cmyk.jpg": (
+            (16, 16),
+            {(4, 4): (0, 255, 255), (12, 4): (127,) * 3, (4, 12): WHITE, (12, 12): (205, 44, 125)},
+            2,
+        ),
+        "rotated.jpg": ((16, 32), {(12, 8): RED, (4, 8): GREEN, (12, 24): BLUE, (4, 24): (255, 255, 0)}, 2),
+        "frames.gif": ((2, 2), at_corners([WHITE, GREEN, BLUE, WHITE]), 0),
+    }
+
+
+def test_image_files_reach_the_model_as_rgb_on_every_path(tmp_path):
+    root = tmp_path / "images"
+    specs = write_mode_files(root)
+
+    def check(pixels: np.ndarray, name: str) -> None:
+        size, expected, tolerance = specs[name]
+        assert pixels.shape == (size[1], size[0], 3), name
+        for (x, y), rgb in expected.items():
+            assert np.abs(pixels[y, x].astype(int) - rgb).max() <= tolerance, (name, (x, y), pixels[y, x], rgb)
+
+    for name in specs:
+        check(np.asarray(load_image(root / name)), name)
+
+    # What the transform receives on the training paths: CaptionJSON and a tar shard through ImageTextDataset.
+    def seen(image):
+        return torch.from_numpy(np.asarray(image).copy())
+
+    (tmp_path / "ann.json").write_text(json.dumps([{"image": name, "caption": "a picture"} for name in specs]))
+    dataset = ImageTextDataset(CaptionJSON(tmp_path / "ann.json", root), seen)
+    for i, name in enumerate(specs):
+        check(dataset[i]["pixels"].numpy(), name)
+    in_shard = [name for name in specs if name.endswith((".png", ".jpg"))]  # what the shard reader takes
+    members = []
+    for i, name in enumerate(in_shard):
+        members += [(f"k{i}.{name.rsplit('.', 1)[1]}", (root / name).read_bytes()), (f"k{i}.txt", b"a picture")]
+    write_shard(tmp_path / "s.tar", members)
+    samples = list(ImageTextDataset(WebDatasetShards(str(tmp_path / "s.tar")), seen))
+    for sample, name in zip(samples, in_shard, strict=True):
+        check(sample["pixels"].numpy(), name)
+    # And through the real eval transform (at the image's size its resize is the identity).
+    real = ImageTextDataset(CaptionJSON(tmp_path / "ann.json", root), build_transform(2, train=False))
+    assert tensor_pixels(real[0]["pixels"]) == grey(0, 128, 255, 1)
+    assert dataset.skipped == real.skipped == 0
+
+
+def test_multi_frame_files_give_their_first_frame(tmp_path):
+    path = tmp_path / "pages.tif"
+    Image.new("RGB", (2, 2), RED).save(path, save_all=True, append_images=[Image.new("RGB", (2, 2), BLUE)])
+    assert rgb_pixels(load_image(path)) == [RED] * 4
+    assert rgb_pixels(load_image(path.read_bytes())) == [RED] * 4
+
+
 # --------------------------------------------------------------------------- synthetic shapes
 
 # Fraction of its bounding box each shape fills, with room for pixel rounding at small sizes
@@ -297,7 +541,7 @@ def test_caption_json_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="entry 0 .*'caption'"):
         CaptionJSON(tmp_path / "bad.json", tmp_path / "images")
     (tmp_path / "bad_id.json").write_text(json.dumps([{"image": "a.png", "caption": "x", "image_id": [1]}]))
-    with pytest.raises(ValueError, match="entry 0 has an 'image_id'"):
+    with pytest.raises(ValueError, match=r"entry 0 has image_id \[1\]"):
         CaptionJSON(tmp_path / "bad_id.json", tmp_path / "images")
     (tmp_path / "notjson.json").write_text("{oops")
     with pytest.raises(ValueError, match="not valid JSON"):
@@ -321,6 +565,112 @@ def test_caption_json_reads_coco_format(tmp_path):
         ("x.jpg", 1),
         ("y.jpg", 0),
     ]
+
+
+# LAVIS's cleaning leaves nothing of these: whitespace and the punctuation it drops.
+EMPTY_CAPTIONS = ["", "   ", "!!!", "...", " . ; : ~ ", "\n\t", '"()"', "*#*"]
+BAD_IMAGE_IDS = [True, False, 1.5, 2.0, [1], {"id": 1}, "", "   "]
+
+
+def test_captions_that_clean_to_nothing_are_skipped_on_every_source(tmp_path, tokenizer):
+    assert all(clean_caption(c) == "" for c in EMPTY_CAPTIONS)
+    (tmp_path / "images").mkdir()
+    path = tmp_path / "images" / "a.png"
+    random_image(5).save(path)
+    captions = ["A good one.", *EMPTY_CAPTIONS]
+    (tmp_path / "ann.json").write_text(json.dumps([{"image": "a.png", "caption": captions}]))
+    dataset = ImageTextDataset(CaptionJSON(tmp_path / "ann.json", tmp_path / "images"), build_transform(8, False))
+    samples = [dataset[i] for i in range(len(dataset))]
+    assert samples[0]["caption"] == "a good one" and samples[1:] == [None] * len(EMPTY_CAPTIONS)
+    assert dataset.skipped == len(EMPTY_CAPTIONS) and dataset.skipped_names == [str(path)] * len(EMPTY_CAPTIONS)
+    batch = collate_batch(samples, tokenizer)
+    assert batch["skipped"] == len(EMPTY_CAPTIONS) and batch["captions"] == ["a good one"]
+    # Tar shards: one sample per caption.
+    members = [m for i, c in enumerate(captions) for m in ((f"k{i}.png", path.read_bytes()), (f"k{i}.txt", c.encode()))]
+    write_shard(tmp_path / "s.tar", members)
+    stream = ImageTextDataset(WebDatasetShards(str(tmp_path / "s.tar")), build_transform(8, False))
+    samples = list(stream)
+    assert samples[0]["caption"] == "a good one" and samples[1:] == [None] * len(EMPTY_CAPTIONS)
+    assert stream.skipped_names == [f"s.tar/k{i}" for i in range(1, len(captions))]
+
+
+@pytest.mark.parametrize("bad", BAD_IMAGE_IDS, ids=repr)
+def test_caption_json_refuses_bad_image_ids(tmp_path, bad):
+    (tmp_path / "images").mkdir()
+    path = tmp_path / "ann.json"
+
+    def refused(data) -> str:
+        path.write_text(json.dumps(data))
+        with pytest.raises(ValueError) as err:
+            CaptionJSON(path, tmp_path / "images")
+        assert "\n" not in str(err.value)
+        return str(err.value)
+
+    lavis = [{"image": "a.png", "caption": "x", "image_id": 1}, {"image": "b.png", "caption": "y", "image_id": bad}]
+    assert refused(lavis).startswith(f"{path}: entry 1 has image_id {bad!r}; an image id is a non-empty str or an int")
+    # COCO, in an annotation (True == 1 would have matched image 1) and in 'images'.
+    images = [{"id": 1, "file_name": "a.png"}]
+    annotations = [{"image_id": 1, "caption": "x"}, {"image_id": bad, "caption": "y"}]
+    message = refused({"images": images, "annotations": annotations})
+    assert message.startswith(f"{path}: annotation 1 has image_id {bad!r};")
+    message = refused({"images": [*images, {"id": bad, "file_name": "b.png"}], "annotations": []})
+    assert message.startswith(f"{path}: images entry 1 has image_id {bad!r};")
+
+
+@pytest.mark.parametrize("bad", ["", "  ", 3, ["a.png"], {"path": "a.png"}], ids=repr)
+def test_caption_json_refuses_bad_image_fields(tmp_path, bad):
+    (tmp_path / "images").mkdir()
+    path = tmp_path / "ann.json"
+    for data in (
+        [{"image": "a.png", "caption": "x"}, {"image": bad, "caption": "y"}],
+        {
+            "images": [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": bad}],
+            "annotations": [{"image_id": 1, "caption": "x"}, {"image_id": 2, "caption": "y"}],
+        },
+    ):
+        path.write_text(json.dumps(data))
+        with pytest.raises(ValueError) as err:
+            CaptionJSON(path, tmp_path / "images")
+        assert str(err.value).startswith(f"{path}: entry 1 needs 'image' a non-empty str")
+        assert f"got {bad!r}" in str(err.value)
+
+
+def test_caption_json_refuses_two_ids_for_one_image(tmp_path):
+    (tmp_path / "images").mkdir()
+    path = tmp_path / "ann.json"
+
+    def entry(image_id):
+        return {"image": "a.png", "caption": "x", **({} if image_id == "absent" else {"image_id": image_id})}
+
+    for first, second in ((1, 2), (1, "1"), (1, "absent"), (None, "x"), ("absent", 7)):
+        path.write_text(json.dumps([entry(first), {"image": "b.png", "caption": "z"}, entry(second)]))
+        with pytest.raises(ValueError, match=r"entry 2 gives image 'a.png' the image_id .*, entry 0 gave it"):
+            CaptionJSON(path, tmp_path / "images")
+    # One id given twice, or none (absent or null) twice, is one image.
+    for first, second in ((3, 3), ("absent", None)):
+        path.write_text(json.dumps([entry(first), entry(second)]))
+        assert CaptionJSON(path, tmp_path / "images").num_images == 1
+    coco = {"images": [{"id": 1, "file_name": "a.png"}, {"id": 1, "file_name": "b.png"}], "annotations": []}
+    path.write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match="images entry 1 repeats the id 1"):
+        CaptionJSON(path, tmp_path / "images")
+
+
+def test_image_text_dataset_refuses_ids_and_captions_of_the_wrong_type():
+    image = random_image(0, size=(8, 8))
+
+    def first(record):
+        return ImageTextDataset([record], build_transform(8, train=False))[0]
+
+    for good in (3, np.int64(3), torch.tensor(3)):
+        assert first({"image": image, "caption": "a cat", "image_id": good})["image_id"] == 3
+    # int() would have truncated 1.5, parsed "3" and taken True for 1.
+    for bad in (1.5, 3.0, "3", True, None, [3]):
+        with pytest.raises(ValueError, match=r"^sample 0: image_id must be an int, got "):
+            first({"image": image, "caption": "a cat", "image_id": bad})
+    for bad in (b"a cat", ["a cat"], 3):
+        with pytest.raises(ValueError, match=r"^sample 0: a caption must be a str"):
+            first({"image": image, "caption": bad})
 
 
 def test_train_pixels_do_not_depend_on_workers(tmp_path, tokenizer):
@@ -473,6 +823,34 @@ def test_tar_shards_through_image_text_dataset_skip_bad_samples(tmp_path, tokeni
     ids = [s["image_id"] for s in WebDatasetShards(str(tmp_path / "s.tar"))]
     assert ids[0] == 12 and len(set(ids)) == 4
     assert ids == [s["image_id"] for s in WebDatasetShards(str(tmp_path / "s.tar"))]
+
+
+def test_tar_shard_samples_with_bad_text_or_ids_are_skipped(tmp_path):
+    png = io.BytesIO()
+    random_image(6, size=(8, 8)).save(png, format="PNG")
+    metadata = [
+        ("txt", b"A fine caption", None, None),  # kept: no json, the sample's own id
+        ("txt", b"caf\xe9 au lait", None, "k1.txt is not UTF-8 text"),  # latin-1
+        ("txt", b"ok", b"{oops", "k2.json is not valid JSON"),
+        ("txt", b"ok", b"[12]", "k3.json is not a JSON object"),
+        ("txt", b"ok", b'{"image_id": 12}', None),  # kept
+        ("txt", b"ok", b'{"width": 8}', None),  # kept: no image_id in the json
+    ]
+    metadata += [("txt", b"ok", json.dumps({"image_id": v}).encode(), f"has image_id {v!r}") for v in BAD_IMAGE_IDS]
+    members = []
+    for i, (ext, caption, meta, _) in enumerate(metadata):
+        members += [(f"k{i}.png", png.getvalue()), (f"k{i}.{ext}", caption)]
+        members += [(f"k{i}.json", meta)] if meta is not None else []
+    write_shard(tmp_path / "s.tar", members)
+    records = list(WebDatasetShards(str(tmp_path / "s.tar")))
+    for record, (_, _, _, problem) in zip(records, metadata, strict=True):
+        assert isinstance(record["image_id"], int)  # a reader alone still gets an int
+        assert (problem is None and "error" not in record) or problem in record["error"], (record, problem)
+    dataset = ImageTextDataset(WebDatasetShards(str(tmp_path / "s.tar")), build_transform(8, train=False))
+    samples = list(dataset)
+    assert [s is None for s in samples] == [problem is not None for *_, problem in metadata]
+    assert dataset.skipped_names == [f"s.tar/k{i}" for i, (*_, p) in enumerate(metadata) if p is not None]
+    assert samples[4]["image_id"] == 12
 
 
 @pytest.mark.parametrize("cut", [0.5, 0.33, 0.8], ids=["at-block", "in-data", "late"])
