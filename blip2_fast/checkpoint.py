@@ -44,8 +44,10 @@ Parts a layout lacks (the LM head and ``temp`` of a retrieval checkpoint, the
 text parts of ``Blip2Model``'s Q-Former) keep their fresh init and are listed in
 :attr:`LoadReport.fresh` (and logged); tensors that are not part of the
 Q-Former (the language model, its projection) are listed in
-:attr:`LoadReport.ignored`. Anything else that does not fit is a ``ValueError``
-naming the missing keys, the unexpected keys and the shape mismatches.
+:attr:`LoadReport.ignored`; second copies of a tied tensor (a LAVIS LM head's
+decoder weight, which is the word embedding) in :attr:`LoadReport.tied`.
+Anything else that does not fit is a ``ValueError`` naming the missing keys,
+the unexpected keys and the shape mismatches.
 
 transformers' vision ``post_layernorm`` uses the vision config's
 ``layer_norm_eps`` (1e-6) where LAVIS' ``ln_vision`` uses 1e-5; loading a
@@ -92,6 +94,8 @@ class LoadReport:
     fresh: list[str]  # ours, not in the checkpoint: they keep their fresh init
     ignored: list[str]  # the checkpoint's, not part of the model built (language model, dropped parts)
     notes: list[str] = dataclasses.field(default_factory=list)
+    # the checkpoint's second copies of a tied tensor -> the key loaded in their place (the same values)
+    tied: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> str:
         lines = [f"{self.source} ({self.layout}): {len(self.loaded)} tensors loaded"]
@@ -99,6 +103,9 @@ class LoadReport:
             lines.append(f"fresh init (not in the checkpoint): {', '.join(group_names(self.fresh))}")
         if self.ignored:
             lines.append(f"ignored checkpoint keys: {', '.join(group_names(self.ignored))}")
+        # said apart from the ignored keys: a tied LM head is loaded, through the tensor it shares
+        for copy, original in self.tied.items():
+            lines.append(f"{copy}: tied to {original} (the same tensor, loaded once)")
         lines.extend(self.notes)
         return "\n".join(lines)
 
@@ -260,21 +267,26 @@ def _apply(
     layout: str,
     droppable: set[str],
     ignorable: Callable[[str], bool],
+    tied: dict[str, str] | None = None,
 ) -> LoadReport:
     """Copy ``tensors[names[ours]]`` into each of our parameters, strictly.
 
     ``names``: ours -> checkpoint key, for everything the layout holds. Entries whose
     parameter does not exist in the model built (``text_input=False``, no vision
     encoder) are dropped and their keys reported as ignored, as are checkpoint keys
-    in ``droppable`` or matching ``ignorable``. Any other checkpoint key is
+    in ``droppable`` or matching ``ignorable``. ``tied``: checkpoint keys that are a
+    second copy of another (checked equal by the caller), reported as tied when that
+    other one loads (else as ``droppable`` says). Any other checkpoint key is
     unexpected; a mapped key absent from the checkpoint is missing.
     """
     targets = _targets(qformer, vision)
     present = {ours: key for ours, key in names.items() if ours in targets}
+    loads = set(present.values())
+    tied = {copy: original for copy, original in (tied or {}).items() if copy in tensors.keys() and original in loads}
     dropped = {key for ours, key in names.items() if ours not in targets}
     available = tensors.keys()
     missing = sorted(key for key in present.values() if key not in available)
-    expected = set(present.values())
+    expected = set(present.values()) | set(tied)
     ignored = sorted(k for k in available if k not in expected and (k in dropped or k in droppable or ignorable(k)))
     unexpected = sorted(available - expected - set(ignored))
     mismatched = [
@@ -296,7 +308,7 @@ def _apply(
         for ours, key in present.items():
             targets[ours].copy_(tensors[key])
     fresh = sorted(set(targets) - set(present))
-    report = LoadReport(source, layout, sorted(present), fresh, ignored)
+    report = LoadReport(source, layout, sorted(present), fresh, ignored, tied=dict(sorted(tied.items())))
     if fresh:
         logger.warning("%s: kept the fresh init of %s", source, ", ".join(group_names(fresh)))
     if ignored:
@@ -647,13 +659,26 @@ def _layer_indices(keys: Iterable[str], pattern: str) -> list[int]:
     return sorted(found)
 
 
-def lavis_config(state: dict[str, torch.Tensor], *, num_attention_heads: int = 12, **overrides: Any) -> QFormerConfig:
+# (hidden size, layers, FFN width) of the only Q-Former LAVIS' BLIP-2 models use: BERT-base, with its 12 heads
+BLIP2_QFORMER_SHAPES = (768, 12, 3072)
+BLIP2_QFORMER_HEADS = 12
+
+
+def lavis_config(
+    state: dict[str, torch.Tensor],
+    *,
+    num_attention_heads: int | None = None,
+    source: str = "LAVIS state dict",
+    **overrides: Any,
+) -> QFormerConfig:
     """QFormerConfig inferred from a LAVIS state dict's shapes.
 
     Shapes give hidden size, layers, FFN width, image-feature width, number of
-    queries, vocabulary, positions, ITC width and which layers cross-attend; the
-    head count cannot be read from shapes (``num_attention_heads``, BERT-base's 12
-    by default). ``overrides`` set any QFormerConfig key.
+    queries, vocabulary, positions, ITC width and which layers cross-attend. The
+    head count cannot be read from shapes: ``num_attention_heads`` defaults to 12
+    when the shapes are BLIP-2's BERT-base (hidden 768, 12 layers, FFN 3072) and
+    must be given for any other layout (a ``ValueError`` naming ``source`` says so).
+    ``overrides`` set any QFormerConfig key.
     """
 
     def shape(key: str) -> tuple[int, ...] | None:
@@ -661,31 +686,31 @@ def lavis_config(state: dict[str, torch.Tensor], *, num_attention_heads: int = 1
 
     def need(key: str) -> tuple[int, ...]:
         if key not in state:
-            raise ValueError(f"LAVIS state dict: missing key {key} (needed to infer the config)")
+            raise ValueError(f"{source}: missing key {key} (needed to infer the config)")
         return tuple(state[key].shape)
 
     enc = _LAVIS_ROOT + "encoder.layer."
     layers = _layer_indices(state, re.escape(enc) + r"(\d+)\.")
     if not layers or layers != list(range(len(layers))):
-        raise ValueError(f"LAVIS state dict: expected {enc}0 ... {enc}N-1 keys, found layers {layers}")
+        raise ValueError(f"{source}: expected {enc}0 ... {enc}N-1 keys, found layers {layers}")
     cross = _layer_indices(state, re.escape(enc) + r"(\d+)\.crossattention\.")
     if not cross or cross[0] != 0:
-        raise ValueError(f"LAVIS state dict: expected cross-attention in layer 0, found it in layers {cross}")
+        raise ValueError(f"{source}: expected cross-attention in layer 0, found it in layers {cross}")
     freq = cross[1] - cross[0] if len(cross) > 1 else len(layers)
     if cross != list(range(0, len(layers), freq)):
-        raise ValueError(f"LAVIS state dict: cross-attention in layers {cross} is not every k-th layer from 0")
+        raise ValueError(f"{source}: cross-attention in layers {cross} is not every k-th layer from 0")
     query = shape("query_tokens")
     if query is None or len(query) != 3:
-        raise ValueError("LAVIS state dict: expected query_tokens of shape (1, Q, H)")
+        raise ValueError(f"{source}: expected query_tokens of shape (1, Q, H)")
     fields: dict[str, Any] = dict(
         hidden_size=query[2],
         num_query_tokens=query[1],
         num_hidden_layers=len(layers),
-        num_attention_heads=num_attention_heads,
         intermediate_size=need(f"{enc}0.intermediate_query.dense.weight")[0],
         cross_attention_freq=freq,
         encoder_width=need(f"{enc}0.crossattention.self.key.weight")[1],
     )
+    fields["num_attention_heads"] = _lavis_heads(fields, num_attention_heads, source)
     word = shape(_LAVIS_ROOT + "embeddings.word_embeddings.weight")
     position = shape(_LAVIS_ROOT + "embeddings.position_embeddings.weight")
     if word is not None:
@@ -701,6 +726,21 @@ def lavis_config(state: dict[str, torch.Tensor], *, num_attention_heads: int = 1
             torch.equal(decoder, state[_LAVIS_ROOT + "embeddings.word_embeddings.weight"])
         )
     return QFormerConfig(**{**fields, **overrides})
+
+
+def _lavis_heads(fields: dict[str, Any], given: int | None, source: str) -> int:
+    """The head count of a LAVIS Q-Former: ``given``, else BERT-base's 12 when the shapes are BLIP-2's."""
+    if given is not None:
+        return given
+    found = (fields["hidden_size"], fields["num_hidden_layers"], fields["intermediate_size"])
+    if found == BLIP2_QFORMER_SHAPES:
+        return BLIP2_QFORMER_HEADS
+    raise ValueError(
+        f"{source}: a Q-Former of hidden size {found[0]}, {found[1]} layers, FFN width {found[2]} (not BLIP-2's "
+        f"BERT-base {'/'.join(map(str, BLIP2_QFORMER_SHAPES))}, which has {BLIP2_QFORMER_HEADS} heads): its head "
+        "count cannot be read from shapes; pass num_attention_heads=N (model.qformer.num_attention_heads in a "
+        "training config, --num-heads N on the command line)"
+    )
 
 
 def _eva_to_blip2_vision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -739,11 +779,18 @@ def _eva_to_blip2_vision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
-def eva_vision_config(state: dict[str, torch.Tensor], *, num_attention_heads: int = 16) -> VisionConfig:
+def eva_vision_config(
+    state: dict[str, torch.Tensor], *, num_attention_heads: int = 16, source: str = "LAVIS state dict"
+) -> VisionConfig:
     """VisionConfig of an EVA ``visual_encoder.*`` state dict (EVA ViT-g: 1408 wide, 16 heads of 88)."""
     v = "visual_encoder."
     if v + "cls_token" not in state or v + "patch_embed.proj.weight" not in state:
-        raise ValueError("LAVIS state dict: no EVA visual_encoder (cls_token, patch_embed.proj.weight)")
+        raise ValueError(
+            f"{source}: no EVA ViT ({v}cls_token, {v}patch_embed.proj.weight): LAVIS leaves the frozen EVA ViT out "
+            "of its checkpoints; supply it apart (LAVIS' eva_vit_g.pth, or any source load_vision reads) with "
+            "--vision on the command line, model.vision_weights in a training config or "
+            "Blip2Stage1.from_pretrained(..., vision=load_vision(...)); or load the Q-Former alone (vision=False)"
+        )
     hidden = state[v + "cls_token"].shape[-1]
     patch = state[v + "patch_embed.proj.weight"].shape[-1]
     side = math.isqrt(state[v + "pos_embed"].shape[1] - 1)
@@ -763,7 +810,7 @@ def eva_vision_config(state: dict[str, torch.Tensor], *, num_attention_heads: in
 def load_lavis(
     path: str | Path | dict[str, torch.Tensor],
     *,
-    num_attention_heads: int = 12,
+    num_attention_heads: int | None = None,
     vision: bool = False,
     vision_heads: int = 16,
     trust_pickle: bool = False,
@@ -771,7 +818,8 @@ def load_lavis(
 ) -> Loaded:
     """Load a LAVIS BLIP-2 checkpoint (``.pth`` path or its state dict) into our QFormer.
 
-    The config comes from :func:`lavis_config`. ``vision=True`` also maps the EVA
+    The config comes from :func:`lavis_config`: ``num_attention_heads`` must be given unless the
+    Q-Former is BLIP-2's BERT-base (12 heads). ``vision=True`` also maps the EVA
     ``visual_encoder`` onto an :class:`ImageEncoder` (Blip2VisionModel layout);
     otherwise its tensors are reported as ignored. Stage-2 checkpoints (no text
     parts, an LLM beside) load with the text parts fresh, or pass ``text_input=False``.
@@ -781,9 +829,11 @@ def load_lavis(
         state = dict(state.get("model", state)) if "model" in state else state
     else:
         source, state = str(path), _read_lavis(Path(path), trust_pickle)
-    config = lavis_config(state, num_attention_heads=num_attention_heads, **overrides)
+    config = lavis_config(state, num_attention_heads=num_attention_heads, source=source, **overrides)
     model = QFormer(config)
-    encoder = ImageEncoder(eva_vision_config(state, num_attention_heads=vision_heads)) if vision else None
+    encoder = None
+    if vision:
+        encoder = ImageEncoder(eva_vision_config(state, num_attention_heads=vision_heads, source=source))
 
     root = _LAVIS_ROOT
     text_ffn = f"{root}encoder.layer.0.intermediate.dense.weight" in state
@@ -813,6 +863,7 @@ def load_lavis(
     for copy, original in duplicates.items():
         if copy in state and original in state and not torch.equal(state[copy], state[original]):
             raise ValueError(f"{source}: {copy} differs from {original}; they must be the same tensor")
+    # the copies are ignored where their original is too (text_input=False)
     droppable = {k for k in duplicates if k in state and duplicates[k] in state}
 
     if encoder is not None:
@@ -825,8 +876,9 @@ def load_lavis(
         return key.startswith(_LAVIS_FOREIGN) or _is_buffer_key(key) or (not vision and key.startswith("visual_"))
 
     report = _apply(
-        names, tensors, model, encoder, source=source, layout="LAVIS", droppable=droppable, ignorable=ignorable
-    )
+        names, tensors, model, encoder, source=source, layout="LAVIS", droppable=droppable, ignorable=ignorable,
+        tied=duplicates,
+    )  # fmt: skip
     if not vision and any(k.startswith("visual_encoder.") for k in state):
         report.notes.append("visual_encoder (EVA ViT) skipped: pass vision=True to map it onto the ImageEncoder")
     return Loaded(model, encoder, report)
@@ -916,11 +968,12 @@ def _vision_source(path: Path, trust_pickle: bool) -> tuple[dict[str, torch.Tens
             if "cls_token" not in state or "patch_embed.proj.weight" not in state:
                 raise ValueError(
                     f"{path}: expected a LAVIS BLIP-2 checkpoint (visual_encoder.* keys) or a bare EVA ViT "
-                    "(cls_token, patch_embed.proj.weight, blocks.*)"
+                    "(cls_token, patch_embed.proj.weight, blocks.*); LAVIS leaves the frozen EVA ViT out of its "
+                    "pre-training checkpoints: its ViT is eva_vit_g.pth"
                 )
             state = {"visual_encoder." + k: v for k, v in state.items() if not k.startswith(_EVA_UNUSED)}
         state = {k: v for k, v in state.items() if k.startswith("visual_encoder.")}
-        config = eva_vision_config(state)
+        config = eva_vision_config(state, source=str(path))
         tensors = _Tensors.from_dict(_eva_to_blip2_vision(state))
         tensors.fuse_qkv_bias()
         return {k.removeprefix("vision_model."): tensors[k] for k in tensors.keys()}, config, "LAVIS"
@@ -1124,19 +1177,31 @@ def load_qformer(path: str | Path, **overrides: Any) -> QFormer:
     return model
 
 
-def load_checkpoint(path: str | Path, **kwargs: Any) -> Loaded:
+def load_checkpoint(path: str | Path, *, num_attention_heads: int | None = None, **kwargs: Any) -> Loaded:
     """Load any supported checkpoint: a transformers folder, a LAVIS ``.pth``, our ``.safetensors`` or a run
-    folder holding one (``model.safetensors``; the Q-Former alone: ``vision`` is ignored, see :func:`load_vision`)."""
+    folder holding one (``model.safetensors``; the Q-Former alone: ``vision`` is ignored, see :func:`load_vision`).
+
+    ``num_attention_heads``: the Q-Former's head count, which a LAVIS ``.pth`` does not record
+    (:func:`lavis_config`); the other sources record theirs, and another count for them is a ``ValueError``.
+    """
     path = Path(path)
     if path.is_dir() and not (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         path = path / "model.safetensors"
+    if path.suffix in (".pth", ".pt") and not path.is_dir():
+        return load_lavis(path, num_attention_heads=num_attention_heads, **kwargs)
     if path.is_dir():
-        return load_transformers(path, **kwargs)
-    if path.suffix in (".pth", ".pt"):
-        return load_lavis(path, **kwargs)
-    if path.suffix == ".safetensors":
+        loaded = load_transformers(path, **kwargs)
+    elif path.suffix == ".safetensors":
         kwargs.pop("vision", None)
         model = load_qformer(path, **kwargs)
-        names = sorted(dict(model.named_parameters()))
-        return Loaded(model, None, LoadReport(str(path), FORMAT, names, [], []))
-    raise ValueError(f"{path}: expected a transformers folder, a LAVIS .pth or a {FORMAT} .safetensors file")
+        loaded = Loaded(model, None, LoadReport(str(path), FORMAT, sorted(dict(model.named_parameters())), [], []))
+    else:
+        raise ValueError(f"{path}: expected a transformers folder, a LAVIS .pth or a {FORMAT} .safetensors file")
+    recorded = loaded.qformer.config.num_attention_heads
+    if num_attention_heads is not None and num_attention_heads != recorded:
+        # another count splits the same weights into other heads: other numbers, no error anywhere else
+        raise ValueError(
+            f"{path}: its Q-Former has {recorded} attention heads (recorded in the checkpoint), "
+            f"num_attention_heads={num_attention_heads} asked; leave it unset for this checkpoint"
+        )
+    return loaded

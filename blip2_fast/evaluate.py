@@ -4,6 +4,8 @@
     torchrun --nproc_per_node 4 -m blip2_fast.evaluate --checkpoint runs/coco/model.safetensors
     python -m blip2_fast.evaluate --checkpoint blip2-itm-vit-g/ --annotations coco_test.json --images coco/ \
         --k-test 128                       # any checkpoint Blip2Stage1 reads, on a caption JSON + image folder
+    python -m blip2_fast.evaluate --checkpoint blip2_pretrained.pth --vision eva_vit_g.pth \
+        --annotations coco_test.json --images coco/   # LAVIS leaves the frozen ViT out of its checkpoints
 
 Retrieval follows LAVIS' ``compute_sim_matrix``: ITC similarities (max over
 queries) pick the ``k_test`` best candidates of every image and every text;
@@ -35,7 +37,10 @@ from blip2_fast.qformer import QFormer
 
 
 def collect_split(dataset, collate, batch_size: int) -> dict[str, Any]:
-    """Read a held-out split: unique images (by image_id) and every caption with the index of its image."""
+    """Read a held-out split: unique images (by image_id) and every caption with the index of its image.
+
+    Samples the dataset gives as None (a missing or unreadable image, no caption) are left out and counted in
+    ``skipped``; ``skipped_names`` takes the dataset's names of them, where it keeps them (ImageTextDataset)."""
     pixels, input_ids, masks, captions = [], [], [], []
     image_index: dict[Any, int] = {}
     txt2img: list[int] = []
@@ -52,10 +57,11 @@ def collect_split(dataset, collate, batch_size: int) -> dict[str, Any]:
         masks.append(batch["attention_mask"])
         captions.extend(batch["captions"])
 
-    samples = []
+    samples, skipped = [], 0
     items = (dataset[i] for i in range(len(dataset))) if hasattr(dataset, "__len__") else iter(dataset)
     for sample in items:
         if sample is None:
+            skipped += 1
             continue
         samples.append(sample)
         if len(samples) == batch_size:
@@ -76,6 +82,9 @@ def collect_split(dataset, collate, batch_size: int) -> dict[str, Any]:
         "attention_mask": mask.bool(),
         "captions": captions,
         "txt2img": torch.tensor(txt2img),
+        "skipped": skipped,
+        # a dataset read again (each periodic evaluation) names the same samples again
+        "skipped_names": list(dict.fromkeys(getattr(dataset, "skipped_names", []))) if skipped else [],
     }
 
 
@@ -196,6 +205,10 @@ def evaluate_run(model: QFormer, vision, held_out, tokenizer, config, device: to
     metrics = recall_at_k(s_i2t, s_t2i, split["txt2img"])
     metrics["n_images"] = int(split["pixels"].shape[0])
     metrics["n_texts"] = int(split["input_ids"].shape[0])
+    metrics["n_skipped"] = split["skipped"]
+    if split["skipped"] and distributed.get_rank() == 0:
+        why = "held-out samples (a missing or unreadable image, or no caption)"
+        print(skipped_summary(split["skipped"], split["skipped_names"], why))
     if distributed.get_rank() == 0 and e.num_captions:
         n = min(e.num_captions, metrics["n_images"])
         with torch.no_grad():
@@ -217,11 +230,22 @@ def evaluate_run(model: QFormer, vision, held_out, tokenizer, config, device: to
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description="Retrieval R@1/5/10 and captions of a stage-1 checkpoint.")
     parser.add_argument("--checkpoint", required=True, help="model.safetensors of a run (or the run folder)")
-    parser.add_argument("--config", default=None, help="training config (default: config.yaml beside the checkpoint)")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="training config (default: config.yaml beside the checkpoint; not with --annotations)",
+    )
     parser.add_argument(
         "--vision",
         default=None,
-        help="ViT weights, any source model.vision_weights takes (default: vision.safetensors beside it)",
+        help="ViT weights, any source model.vision_weights takes (default: vision.safetensors beside a run's "
+        "checkpoint, the checkpoint's own with --annotations; a LAVIS .pth holds none: eva_vit_g.pth)",
+    )
+    parser.add_argument(
+        "--num-heads",
+        type=int,
+        default=None,
+        help="Q-Former attention heads of a LAVIS .pth --checkpoint, which shapes cannot tell (BLIP-2's: 12)",
     )
     parser.add_argument(
         "--k-test",
@@ -236,9 +260,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if (args.annotations is None) != (args.images is None):
         parser.error("--annotations and --images go together")
     if args.annotations is not None:
-        return _written(
-            evaluate_pretrained(args.checkpoint, args.annotations, args.images, k_test=args.k_test), args.out
-        )
+        if args.config is not None:
+            parser.error("--config is a run's training config, for its own held-out split: not with --annotations")
+        metrics = evaluate_pretrained(
+            args.checkpoint, args.annotations, args.images, k_test=args.k_test, vision=args.vision,
+            num_attention_heads=args.num_heads,
+        )  # fmt: skip
+        return _written(metrics, args.out)
+    if args.num_heads is not None:
+        parser.error("--num-heads is for a LAVIS .pth with --annotations: a run's model.safetensors records its own")
 
     from blip2_fast.checkpoint import load_qformer
     from blip2_fast.train import build_datasets, build_tokenizer, build_vision, load_config
@@ -251,10 +281,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     config_path = Path(args.config) if args.config else path.parent / "config.yaml"
     if not config_path.is_file():
         raise FileNotFoundError(f"no training config at {config_path}; pass --config")
-    overrides = []
-    vision_path = Path(args.vision) if args.vision else path.parent / "vision.safetensors"
-    if vision_path.is_file():
-        overrides.append(("model.vision_weights", str(vision_path)))
+    overrides = [("model.vision_weights", str(_run_vision(path, args.vision)))]
     if args.k_test is not None:
         overrides.append(("eval.k_test", str(args.k_test)))
     config = load_config(config_path, overrides)
@@ -268,6 +295,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     metrics = evaluate_run(model, vision, held_out, tokenizer, config, device)
     _print_recall(metrics)
     return _written(metrics, args.out)
+
+
+def _run_vision(checkpoint: Path, vision: str | None) -> Path:
+    """The ViT of a run's checkpoint: ``--vision`` when given, else the run's vision.safetensors, which training
+    writes when it starts. Never what config.yaml alone builds: a random ViT without model.vision_weights, and
+    for a trainable ViT the weights before it learnt."""
+    if vision is not None:
+        if not Path(vision).exists():
+            raise FileNotFoundError(f"--vision: {vision} does not exist")
+        return Path(vision)
+    path = checkpoint.parent / "vision.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found (training writes the run's ViT there when it starts): pass --vision with its weights"
+        )
+    return path
 
 
 def _written(metrics: dict[str, float], out: str | None) -> dict[str, float]:
@@ -284,16 +327,26 @@ LAVIS_K_TEST = 128  # LAVIS' retrieval configs: candidates per row re-ranked by 
 
 
 def evaluate_pretrained(
-    checkpoint: str | Path, annotations: str | Path, image_root: str | Path, *, k_test: int | None = None
+    checkpoint: str | Path,
+    annotations: str | Path,
+    image_root: str | Path,
+    *,
+    k_test: int | None = None,
+    vision: str | Path | None = None,
+    num_attention_heads: int | None = None,
 ) -> dict[str, float]:
     """Retrieval of any checkpoint :class:`blip2_fast.stage1.Blip2Stage1` reads (a run, a transformers BLIP-2
-    folder, a LAVIS ``.pth``) on a caption JSON and its image folder, with the checkpoint's own ViT."""
+    folder, a LAVIS ``.pth``) on a caption JSON and its image folder, with the checkpoint's own ViT or the one
+    ``vision`` names (:func:`blip2_fast.stage1.vision_weights`: LAVIS' pre-training ``.pth`` holds none).
+    ``num_attention_heads``: the Q-Former's head count of a LAVIS ``.pth`` (see ``Blip2Stage1.from_pretrained``)."""
     from blip2_fast import data as D
-    from blip2_fast.stage1 import Blip2Stage1
+    from blip2_fast.stage1 import Blip2Stage1, vision_weights
     from blip2_fast.train import load_config
 
+    encoder = vision_weights(vision) if vision is not None else None
     device = distributed.init_from_launcher()
-    model = Blip2Stage1.from_pretrained(checkpoint).to_device(device)
+    model = Blip2Stage1.from_pretrained(checkpoint, vision=encoder, num_attention_heads=num_attention_heads)
+    model.to_device(device)
     overrides = [("model.max_text_length", str(model.max_text_length)), ("eval.num_captions", "0")]
     overrides.append(("eval.k_test", str(k_test if k_test is not None else LAVIS_K_TEST)))
     config = load_config(None, overrides)
@@ -302,6 +355,12 @@ def evaluate_pretrained(
     metrics = evaluate_run(model.qformer, model.vision, held_out, model.tokenizer, config, device)
     _print_recall(metrics)
     return metrics
+
+
+def skipped_summary(count: int, names: list[str], what: str, shown: int = 5) -> str:
+    """One line on the samples an evaluation left out, naming the first few: its scores are over the rest."""
+    listed = ", ".join(names[:shown]) + (", ..." if count > min(len(names), shown) else "")
+    return f"skipped {count} {what}" + (f": {listed}" if names else "") + "; the scores leave them out"
 
 
 def recall_summary(metrics: dict[str, float]) -> str:

@@ -68,6 +68,19 @@ def run_files(path: str | Path) -> RunFiles:
     return RunFiles(model, vision if vision.is_file() else None, run_config(folder))
 
 
+def vision_weights(source: str | Path) -> ImageEncoder:
+    """The ViT a command line's ``--vision`` names: any source ``checkpoint.load_vision`` reads. A ``.pth``
+    records no config: it is built as BLIP-2's EVA ViT-g (``VisionConfig()``: 39 of eva_vit_g.pth's 40 blocks,
+    16 heads, 224 px); a file of other shapes is refused, naming them."""
+    from blip2_fast.checkpoint import load_vision
+    from blip2_fast.config import VisionConfig
+
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"--vision: {path} does not exist")
+    return load_vision(path, VisionConfig() if path.suffix in (".pth", ".pt") else None)
+
+
 def _has_tokenizer(folder: Path) -> bool:
     return (folder / "vocab.txt").is_file() or (folder / "tokenizer.json").is_file()
 
@@ -120,14 +133,18 @@ class Blip2Stage1(nn.Module):
         vision: ImageEncoder | None = None,
         tokenizer=None,
         backend: str | None = None,
+        num_attention_heads: int | None = None,
     ) -> Blip2Stage1:
         """A run folder of ours (or its ``model.safetensors``), a transformers BLIP-2 folder, or a LAVIS ``.pth``.
 
-        ``vision`` replaces the checkpoint's ViT (needed when the source holds none); ``tokenizer`` replaces
-        the one found (a run's ``model.bert_path``, the transformers folder's own files, else the shipped
-        bert-base-uncased vocabulary); ``backend`` picks the attention backend.
+        ``vision`` replaces the checkpoint's ViT (needed when the source holds none, as LAVIS' pre-training
+        checkpoints: ``load_vision("eva_vit_g.pth")``); ``tokenizer`` replaces the one found (a run's
+        ``model.bert_path``, the transformers folder's own files, else the shipped bert-base-uncased
+        vocabulary); ``backend`` picks the attention backend. ``num_attention_heads``: the Q-Former's head
+        count of a LAVIS ``.pth``, which its shapes cannot tell (needed unless it is BLIP-2's BERT-base, 12
+        heads); the other sources record theirs, and another count for them is an error.
         """
-        from blip2_fast.checkpoint import load_checkpoint, load_qformer
+        from blip2_fast.checkpoint import load_checkpoint
         from blip2_fast.text import load_tokenizer
 
         source = Path(source)
@@ -136,9 +153,11 @@ class Blip2Stage1(nn.Module):
         overrides = {"backend": backend} if backend else {}
         max_length, tokenizer_path, untrained = LAVIS_MAX_TEXT_LENGTH, None, []
         run = source.suffix == ".safetensors" or (source.is_dir() and not (source / "config.json").is_file())
+        if num_attention_heads is not None:
+            overrides["num_attention_heads"] = num_attention_heads  # load_checkpoint checks it against the record
         if run:
             files = run_files(source)
-            qformer = load_qformer(files.model, **overrides)
+            qformer = load_checkpoint(files.model, **overrides).qformer
             model_section = files.config.get("model", {})
             max_length = model_section.get("max_text_length", max_length)
             tokenizer_path = model_section.get("bert_path")
@@ -347,11 +366,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--caption", action="store_true", help="also caption each image (beam search)")
     parser.add_argument("--num-beams", type=int, default=3)
     parser.add_argument("--backend", default=None, help="attention backend (default: the checkpoint's)")
+    parser.add_argument(
+        "--vision", default=None, help="ViT weights replacing the model's (a LAVIS .pth holds none: eva_vit_g.pth)"
+    )
+    parser.add_argument(
+        "--num-heads", type=int, default=None, help="Q-Former attention heads of a LAVIS .pth (shapes cannot tell)"
+    )
     args = parser.parse_args(argv)
     if not args.texts and not args.caption:
         parser.error("give --texts to score, --caption, or both")
 
-    model = Blip2Stage1.from_pretrained(args.model, backend=args.backend)
+    vision = vision_weights(args.vision) if args.vision else None
+    model = Blip2Stage1.from_pretrained(
+        args.model, vision=vision, backend=args.backend, num_attention_heads=args.num_heads
+    )
     model.to_device("cuda" if torch.cuda.is_available() else "cpu")
     result: dict[str, Any] = {}
     if args.texts:

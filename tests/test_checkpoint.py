@@ -140,7 +140,7 @@ def test_lavis_config_is_inferred_from_shapes(lavis_path):
 
 def test_lavis_checkpoint_gives_the_transformers_numbers(hf_model, lavis_path, lm_head):
     loaded = load_lavis(lavis_path, num_attention_heads=HEADS, vision=True, vision_heads=HEADS)
-    assert loaded.report.fresh == [] and loaded.report.ignored  # position_ids and the duplicate MLM bias
+    assert loaded.report.fresh == [] and loaded.report.ignored == ["Qformer.bert.embeddings.position_ids"]
     q = loaded.qformer.eval()
     pixels = torch.randn(2, 3, 56, 56)
     ids = torch.randint(1, 57, (2, 11))
@@ -167,6 +167,102 @@ def test_lavis_without_vision_skips_the_eva_encoder_with_a_note(lavis_path):
     assert loaded.vision is None
     assert any(k.startswith("visual_encoder.blocks.") for k in loaded.report.ignored)
     assert "visual_encoder" in loaded.report.summary()
+
+
+def test_tied_lm_head_copies_are_reported_as_tied_not_ignored(lavis_path):
+    report = load_lavis(lavis_path, num_attention_heads=HEADS).report
+    cls = "Qformer.cls.predictions."
+    assert report.tied == {
+        cls + "bias": cls + "decoder.bias",
+        cls + "decoder.weight": "Qformer.bert.embeddings.word_embeddings.weight",
+    }
+    summary = report.summary()
+    assert f"{cls}decoder.weight: tied to Qformer.bert.embeddings.word_embeddings.weight (the same tensor" in summary
+    ignored_line = next(line for line in summary.splitlines() if line.startswith("ignored checkpoint keys"))
+    assert "cls.predictions" not in ignored_line and not any(k.startswith("Qformer.cls.") for k in report.ignored)
+    # without an LM head in the model built, its tied copies go the way of their originals: ignored
+    small = load_lavis(lavis_path, num_attention_heads=HEADS, text_input=False).report
+    assert small.tied == {} and f"{cls}decoder.weight" in small.ignored
+
+
+def test_lavis_without_its_vit_says_how_to_supply_one(lavis_path, tmp_path):
+    state = torch.load(lavis_path, weights_only=True)["model"]
+    path = tmp_path / "blip2_pretrained.pth"  # as LAVIS writes it: no frozen ViT
+    torch.save({"model": {k: v for k, v in state.items() if not k.startswith("visual_encoder.")}}, path)
+    with pytest.raises(ValueError) as err:
+        load_lavis(path, num_attention_heads=HEADS, vision=True)
+    message = str(err.value)
+    assert message.startswith(f"{path}: no EVA ViT") and "\n" not in message
+    for said in ("LAVIS leaves the frozen EVA ViT out of its checkpoints", "eva_vit_g.pth", "--vision",
+                 "model.vision_weights", "vision=False"):  # fmt: skip
+        assert said in message, said
+    assert load_lavis(path, num_attention_heads=HEADS).vision is None
+
+
+def _sharp_qformer(heads: int) -> QFormer:
+    """A stage-2 Q-Former (no text parts) with large random weights: peaked attention, so that the same weights
+    split into another number of heads give clearly other numbers."""
+    config = QFormerConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=heads, intermediate_size=96, encoder_width=32,
+        num_query_tokens=6, cross_attention_freq=1, text_input=False, backend="sdpa",
+    )  # fmt: skip
+    model = QFormer(config).eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1.0 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.5 * noise)
+    return model
+
+
+def _to_lavis_stage2(model: QFormer) -> dict[str, torch.Tensor]:
+    from blip2_fast.stage2_convert import qformer_names
+
+    ours, names = model.state_dict(), qformer_names(model.config, "lavis")
+    return {theirs: ours[name.removeprefix("qformer.")] for name, theirs in names.items()}
+
+
+def test_lavis_head_count_is_asked_for_unless_the_layout_is_blip2s(tmp_path):
+    """Shapes cannot tell the head count: a 4-head Q-Former loaded with 12 (or 16) heads gives other numbers.
+    Without the count it is refused, naming the file; with it, the numbers are the original model's."""
+    original = _sharp_qformer(heads=4)
+    path = tmp_path / "small_heads.pth"
+    torch.save({"model": _to_lavis_stage2(original)}, path)
+    for load in (load_lavis, load_checkpoint):
+        with pytest.raises(ValueError) as err:
+            load(path, text_input=False)
+        message = str(err.value)
+        assert message.startswith(f"{path}: a Q-Former of hidden size 64, 2 layers, FFN width 96 (not BLIP-2's")
+        assert "\n" not in message
+        assert "its head count cannot be read from shapes; pass num_attention_heads=N" in message
+        assert "model.qformer.num_attention_heads" in message and "--num-heads N" in message
+
+    feats = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = original.encode_image(feats).hidden
+        right = load_lavis(path, num_attention_heads=4, text_input=False, backend="sdpa").qformer.eval()
+        torch.testing.assert_close(right.encode_image(feats).hidden, want, atol=1e-5, rtol=0)
+        wrong = load_lavis(path, num_attention_heads=16, text_input=False, backend="sdpa").qformer.eval()
+        assert (wrong.encode_image(feats).hidden - want).abs().max() > 1e-2  # what a silent default would give
+
+
+def test_blip2_bert_base_layout_keeps_its_12_heads():
+    """BLIP-2's Q-Former (BERT-base: hidden 768, 12 layers, FFN 3072) needs no count; shapes alone (meta tensors)."""
+    enc = "Qformer.bert.encoder.layer."
+
+    def state(ffn: int) -> dict[str, torch.Tensor]:
+        shapes = {"query_tokens": (1, 32, 768), f"{enc}0.intermediate_query.dense.weight": (ffn, 768)}
+        for i in range(12):
+            shapes[f"{enc}{i}.attention.self.query.weight"] = (768, 768)
+            if i % 2 == 0:
+                shapes[f"{enc}{i}.crossattention.self.key.weight"] = (768, 1408)
+        return {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+
+    config = lavis_config(state(3072))
+    assert (config.num_attention_heads, config.intermediate_size, config.cross_attention_freq) == (12, 3072, 2)
+    assert lavis_config(state(3072), num_attention_heads=8).num_attention_heads == 8  # a count given is kept
+    with pytest.raises(ValueError, match=r"LAVIS state dict: a Q-Former of hidden size 768, 12 layers, FFN width 2048"):
+        lavis_config(state(2048))
 
 
 def test_lavis_stage2_checkpoint_keeps_text_parts_fresh(lavis_path):
@@ -329,6 +425,10 @@ def test_load_checkpoint_picks_the_reader_from_the_path(hf_model, lavis_path, tm
     assert load_checkpoint(tmp_path / "hf").report.layout == "Blip2ForImageTextRetrieval"
     with pytest.raises(ValueError, match="expected a transformers folder, a LAVIS .pth or"):
         load_checkpoint(tmp_path / "weights.ckpt")
+    # a source that records its head count keeps it: another one asked is refused, the same one accepted
+    assert load_checkpoint(tmp_path / "hf", num_attention_heads=HEADS).qformer.config.num_attention_heads == HEADS
+    with pytest.raises(ValueError, match=r"hf: its Q-Former has 4 attention heads \(recorded in the checkpoint\), "):
+        load_checkpoint(tmp_path / "hf", num_attention_heads=8)
 
 
 def test_an_interrupted_save_keeps_the_earlier_file(tmp_path, monkeypatch):

@@ -120,6 +120,7 @@ def test_collect_split_groups_captions_by_image_id():
     assert split["txt2img"].tolist() == [0, 1, 0, 2]
     assert torch.equal(split["pixels"][0], torch.zeros(3, 4, 4))  # the first sample of image 10
     assert split["input_ids"].shape == (4, 5) and split["attention_mask"].dtype == torch.bool
+    assert split["skipped"] == 1  # the None sample (an unreadable image) is counted, not only left out
 
 
 def test_any_checkpoint_on_a_caption_json(hf_retrieval_folder, tmp_path):
@@ -160,3 +161,68 @@ def test_any_checkpoint_on_a_caption_json(hf_retrieval_folder, tmp_path):
         assert metrics[key] == pytest.approx(want[key]), key
     with pytest.raises(SystemExit):
         main(args)  # --annotations without --images
+
+
+def _caption_json(folder, n: int = 4):
+    """n synthetic images and two captions each, plus an entry whose JPEG is cut short (as a failed copy leaves
+    it): a caption JSON as evaluate's --annotations takes it."""
+    import io
+    import json
+
+    from blip2_fast.data import SyntheticShapes
+
+    shapes = SyntheticShapes(n, image_size=64, seed=21)
+    entries = []
+    for i in range(n):
+        sample = shapes[i]
+        sample["image"].save(folder / f"{i}.png")
+        entries += [{"image": f"{i}.png", "caption": c, "image_id": i} for c in (sample["caption"], f"picture {i}")]
+    buf = io.BytesIO()
+    shapes[0]["image"].save(buf, format="JPEG")
+    (folder / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    entries.append({"image": "cut.jpg", "caption": "a cut file", "image_id": n})
+    (folder / "test.json").write_text(json.dumps(entries))
+    return ["--annotations", str(folder / "test.json"), "--images", str(folder)]
+
+
+def test_a_run_folder_vit_is_used_or_refused_never_skipped(tmp_path, make_run_folder, capsys):
+    from blip2_fast.evaluate import main
+
+    run = tmp_path / "run"
+    make_run_folder(run)
+    with pytest.raises(FileNotFoundError, match=r"^--vision: .*typo\.safetensors does not exist$"):
+        main(["--checkpoint", str(run), "--vision", str(tmp_path / "typo.safetensors")])
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(run), "--num-heads", "4"])  # a run records its head count
+    assert "--num-heads is for a LAVIS .pth" in capsys.readouterr().err
+    (run / "vision.safetensors").rename(tmp_path / "vit.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"run/vision\.safetensors not found .*: pass --vision"):
+        main(["--checkpoint", str(run)])  # not a random ViT from config.yaml's seed
+
+
+def test_a_lavis_pth_on_a_caption_json_takes_its_vit_and_head_count_from_the_options(tmp_path, make_run_folder, capsys):
+    """`--checkpoint blip2_pretrained.pth --num-heads N --vision <ViT> --annotations --images`: the figures of the
+    run the .pth was written from; a cut JPEG among the images is skipped, counted and named."""
+    from test_stage1_api import lavis_stage1
+
+    from blip2_fast.evaluate import main
+
+    run = tmp_path / "run"
+    qformer, _ = make_run_folder(run)
+    torch.save({"model": lavis_stage1(qformer)}, tmp_path / "blip2_pretrained.pth")
+    (tmp_path / "images").mkdir()
+    data = _caption_json(tmp_path / "images") + ["--k-test", "8"]
+    lavis = ["--checkpoint", str(tmp_path / "blip2_pretrained.pth"), *data]
+    with pytest.raises(ValueError, match=r"no EVA ViT .* --vision"):
+        main([*lavis, "--num-heads", "4"])
+    with pytest.raises(ValueError, match=r"its head count cannot be read from shapes"):
+        main([*lavis, "--vision", str(run / "vision.safetensors")])
+    with pytest.raises(SystemExit):
+        main([*lavis, "--config", str(run / "config.yaml")])
+    assert "--config is a run's training config" in capsys.readouterr().err
+
+    got = main([*lavis, "--num-heads", "4", "--vision", str(run / "vision.safetensors")])
+    assert "skipped 1 held-out samples (a missing or unreadable image, or no caption): " in capsys.readouterr().out
+    want = main(["--checkpoint", str(run), *data])
+    assert (got["n_images"], got["n_texts"], got["n_skipped"]) == (4, 8, 1)
+    assert {k: got[k] for k in want} == want

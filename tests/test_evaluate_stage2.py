@@ -101,7 +101,7 @@ def test_test_splits_without_references_give_predictions_in_server_rows(folder, 
     (tmp_path / "test_dev.json").write_text(json.dumps(questions))
     result = main([*args, "--task", "vqa", "--annotations", str(tmp_path / "test_dev.json"), "--length-penalty", "1"])
     said = answer(model, tokenizer, ["what is it?"], images=[folder / "img1.png"], **OPTIONS)
-    assert result == {"scores": {}, "predictions": [{"question_id": 5, "answer": said[0]}]}
+    assert result == {"scores": {}, "predictions": [{"question_id": 5, "answer": said[0]}], "skipped": []}
     questions.append({"question_id": 6, "image": "img1.png", "question": "and now?", "answer": ["yes"]})
     (tmp_path / "mixed.json").write_text(json.dumps(questions))
     with pytest.raises(ValueError, match=r"entry 0 must hold .* as other entries do, 'answer'"):
@@ -152,3 +152,59 @@ def test_a_run_is_captioned_with_the_prompt_it_trained_with(tmp_path):
     assert run_prompt(run) is None  # no config.yaml: not a run of ours, no prompt
     (run / "config.yaml").write_text('model:\n  prompt: "a photo of"\n')
     assert run_prompt(run) == run_prompt(run / "transformers") == "a photo of"
+
+
+def test_an_unreadable_image_is_skipped_counted_and_named(folder, tmp_path, capsys):
+    """A JPEG cut short (and a file that is not there) among good images: the others are captioned and scored as
+    without them, the skipped ones counted and named; VQA leaves out the questions on them."""
+    import io
+
+    buf = io.BytesIO()
+    Image.open(folder / "img1.png").save(buf, format="JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    for n in (0, 2):
+        (tmp_path / f"img{n}.png").write_bytes((folder / f"img{n}.png").read_bytes())
+    references = {"img0.png": ["a red circle"], "cut.jpg": ["a cut file"], "img2.png": ["a green cross"]}
+    (tmp_path / "captions.json").write_text(json.dumps([{"image": i, "caption": c} for i, c in references.items()]))
+    args = ["--model", str(folder), "--images", str(tmp_path), "--num-beams", "2", "--max-new-tokens", "5"]
+    args += ["--min-new-tokens", "1"]
+    result = main([*args, "--task", "caption", "--annotations", str(tmp_path / "captions.json")])
+    model, tokenizer = load_pretrained(folder)
+    want = caption(model, tokenizer, images=[folder / "img0.png", folder / "img2.png"], **OPTIONS)
+    got = {p["image"]: p["caption"] for p in result["predictions"]}
+    assert got == {"img0.png": want[0], "img2.png": want[1]} and result["skipped"] == ["cut.jpg"]
+    assert result["scores"] == caption_scores(got, {i: references[i] for i in got})
+    out = capsys.readouterr().out
+    assert "caption on 2 images: " in out
+    assert "skipped 1 images (a missing or unreadable image): cut.jpg; the scores leave them out" in out
+
+    questions = [{"question_id": n, "image": image, "question": "what is it?", "answer": ["a cross"]}
+                 for n, image in enumerate(["img0.png", "cut.jpg", "missing.png", "img2.png"])]  # fmt: skip
+    (tmp_path / "vqa.json").write_text(json.dumps(questions))
+    result = main([*args, "--task", "vqa", "--annotations", str(tmp_path / "vqa.json"), "--length-penalty", "1"])
+    assert [p["question_id"] for p in result["predictions"]] == [0, 3]
+    assert result["skipped"] == ["cut.jpg", "missing.png"]
+    assert "skipped 2 questions (a missing or unreadable image): cut.jpg, missing.png" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"none of the 4 images could be read .* is it the folder"):
+        main([*args, "--task", "vqa", "--annotations", str(tmp_path / "vqa.json"), "--images", str(tmp_path / "x")])
+
+
+def test_options_that_would_be_ignored_are_refused(folder, tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text("model:\n  prompt: ''\n")  # a run folder, scored on its own split
+    for extra, said in (
+        (["--num-beams", "3", "--limit", "2"], "--num-beams, --limit: without --annotations a run's held-out split"),
+        (["--prompt", "a photo of"], "--prompt: without --annotations"),
+    ):
+        with pytest.raises(SystemExit):
+            main(["--model", str(tmp_path), "--task", "caption", *extra])
+        assert said in capsys.readouterr().err
+    (tmp_path / "vqa.json").write_text(json.dumps([{"question_id": 1, "image": "img0.png", "question": "what?"}]))
+    vqa = ["--model", str(folder), "--task", "vqa", "--annotations", str(tmp_path / "vqa.json")]
+    vqa += ["--images", str(folder)]
+    for extra, said in (
+        (["--prompt", "Answer briefly:"], "a VQA template needs {} where the question goes"),
+        (["--max-new-tokens", "3", "--min-new-tokens", "4"], "--min-new-tokens 4 exceeds --max-new-tokens 3"),
+    ):
+        with pytest.raises(SystemExit):
+            main([*vqa, *extra])
+        assert said in capsys.readouterr().err

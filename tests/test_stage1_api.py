@@ -159,3 +159,48 @@ def test_long_lists_run_batch_by_batch_with_the_same_numbers(tmp_path, images, m
     assert batched_captions == whole_captions
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         Blip2Stage1(model.qformer, model.vision, model.tokenizer, batch_size=0)
+
+
+def lavis_stage1(qformer) -> dict[str, torch.Tensor]:
+    """A stage-1 Q-Former of ours under LAVIS' names, as its blip2 checkpoints hold it (no ViT: LAVIS leaves the
+    frozen EVA ViT out)."""
+    from blip2_fast.checkpoint import bert_encoder_names
+
+    bert, cls = "Qformer.bert.", "Qformer.cls.predictions."
+    names = {k: bert + v for k, v in bert_encoder_names(qformer.config, style="lavis", text_ffn=True).items()}
+    names.update({"query_tokens": "query_tokens", "temp": "temp", "lm_head.decoder.bias": cls + "decoder.bias"})
+    names.update({"embeddings.word.weight": bert + "embeddings.word_embeddings.weight",
+                  "embeddings.position.weight": bert + "embeddings.position_embeddings.weight",
+                  "lm_head.decoder.weight": cls + "decoder.weight"})  # fmt: skip
+    parts = {"ln_vision": "ln_vision", "vision_proj": "vision_proj", "text_proj": "text_proj", "itm_head": "itm_head",
+             "lm_head.dense": cls + "transform.dense", "lm_head.norm": cls + "transform.LayerNorm"}  # fmt: skip
+    names.update({f"{ours}.{p}": f"{theirs}.{p}" for ours, theirs in parts.items() for p in ("weight", "bias")})
+    state = qformer.state_dict()
+    return {theirs: state[ours] for ours, theirs in names.items()}
+
+
+def test_a_lavis_pth_needs_its_head_count_and_a_vit(tmp_path, images, make_run_folder):
+    """A LAVIS .pth of a Q-Former that is not BLIP-2's BERT-base: its head count and its ViT come from the caller,
+    through from_pretrained and the command line; then its numbers are those of the model it was written from."""
+    from blip2_fast.stage1 import main
+
+    qformer, vision = make_run_folder(tmp_path / "run")
+    path = tmp_path / "blip2_pretrained.pth"
+    torch.save({"model": lavis_stage1(qformer)}, path)
+    heads = qformer.config.num_attention_heads
+    with pytest.raises(ValueError, match=rf"{path}: a Q-Former of hidden size 64, .* pass num_attention_heads=N"):
+        Blip2Stage1.from_pretrained(path, vision=vision)
+    with pytest.raises(ValueError, match=rf"{path}: no EVA ViT .* LAVIS leaves the frozen EVA ViT out .* --vision"):
+        Blip2Stage1.from_pretrained(path, num_attention_heads=heads)
+    model = Blip2Stage1.from_pretrained(path, vision=vision, num_attention_heads=heads)
+    assert model.untrained == []
+    want = Blip2Stage1.from_pretrained(tmp_path / "run")
+    torch.testing.assert_close(model.itm_matrix(images, TEXTS), want.itm_matrix(images, TEXTS), atol=TOL, rtol=0)
+    with pytest.raises(ValueError, match=r"model\.safetensors: its Q-Former has 4 attention heads"):
+        Blip2Stage1.from_pretrained(tmp_path / "run", num_attention_heads=2 * heads)  # a run records its own
+
+    args = ["--model", str(path), "--images", *map(str, images), "--texts", *TEXTS]
+    shell = main([*args, "--num-heads", str(heads), "--vision", str(tmp_path / "run" / "vision.safetensors")])
+    torch.testing.assert_close(shell["itm"], want.itm_matrix(images, TEXTS), atol=TOL, rtol=0)
+    with pytest.raises(FileNotFoundError, match=r"--vision: .*no-vit\.safetensors does not exist"):
+        main([*args, "--num-heads", str(heads), "--vision", str(tmp_path / "no-vit.safetensors")])
