@@ -1172,4 +1172,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from blip2_fast.cli import run_main
+
+    run_main(main)

@@ -382,4 +382,6 @@ def _print_recall(metrics: dict[str, float]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from blip2_fast.cli import run_main
+
+    run_main(main)

@@ -331,4 +331,6 @@ def _own_held_out(parser: argparse.ArgumentParser, model: Path, out: str | None)
 
 
 if __name__ == "__main__":
-    main()
+    from blip2_fast.cli import run_main
+
+    run_main(main)

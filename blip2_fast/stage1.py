@@ -399,4 +399,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from blip2_fast.cli import run_main
+
+    run_main(main)

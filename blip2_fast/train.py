@@ -70,6 +70,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from blip2_fast import distributed  # noqa: E402
+from blip2_fast.cli import RunStopped  # noqa: E402
 from blip2_fast.config import QFormerConfig, VisionConfig, check_range, from_dict, load_file, parse_yaml  # noqa: E402
 
 # ---------------------------------------------------------------------------- config
@@ -982,7 +983,7 @@ def save_checkpoint(engine, folder: Path, step: int, micro_step: int, keep: int,
     return folder / tag
 
 
-class Preempted(RuntimeError):
+class Preempted(RunStopped):
     """The run stopped on SIGTERM, its checkpoint saved: ``--train.resume true`` continues it."""
 
     EXIT_STATUS = 128 + signal.SIGTERM  # what a shell reports for a process SIGTERM ended: not a finished run
@@ -1028,7 +1029,7 @@ def stop_on_request(engine, config, step: int, micro_step: int, ckpt_dir: Path, 
     else:
         check_finite_weights(engine.module, step, ckpt_dir)
         then = f"no checkpoint kept (train.keep_checkpoints 0), the model so far exported to {export()}"
-    raise Preempted(f"stopped on SIGTERM at step {step} of {t.steps}: {then}")
+    raise Preempted(f"SIGTERM at step {step} of {t.steps}: {then}")
 
 
 def ignore_sigterm(worker_id: int = 0) -> None:
@@ -1037,7 +1038,7 @@ def ignore_sigterm(worker_id: int = 0) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-class NonFiniteTraining(RuntimeError):
+class NonFiniteTraining(RunStopped):
     """A loss or a weight turned NaN or infinite: the run stops rather than train on, or save, garbage."""
 
 
@@ -1816,18 +1817,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         from blip2_fast import train_stage2
 
         return train_stage2.main(sys.argv[1:] if argv is None else list(argv))
-    return run_or_exit(run, load_config(args.config, overrides))
-
-
-def run_or_exit(train, config) -> dict[str, Any]:
-    """``train(config)`` for a command line: a run stopped on SIGTERM says where it stands and exits 143."""
-    try:
-        return train(config)
-    except Preempted as stopped:
-        if distributed.get_rank() == 0:
-            print(stopped, file=sys.stderr)
-        sys.exit(Preempted.EXIT_STATUS)
+    return run(load_config(args.config, overrides))
 
 
 if __name__ == "__main__":
-    main()
+    from blip2_fast.cli import run_main
+
+    run_main(main)

@@ -74,7 +74,6 @@ from blip2_fast.train import (  # noqa: E402
     read_config,
     register_zero3_fused_parameters,
     run_facts,
-    run_or_exit,
     save_checkpoint,
     sections_from_dict,
     start_run,
@@ -881,8 +880,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """``train.py --stage 2`` hands its arguments here (``--stage 2`` may be among them)."""
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    return run_or_exit(run, load_config(args.config, overrides))
+    return run(load_config(args.config, overrides))
 
 
 if __name__ == "__main__":
-    main()
+    from blip2_fast.cli import run_main
+
+    run_main(main)

@@ -982,10 +982,10 @@ def test_sigterm_checkpoints_at_the_next_step_and_stops(tmp_path):
     env = _env()
     proc = sigterm_once_training([*torchrun, train, "--stage", "1", *_args(args)], run_dir / "metrics.csv", env=env)
     said = proc.stdout + proc.stderr
-    stopped = re.search(r"stopped on SIGTERM at step (\d+) of 1000: checkpoint (\S+);", said)
+    stopped = re.search(r"stopped: SIGTERM at step (\d+) of 1000: checkpoint (\S+);", said)
     assert stopped, said[-3000:]
     step = int(stopped.group(1))
-    assert proc.stderr.count("stopped on SIGTERM") == 1  # rank 0 says it
+    assert proc.stderr.count("stopped: SIGTERM") == 1  # rank 0 says it
     assert "raise Preempted" not in said  # the ranks' exit is a message, not a traceback (torchrun prints its own)
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step{step:08d}"
     assert sorted(p.name for p in (run_dir / "checkpoints" / f"step{step:08d}").glob("rng_rank*")) == [
@@ -1038,3 +1038,43 @@ def test_a_full_disk_is_named_with_the_path_and_its_free_space(tmp_path):
             with writing(tmp_path, "anything"):
                 raise other
         assert raised.value is other
+
+
+def test_user_errors_are_one_line_unless_debugging(tmp_path):
+    """A mistake on the command line ends in one line naming it (status 1); --debug shows the traceback."""
+    bad = tmp_path / "run.yaml"
+    bad.write_text("optim:\n  lr: 1.0e-4\n  lr: 1.0e-3\n")
+    train = str(ROOT / "blip2_fast" / "train.py")
+    for args, named in (
+        (["--optim.eps", "0"], "optim.eps must lie in (0, inf), got 0.0"),
+        (["--config", str(bad)], f"{bad}: line 3: key 'lr' given twice"),
+        (["--model.vision_weights", str(tmp_path / "vit.pth")], f"model.vision_weights: not found: {tmp_path}"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, train, "--stage", "1", *args], cwd=tmp_path, env=_env(), capture_output=True, text=True
+        )
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {named}"), proc.stderr[-3000:]
+    commands = {
+        "evaluate": ["--checkpoint", str(tmp_path)],
+        "stage1": ["--model", str(bad), "--images", "x.png", "--caption"],
+    }
+    for module, args in commands.items():
+        proc = subprocess.run(
+            [sys.executable, "-m", f"blip2_fast.{module}", *args],
+            cwd=tmp_path,
+            env=_env(),
+            capture_output=True,
+            text=True,
+        )
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr and last.startswith("error: "), proc.stderr
+        assert str(tmp_path) in last, last  # names what it could not use
+    proc = subprocess.run(
+        [sys.executable, train, "--stage", "1", "--optim.eps", "0", "--debug"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "--debug shows" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "ValueError: optim.eps must lie in (0, inf), got 0.0"

@@ -695,7 +695,7 @@ def test_sigterm_alone_stops_at_the_next_step_and_keeps_the_model(tmp_path):
     proc = sigterm_once_training(command, run_dir / "metrics.csv", cwd=tmp_path, env=env)
     assert proc.returncode == 143, proc.stdout[-3000:] + proc.stderr[-3000:]
     stopped = re.search(
-        r"stopped on SIGTERM at step (\d+) of 1000: no checkpoint kept .* exported to (\S+)$", proc.stderr
+        r"stopped: SIGTERM at step (\d+) of 1000: no checkpoint kept .* exported to (\S+)$", proc.stderr
     )
     assert stopped, proc.stderr[-3000:]
     assert int(stopped.group(1)) == logged_steps(run_dir / "metrics.csv")[-1]
