@@ -171,21 +171,57 @@ class _Tensors:
             self.shapes[prefix + "qkv.bias"] = (3 * n,)
 
 
+@contextlib.contextmanager
+def naming_damage(path: Path) -> Iterator[None]:
+    """Reading ``path`` fails with a ``ValueError`` naming it: a safetensors file cut short or not one at all,
+    metadata that is not JSON or holds a config that does not validate (the readers' own errors name none)."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as err:
+        raise ValueError(f"{path}: not a complete safetensors file (truncated or damaged?): {err}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: metadata that is not valid JSON ({err})") from None
+    except ValueError as err:
+        if str(path) in str(err):
+            raise
+        raise ValueError(f"{path}: {err}") from None
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The metadata of safetensors file ``path`` ({} for none), reading no tensor; damage named."""
+    from safetensors import safe_open
+
+    with naming_damage(path), safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of safetensors file ``path``; damage named."""
+    from safetensors.torch import load_file
+
+    with naming_damage(path):
+        return load_file(str(path))
+
+
 def _read_folder(folder: Path) -> _Tensors:
     from safetensors import safe_open
 
     def safetensors_files(files: list[Path]) -> _Tensors:
         getters, shapes = {}, {}
         for file in files:
-            handle = safe_open(str(file), "pt")  # memory-mapped: reading one tensor reads only its bytes
-            for key in handle.keys():
-                shapes[key] = tuple(handle.get_slice(key).get_shape())
-                getters[key] = lambda key=key, handle=handle: handle.get_tensor(key)
+            with naming_damage(file):
+                handle = safe_open(str(file), "pt")  # memory-mapped: reading one tensor reads only its bytes
+                for key in handle.keys():
+                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+                    getters[key] = lambda key=key, handle=handle: handle.get_tensor(key)
         return _Tensors(getters, shapes)
 
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        with naming_damage(index):
+            weight_map = json.loads(index.read_text())["weight_map"]
         return safetensors_files(sorted({folder / name for name in weight_map.values()}))
     if (folder / "model.safetensors").is_file():
         return safetensors_files([folder / "model.safetensors"])
@@ -923,16 +959,13 @@ def run_config(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "config.yaml"
     if not path.is_file():
         return {}
-    import yaml
+    from blip2_fast.config import load_file
 
-    return yaml.safe_load(path.read_text()) or {}
+    return load_file(path)
 
 
 def _vision_source(path: Path, trust_pickle: bool) -> tuple[dict[str, torch.Tensor], VisionConfig | None, str]:
     """(Blip2VisionModel tensors without a prefix, the config the source records or None, its layout name)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     if path.is_dir() and (path / "config.json").is_file():
         raw = json.loads((path / "config.json").read_text())
         if "vision_config" not in raw:
@@ -949,14 +982,14 @@ def _vision_source(path: Path, trust_pickle: bool) -> tuple[dict[str, torch.Tens
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise FileNotFoundError(f"image encoder weights not found: {path}")
-        with safe_open(str(path), "pt") as f:
-            metadata = f.metadata() or {}
+        metadata = safetensors_metadata(path)
         config = None
         if "vision_config" in metadata:
-            config = VisionConfig.from_dict(json.loads(metadata["vision_config"]))
+            with naming_damage(path):
+                config = VisionConfig.from_dict(json.loads(metadata["vision_config"]))
         elif isinstance(vision := (run_config(path.parent).get("model") or {}).get("vision"), dict):
             config = VisionConfig.from_dict(vision)  # a run folder's vision.safetensors
-        state = load_file(str(path))
+        state = read_safetensors(path)
         if all(k.startswith("vit.") for k in state):
             state = {k.removeprefix("vit."): v for k, v in state.items()}
         elif any(k.startswith("vision_model.") for k in state):
@@ -1143,22 +1176,19 @@ def load_qformer(path: str | Path, **overrides: Any) -> QFormer:
     ``overrides`` set QFormerConfig keys that do not change shapes (``backend``, dropouts).
     The model takes the file's dtype when all its floating tensors share one.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata() or {}
+    metadata = safetensors_metadata(path)
     if metadata.get("format") != FORMAT or "qformer_config" not in metadata:
         raise ValueError(
             f"{path}: expected a {FORMAT} safetensors file (metadata 'format' and 'qformer_config'), "
             f"got metadata keys {sorted(metadata)}"
         )
-    config = QFormerConfig.from_dict({**json.loads(metadata["qformer_config"]), **overrides})
+    with naming_damage(path):
+        config = QFormerConfig.from_dict({**json.loads(metadata["qformer_config"]), **overrides})
     model = QFormer(config)
-    state = load_file(str(path))
+    state = read_safetensors(path)
     dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
     if len(dtypes) == 1:
         model.to(dtypes.pop())

@@ -650,16 +650,15 @@ def _read_state_dict(source: str | Path | Mapping[str, torch.Tensor]) -> tuple[d
             raise FileNotFoundError(f"stage-1 checkpoint not found: {path}")
         eps = None
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-            from safetensors.torch import load_file
+            from blip2_fast.checkpoint import naming_damage, read_safetensors, safetensors_metadata
 
-            with safe_open(str(path), "pt") as f:
-                metadata = f.metadata() or {}
+            metadata = safetensors_metadata(path)
             # blip2_fast.checkpoint.save_qformer records it in the metadata or in the config JSON
-            config = json.loads(metadata.get("qformer_config", "{}"))
-            if "ln_vision_eps" in config or "ln_vision_eps" in metadata:
-                eps = float(config.get("ln_vision_eps", metadata.get("ln_vision_eps")))
-            sd = load_file(str(path))
+            with naming_damage(path):
+                config = json.loads(metadata.get("qformer_config", "{}"))
+                if "ln_vision_eps" in config or "ln_vision_eps" in metadata:
+                    eps = float(config.get("ln_vision_eps", metadata.get("ln_vision_eps")))
+            sd = read_safetensors(path)
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     # wrappers used by DeepSpeed and LAVIS
@@ -709,16 +708,15 @@ def stage1_configs(init: str | Path) -> tuple[QFormerConfig, VisionConfig | None
 
     Returns (stage-2 QFormerConfig, VisionConfig or None, model file, vision file or None).
     """
-    from safetensors import safe_open
-
+    from blip2_fast.checkpoint import naming_damage, safetensors_metadata
     from blip2_fast.stage1 import run_files
 
     files = run_files(init)
-    with safe_open(str(files.model), "pt") as f:
-        metadata = f.metadata() or {}
+    metadata = safetensors_metadata(files.model)
     if "qformer_config" not in metadata:
         raise ValueError(f"{files.model}: no 'qformer_config' metadata (expected a save_qformer file)")
-    qformer = QFormerConfig.from_dict({**json.loads(metadata["qformer_config"]), "text_input": False})
+    with naming_damage(files.model):
+        qformer = QFormerConfig.from_dict({**json.loads(metadata["qformer_config"]), "text_input": False})
     vision_config = files.config.get("model", {}).get("vision")
     vision = VisionConfig.from_dict(vision_config) if isinstance(vision_config, dict) else None
     return qformer, vision, files.model, files.vision
@@ -748,19 +746,17 @@ def save_trainable(model: Blip2Stage2, path: str | Path) -> Path:
 def load_trainable(model: Blip2Stage2, path: str | Path) -> None:
     """Load a :func:`save_trainable` file into ``model``: exactly its trainable tensors, same shapes (and the
     ViT's when the file's run trained it)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from blip2_fast.checkpoint import read_safetensors, safetensors_metadata
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"stage-2 checkpoint not found: {path}")
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata() or {}
+    metadata = safetensors_metadata(path)
     if metadata.get("format") != TRAINABLE_FORMAT:
         raise ValueError(
             f"{path}: expected a {TRAINABLE_FORMAT} safetensors file, got format {metadata.get('format')!r}"
         )
-    sd = load_file(str(path))
+    sd = read_safetensors(path)
     own = model.trainable_state_dict()
     if model.image_encoder is not None and any(k.startswith("image_encoder.") for k in sd):
         own = {**own, **{k: v for k, v in model.state_dict().items() if k.startswith("image_encoder.")}}  # trained
@@ -845,7 +841,7 @@ def default_stage2_model(
         ignored = load_stage1(model, model_file)
         logger.info("stage-1 init from %s; skipped text-only keys: %s", model_file, ", ".join(ignored))
         if vision_file is not None:
-            from safetensors.torch import load_file
+            from blip2_fast.checkpoint import read_safetensors
 
-            model.image_encoder.load_state_dict(load_file(str(vision_file)))
+            model.image_encoder.load_state_dict(read_safetensors(vision_file))
     return model, tokenizer

@@ -43,9 +43,9 @@ def load_tokenizer(path: str | Path | None = None, max_length: int = 32) -> PreT
 
 def _load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     if (folder / "model.safetensors").is_file():
-        from safetensors.torch import load_file
+        from blip2_fast.checkpoint import read_safetensors
 
-        return load_file(str(folder / "model.safetensors"))
+        return read_safetensors(folder / "model.safetensors")
     if (folder / "pytorch_model.bin").is_file():
         return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin")

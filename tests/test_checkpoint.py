@@ -576,3 +576,47 @@ def test_a_pth_is_read_once_inside_read_each_pth_once(lavis_path, vision_config,
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     checkpoint._read_pth(lavis_path, False, "test")  # the memo ends with the block
     assert len(reads) == 2
+
+
+def test_damaged_safetensors_and_metadata_name_their_file(tmp_path):
+    """Cut short, not safetensors at all, empty, metadata that is not JSON or not a valid config: every reader
+    (a Q-Former, a ViT, a stage-2 model's stage-1 init) says which file, where safetensors' own error does not."""
+    import json
+
+    from safetensors import safe_open
+
+    from blip2_fast.checkpoint import load_checkpoint, load_vision, save_qformer, save_vision
+    from blip2_fast.config import VisionConfig
+    from blip2_fast.stage2 import stage1_configs
+    from blip2_fast.vision import ImageEncoder
+
+    good = save_qformer(QFormer(QFormerConfig.preset("tiny")), tmp_path / "model.safetensors")
+    vit = save_vision(ImageEncoder(VisionConfig.preset("tiny")), tmp_path / "vit.safetensors")
+    with safe_open(str(good), "pt") as f:
+        metadata = f.metadata()
+    state = load_file(str(good))
+    damaged = {
+        "cut": good.read_bytes()[: good.stat().st_size // 2],
+        "garbage": b"not a tensor file, " * 20,
+        "empty": b"",
+    }
+    cases = {name: (data, "not a complete safetensors file") for name, data in damaged.items()}
+    bad_configs = {"not_json": ("{hidden", "metadata that is not valid JSON")}
+    bad_configs["bad_value"] = (json.dumps({"hidden_size": "wide"}), "hidden_size must be an int")
+    for name, (config, said) in bad_configs.items():
+        save_file(state, str(tmp_path / f"{name}.safetensors"), metadata={**metadata, "qformer_config": config})
+        cases[name] = (None, said)
+    for name, (data, said) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        if data is not None:
+            path.write_bytes(data)
+        for read in (load_checkpoint, stage1_configs):
+            with pytest.raises(ValueError, match=re.escape(f"{path}: ") + ".*" + said):
+                read(path)
+        if data is not None:
+            with pytest.raises(ValueError, match=re.escape(f"{path}: {said}")):
+                load_vision(path)
+    cut_vit = tmp_path / "cut_vit.safetensors"
+    cut_vit.write_bytes(vit.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=re.escape(f"{cut_vit}: not a complete safetensors file")):
+        load_vision(cut_vit)
