@@ -25,11 +25,14 @@ dropped in ``batch["skipped"]``.
 
 from __future__ import annotations
 
+import bz2
 import glob
+import gzip
 import hashlib
 import io
 import json
 import logging
+import lzma
 import math
 import operator
 import os
@@ -74,6 +77,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+_COMPRESSED = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ": lzma.open}  # shards by their first bytes
 
 # What PIL raises for a file that is not a readable image: truncated or garbage
 # bytes (OSError, UnidentifiedImageError), broken headers (SyntaxError from some
@@ -729,8 +733,10 @@ class WebDatasetShards(IterableDataset):
         key: str | None = None
         try:
             with open(url, "rb") as raw:
-                compressed = raw.read(6).startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ"))
-            with tarfile.open(url, mode="r|*") as tar:
+                magic = raw.read(6)
+            # decompressed by its format's module, which (unlike tarfile's own) raises EOFError on a stream cut short
+            opener = next((o for m, o in _COMPRESSED.items() if magic.startswith(m)), open)
+            with opener(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
                 for member in tar:
                     if not member.isfile():
                         continue
@@ -744,10 +750,12 @@ class WebDatasetShards(IterableDataset):
                     if len(data) != member.size:
                         raise tarfile.ReadError(f"{member.name}: {len(data)} of {member.size} bytes")
                     group[ext] = data
-                # tarfile reads a header cut short as the end of the archive; a plain tar
-                # that really ends has its two zero blocks after the last member.
-                if not compressed and tar.offset + 2 * tarfile.BLOCKSIZE > os.path.getsize(url):
+                # tarfile reads a header cut short as the end of the archive: a plain tar that really ends
+                # has its two zero blocks after the last member, a compressed one the end of its stream
+                if opener is open and tar.offset + 2 * tarfile.BLOCKSIZE > os.path.getsize(url):
                     raise tarfile.ReadError("no end-of-archive marker: the file is truncated")
+                while stream.read(1 << 20):  # the padding after the end marker, up to the end of the stream
+                    pass
         except (tarfile.TarError, OSError, EOFError) as err:
             # A damaged shard ends early; its intact samples are kept.
             self.shard_errors += 1

@@ -1,6 +1,9 @@
+import bz2
 import gc
+import gzip
 import io
 import json
+import lzma
 import math
 import re
 import tarfile
@@ -863,6 +866,25 @@ def test_damaged_shard_keeps_its_intact_samples(tmp_path, cut):
     keys = [s["key"] for s in shards]
     assert 1 <= len(keys) < 6 and shards.shard_errors == 1
     assert keys == [f"cut.tar/sample00{k:03d}" for k in range(len(keys))]
+
+
+@pytest.mark.parametrize(
+    "suffix, compress", [("tar.gz", gzip.compress), ("tar.bz2", bz2.compress), ("tar.xz", lzma.compress)]
+)
+@pytest.mark.parametrize("cut", [0.3, 0.7, 0.99])
+def test_a_compressed_shard_cut_short_is_counted_not_silently_shorter(tmp_path, suffix, compress, cut):
+    """tarfile's own decompression reads a cut stream as the archive's end: such a shard gave fewer samples
+    without a word. Whole, it gives all of them and no error."""
+    make_shards(tmp_path, num_shards=1, per_shard=6)
+    packed = compress((tmp_path / "shard-000.tar").read_bytes())
+    (tmp_path / f"whole.{suffix}").write_bytes(packed)
+    (tmp_path / f"cut.{suffix}").write_bytes(packed[: int(len(packed) * cut)])
+    whole = WebDatasetShards(str(tmp_path / f"whole.{suffix}"))
+    assert len(list(whole)) == 6 and whole.shard_errors == 0
+    shards = WebDatasetShards(str(tmp_path / f"cut.{suffix}"))
+    keys = [s["key"] for s in shards]  # all 6 when only the stream's end is cut
+    assert shards.shard_errors == 1
+    assert keys == [f"cut.{suffix}/sample00{k:03d}" for k in range(len(keys))]
 
 
 # --------------------------------------------------------------------------- feature cache
