@@ -82,7 +82,7 @@ _COMPRESSED = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ": lzma.open}
 # What PIL raises for a file that is not a readable image: truncated or garbage
 # bytes (OSError, UnidentifiedImageError), broken headers (SyntaxError from some
 # plugins, ValueError), absurd sizes (DecompressionBombError).
-_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 # --------------------------------------------------------------------------- captions
@@ -816,18 +816,23 @@ def load_image(image: Image.Image | str | os.PathLike | bytes, name: str | None 
     """
     if isinstance(image, Image.Image):
         return to_rgb(image, name)
-    if isinstance(image, (bytes, bytearray)):
-        opened = Image.open(io.BytesIO(image))
-    elif isinstance(image, (str, os.PathLike)):
-        opened = Image.open(image)
-    else:
+    if not isinstance(image, (bytes, bytearray, str, os.PathLike)):
         raise ValueError(f"an image must be a PIL image, a path or bytes, got {type(image).__name__}")
-    with opened:
-        # PIL decodes lazily: load() here makes a truncated file fail now, not mid-batch.
-        opened.load()
-        rgb = to_rgb(opened, name or _name_of(image, "image bytes"))
-        # closing a file's image frees its pixels: what is returned must be a copy
-        return opened.copy() if rgb is opened else rgb
+    name = name or _name_of(image, "image bytes")
+    if isinstance(image, (str, os.PathLike)) and not Path(image).is_file():
+        raise FileNotFoundError(f"{name}: no such image file")
+    try:
+        opened = Image.open(io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image)
+        with opened:
+            # PIL decodes lazily: load() here makes a truncated file fail now, not mid-batch.
+            opened.load()
+            rgb = to_rgb(opened, name)
+            # closing a file's image frees its pixels: what is returned must be a copy
+            return opened.copy() if rgb is opened else rgb
+    except IMAGE_ERRORS as err:
+        if str(err).startswith(name):  # to_rgb's refusals name it already
+            raise
+        raise ValueError(f"{name}: not a readable image ({err})") from err
 
 
 def _name_of(image: Any, fallback: str) -> str:
@@ -908,7 +913,7 @@ class _ImageText:
         except FileNotFoundError:
             self._skip(name, "image file not found")
             return None
-        except _IMAGE_ERRORS as err:
+        except IMAGE_ERRORS as err:
             self._skip(name, f"unreadable image ({type(err).__name__}: {err})")
             return None
         if getattr(self.transform, "accepts_generator", False):

@@ -105,14 +105,14 @@ def _skipping_unreadable(
 ) -> list[str | None]:
     """``run(pixels, kept)`` on those of ``images`` (paths under ``root``) that load, ``kept`` their indices; None
     in place of the others: a missing, truncated or corrupt file fails the errors training skips on."""
-    from blip2_fast.data import _IMAGE_ERRORS, build_transform, load_image
+    from blip2_fast.data import IMAGE_ERRORS, build_transform, load_image
 
     transform = build_transform(model.image_encoder.config.image_size, train=False)
     kept, pixels = [], []
     for n, image in enumerate(images):
         try:
             pixels.append(transform(load_image(root / image)))
-        except _IMAGE_ERRORS as err:  # FileNotFoundError is an OSError
+        except IMAGE_ERRORS as err:  # FileNotFoundError is an OSError
             logger.warning("skipping image %s: %s: %s", root / image, type(err).__name__, err)
             continue
         kept.append(n)

@@ -1005,3 +1005,24 @@ def test_feature_cache_crash_before_sidecar_never_serves_stale_features(tmp_path
     cache = FeatureCache(path, 3, encoder, "old")
     assert not cache.complete
     assert torch.equal(cache(torch.arange(3), pixels), old) and encoder.calls == 1
+
+
+def test_a_bad_image_among_several_is_named(tmp_path):
+    """PIL's own errors ("Truncated File Read", "cannot identify image file <_io.BytesIO ...>") name no file."""
+    from blip2_fast.data import load_pixels
+
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "good.png")
+    whole = (tmp_path / "good.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "text.png").write_bytes(b"not an image at all")
+    transform = build_transform(8, train=False)
+    for bad, said in (("cut.png", "not a readable image"), ("text.png", "not a readable image"),
+                      ("missing.png", "no such image file")):  # fmt: skip
+        images = [str(tmp_path / "good.png"), str(tmp_path / bad)]
+        with pytest.raises(
+            OSError if bad == "missing.png" else ValueError, match=re.escape(f"{tmp_path / bad}: {said}")
+        ):
+            load_pixels(images, transform)
+    with pytest.raises(ValueError, match=r"images\[1\]: not a readable image"):
+        load_pixels([whole, whole[:20]], transform)
+    assert load_pixels([whole, str(tmp_path / "good.png")], transform).shape == (2, 3, 8, 8)
