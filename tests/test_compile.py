@@ -55,13 +55,6 @@ class _CountSyncs(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_training_step_has_no_graph_break(backend):
-    torch._dynamo.reset()
-    explanation = torch._dynamo.explain(_step(_model(backend)))(*_inputs())
-    assert explanation.graph_break_count == 0, [str(r.reason) for r in explanation.break_reasons]
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_training_step_syncs_nothing_with_the_host(backend):
     model = _model(backend)
     with _CountSyncs() as syncs:
@@ -103,11 +96,9 @@ def test_the_stage1_loss_compiles_whole_and_syncs_nothing(backend):
     def step(image, ids, mask, image_ids):
         return loss_module(image, ids, mask, image_ids).loss
 
-    explanation = torch._dynamo.explain(step)(image, ids, mask, image_ids)
-    assert explanation.graph_break_count == 0, [str(r.reason) for r in explanation.break_reasons]
     with _CountSyncs() as syncs:
         step(image, ids, mask, image_ids).backward()
     assert syncs.seen == [], syncs.seen
-    loss = torch.compile(step, fullgraph=True, backend="aot_eager")(image, ids, mask, image_ids)
+    loss = torch.compile(step, fullgraph=True, backend="aot_eager")(image, ids, mask, image_ids)  # fails on a break
     loss.backward()
     assert torch.isfinite(loss)
