@@ -16,6 +16,10 @@ entirely are never visited: under UNIMODAL query tiles stop at the last query
 key and text tiles start at the first text key; under MULTIMODAL_CAUSAL text
 tiles stop at the diagonal; past the last valid key nothing is read.
 
+The backward takes one launch for up to 128 keys in 16-bit (``_attn_bwd_short_kernel``: one program per
+batch and head holds every key, so dQ needs no second pass and dK/dV no atomics), else three (the softmax's
+row term, dK/dV per key tile, dQ per row tile): ``short_bwd_config`` chooses, by shape and dtype.
+
 Numerics: scores, the online softmax and the accumulators are fp32 (base-2
 exponentials with the scale folded in); the forward saves the log-sum-exp per
 row and the backward recomputes the probabilities from it. Rows that see no key
@@ -393,6 +397,89 @@ def _attn_bwd_dq_kernel(
     )
 
 
+@triton.jit(do_not_specialize=["n_rows", "n_keys", "n_query"])
+def _attn_bwd_short_kernel(
+    Q, K, V, O, DO, DQ, DK, DV, LSE, LENS, PAD,
+    SEED, dropout_p, qk_scale, sm_scale,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_db, stride_dh, stride_dm, stride_dd,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_pb, stride_pn,
+    n_heads, n_rows, n_keys, n_query,
+    HEAD_DIM: tl.constexpr, MASK_KIND: tl.constexpr, KEY_PAD: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One program per (batch, head) holding all its keys (n_keys <= BLOCK_N): dQ, dK and dV in one pass over
+    the row tiles, the softmax's row term from O and dO on the way, no atomics (no other program has these keys)."""
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    offset = n_keys - n_rows
+    cols = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    pad_row = PAD + b * stride_pb
+    kv_end = n_keys
+    if KEY_PAD != 0:
+        kv_end = tl.minimum(tl.maximum(tl.load(LENS + b), 0), n_keys)
+    kv_mask = (cols < kv_end)[:, None] & dim_ok[None, :]
+    k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_kn + dims[None, :] * stride_kd,
+                mask=kv_mask, other=0.0)  # fmt: skip
+    v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vn + dims[None, :] * stride_vd,
+                mask=kv_mask, other=0.0)  # fmt: skip
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+
+    q_base = Q + b * stride_qb + h * stride_qh
+    o_base = O + b * stride_ob + h * stride_oh
+    do_base = DO + b * stride_db + h * stride_dh
+    dq_base = DQ + b * stride_dqb + h * stride_dqh
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start in range(0, n_rows, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_rows
+        q_mask = row_ok[:, None] & dim_ok[None, :]
+        q = tl.load(q_base + rows[:, None] * stride_qm + dims[None, :] * stride_qd, mask=q_mask, other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dm + dims[None, :] * stride_dd, mask=q_mask, other=0.0)
+        o = tl.load(o_base + rows[:, None] * stride_om + dims[None, :] * stride_od, mask=q_mask, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+            o = o.to(tl.float32)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # sum_j P_ij dP_ij, also with dropout
+        lse = tl.load(LSE + bh.to(tl.int64) * n_rows + rows, mask=row_ok, other=float("inf"))
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        ok = _tile_mask(rows + offset, cols, n_query, kv_end, pad_row, stride_pn, MASK_KIND, KEY_PAD)
+        p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(tl.load(SEED), bh, rows, cols, n_rows, n_keys, dropout_p)
+            p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        else:
+            p_drop = p
+        dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+        dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION) * sm_scale
+        tl.store(dq_base + rows[:, None] * stride_dqm + dims[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
+                 mask=q_mask)  # fmt: skip
+    dk = dk * sm_scale
+    store = (cols < n_keys)[:, None] & dim_ok[None, :]
+    tl.store(DK + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkn + dims[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=store)  # fmt: skip
+    tl.store(DV + b * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvn + dims[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=store)  # fmt: skip
+
+
 @triton.jit(do_not_specialize=["n_rows", "n_keys"])
 def _dropout_mask_kernel(
     MASK, SEED, dropout_p, n_rows, n_keys, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
@@ -443,6 +530,24 @@ BWD_CONFIGS = {
 }
 
 
+# The short-sequence backward (``_attn_bwd_short_kernel``): one program per (batch, head) with all of its keys in one
+# tile, so dQ, dK and dV take one launch instead of three and Q, dO are read once. Up to 128 keys: every
+# self-attention of the Q-Former (67 at 32 queries + 35 text) and ITG over the query cache; cross-attention to 257
+# image tokens keeps the tiled kernels, as does head dim 128 past 64 keys. 16-bit only: with IEEE fp32 dot products
+# a whole key range needs more registers than there are (sm_80 and sm_90 spill at every tile size). 16-row tiles
+# and 8 warps: 32-row tiles spill on Triton 3.6 at head dim 32. No spills on sm_80 / sm_90, Triton 3.6 to 3.9.
+SHORT_BWD_MAX_KEYS = 128
+SHORT_BWD_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def short_bwd_config(n_keys: int, head_dim: int, dtype: torch.dtype) -> AttnConfig | None:
+    """The short-sequence backward's config, or None where the tiled kernels serve."""
+    block_n = max(16, next_power_of_2(n_keys))
+    if n_keys > SHORT_BWD_MAX_KEYS or dtype not in SHORT_BWD_DTYPES or (head_dim > 64 and block_n > 64):
+        return None
+    return AttnConfig(16, block_n, 8, 1)
+
+
 _DELTA_BLOCK_M = 64
 _MASK_BLOCK_M, _MASK_BLOCK_N = 32, 64
 
@@ -474,6 +579,7 @@ _FWD = Launcher(_attn_fwd_kernel)
 _DELTA = Launcher(_attn_bwd_delta_kernel)
 _DKDV = Launcher(_attn_bwd_dkdv_kernel)
 _DQ = Launcher(_attn_bwd_dq_kernel)
+_SHORT_BWD = Launcher(_attn_bwd_short_kernel)
 _DROPOUT_MASK = Launcher(_dropout_mask_kernel)
 
 
@@ -625,12 +731,23 @@ def _heads_first(t: torch.Tensor) -> torch.Tensor:
 
 
 def _bwd_plan(q, k, v, do, out, dq, dk, dv, mask_kind, n_query, key_pad, padding, dropout_p, config) -> tuple:
+    """The backward's launches (grid, int arguments, options): one of the short-sequence kernel, or the tiled
+    kernels' three (delta, dK/dV, dQ). A ``config`` given (tests) takes the tiled kernels with its tiles."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     spb, spn = _pad_strides(key_pad, padding)
-    dkdv_cfg, dq_cfg = (config, config) if config else bwd_configs(D, q.dtype)
     consts = _common_constexprs(q, mask_kind, key_pad, dropout_p > 0.0)
     sizes = (H, Lq, Lk, n_query)
+    short = None if config else short_bwd_config(Lk, D, q.dtype)
+    if short is not None:
+        ints = (
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(do), *_strides(dq), *_strides(dk),
+            *_strides(dv), spb, spn, *sizes,
+        )  # fmt: skip
+        options = dict(**consts, BLOCK_M=short.block_m, BLOCK_N=short.block_n,
+                       num_warps=short.num_warps, num_stages=short.num_stages)  # fmt: skip
+        return (((1, B * H), ints, options),)
+    dkdv_cfg, dq_cfg = (config, config) if config else bwd_configs(D, q.dtype)
     delta = (
         (cdiv(Lq, _DELTA_BLOCK_M), B * H),
         (*_strides(out), *_strides(do), H, Lq),
@@ -673,7 +790,6 @@ def attention_backward(
     key_pad, lengths, padding = pad
     if sig is not None:
         sig = (sig, do.stride()) if not do.data_ptr() & 15 else None
-    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
     # (B, L, H, D) storage seen heads-first, as the Q-Former's projections lay out q, k, v: the grad of their
     # transpose-and-view is then a view too (no copy per input), whatever the inputs' own strides
     dq, dk, dv = (_heads_first(t) for t in (q, k, v))
@@ -682,9 +798,14 @@ def attention_backward(
         plan = _bwd_plan(q, k, v, do, out, dq, dk, dv, mask_kind, n_query, key_pad, padding, dropout_p, config)
         if sig is not None:
             _BWD_PLANS.remember(sig, plan)
-    (delta_grid, delta_ints, delta_opts), (dkdv_grid, dkdv_ints, dkdv_opts), (dq_grid, dq_ints, dq_opts) = plan
-    _DELTA.launch(sig, delta_grid, (out, do, delta, *delta_ints), delta_opts)
     common = (seed, dropout_p, scale * LOG2E, scale)
+    if len(plan) == 1:  # the short-sequence kernel
+        ((grid, ints, options),) = plan
+        _SHORT_BWD.launch(sig, grid, (q, k, v, out, do, dq, dk, dv, lse, lengths, padding, *common, *ints), options)
+        return dq, dk, dv
+    (delta_grid, delta_ints, delta_opts), (dkdv_grid, dkdv_ints, dkdv_opts), (dq_grid, dq_ints, dq_opts) = plan
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+    _DELTA.launch(sig, delta_grid, (out, do, delta, *delta_ints), delta_opts)
     _DKDV.launch(sig, dkdv_grid, (q, k, v, do, dk, dv, lse, delta, lengths, padding, *common, *dkdv_ints), dkdv_opts)
     _DQ.launch(sig, dq_grid, (q, k, v, do, dq, lse, delta, lengths, padding, *common, *dq_ints), dq_opts)
     return dq, dk, dv
@@ -935,6 +1056,8 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict, int, int]]:
         for d in _AOT_HEAD_DIMS:
             dkdv_cfg, dq_cfg = bwd_configs(d, dtype)
             jobs += [(_attn_bwd_dkdv_kernel, dkdv_cfg, d), (_attn_bwd_dq_kernel, dq_cfg, d)]
+            short = (short_bwd_config(n_keys, d, dtype) for n_keys in (64, 128))
+            jobs += [(_attn_bwd_short_kernel, cfg, d) for cfg in short if cfg]
         for kernel, cfg, d in dict.fromkeys(jobs):
             consts = dict(heavy, HEAD_DIM=d, BLOCK_D=d, DOT_PRECISION=dot, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
             out.append((kernel, _signature(kernel, ptrs, consts), consts, cfg.num_warps, cfg.num_stages))

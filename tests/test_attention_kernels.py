@@ -321,6 +321,81 @@ def test_bf16_two_x_rule_gpu(kind, d):
         assert err <= 2 * (e.float() - w).abs().max().item() + 1e-3, name
 
 
+# ------------------------------------------------------------------------------------- the short-sequence backward
+
+
+@pytest.fixture
+def backward_launches(monkeypatch):
+    """The backward kernels each launch runs, by name; the plans cached for signatures are forgotten first (a
+    test may change what they decide) and again after."""
+    from blip2_fast.kernels.launch import clear_all
+
+    clear_all()
+    seen = []
+    for name in ("_SHORT_BWD", "_DELTA", "_DKDV", "_DQ"):
+        launcher = getattr(kattn, name)
+        launch = launcher.launch
+        monkeypatch.setattr(launcher, "launch", lambda *a, _n=name, _f=launch, **kw: (seen.append(_n), _f(*a, **kw))[1])
+    yield seen
+    clear_all()
+
+
+@pytest.fixture
+def short_fp32(monkeypatch, backward_launches):
+    """The short-sequence backward in fp32 too: it ships for 16-bit inputs only (IEEE fp32 dot products spill
+    there), so this is how its parity is held tight."""
+    monkeypatch.setattr(kattn, "SHORT_BWD_DTYPES", (torch.float32, *kattn.SHORT_BWD_DTYPES))
+    return backward_launches
+
+
+SHORT_SHAPES = [*SHAPES, (32, 35, 102), (32, 67, 128)]  # ITG over the query cache; the most keys it takes
+
+
+@pytest.mark.parametrize("shape", SHORT_SHAPES, ids=str)
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("kind", list(MaskKind), ids=lambda k: k.name)
+def test_short_backward_fp32_parity(short_fp32, kind, padding, shape):
+    n_query, n_rows, n_keys = shape
+    gen = generator(21)
+    q, k, v = qkv(n_rows, n_keys, 32, gen=gen)
+    g = torch.randn(B, H, n_rows, 32, generator=gen)
+    kw = dict(mask_kind=kind, n_query=n_query, **make_padding(padding, n_query, n_keys, gen))
+    got = run_with_grads(attention, q, k, v, g, **kw)
+    assert short_fp32 == ["_SHORT_BWD"]  # one launch for dQ, dK and dV
+    assert_parity(got, run_with_grads(attention_ref, q, k, v, g, **kw), 2e-5)
+
+
+@pytest.mark.parametrize("kind", list(MaskKind), ids=lambda k: k.name)
+def test_short_backward_equals_the_tiled_one_with_dropout(short_fp32, kind):
+    """The same Philox keep-mask as the tiled kernels (which the reference holds to, given the mask)."""
+    gen = generator(22)
+    q, k, v = qkv(67, 67, 64, gen=gen)
+    g = torch.randn(B, H, 67, 64, generator=gen)
+    kw = dict(mask_kind=kind, n_query=32, key_lengths=torch.tensor([67, 50]), dropout_p=0.2, seed=7)
+    short = run_with_grads(attention, q, k, v, g, **kw)
+    tiled = run_with_grads(attention, q, k, v, g, config=kattn.BWD_CONFIGS["default"], **kw)
+    assert short_fp32 == ["_SHORT_BWD", "_DELTA", "_DKDV", "_DQ"]
+    assert_parity(short, tiled, 1e-5)
+
+
+def test_the_backward_picks_its_kernels_by_key_count_and_dtype(backward_launches):
+    """Up to 128 keys in 16-bit (64 at head dim 128): the short kernel; more keys (cross-attention to 257 image
+    tokens), or fp32: the tiled three."""
+    tiled = ["_DELTA", "_DKDV", "_DQ"]
+    for n_keys, d, dtype, kernels in (
+        (67, 64, torch.float16, ["_SHORT_BWD"]),
+        (128, 32, torch.float16, ["_SHORT_BWD"]),
+        (64, 128, torch.float16, ["_SHORT_BWD"]),
+        (65, 128, torch.float16, tiled),
+        (129, 32, torch.float16, tiled),
+        (67, 64, torch.float32, tiled),
+    ):
+        q, k, v = qkv(32, n_keys, d, dtype)
+        run_with_grads(attention, q, k, v, torch.randn(B, H, 32, d).to(dtype), mask_kind=MaskKind.BIDIRECTIONAL)
+        assert backward_launches == kernels, (n_keys, d, dtype)
+        backward_launches.clear()
+
+
 # ------------------------------------------------------------------------------------------------------ dropout
 
 

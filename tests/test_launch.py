@@ -103,7 +103,7 @@ with hostcost.stand_in_driver(kattn, kffn):
     assert paths == {"direct"}, paths
 jit, direct = passes
 print("LAUNCHES", len(jit), len(direct), "KEPT", kept)
-assert len(jit) == len(direct) > 20 and kept > 20
+assert len(jit) == len(direct) > 15 and kept > 15
 print("MISMATCHED", [(i, a, b) for i, (a, b) in enumerate(zip(jit, direct)) if a != b])
 """
 
@@ -190,8 +190,9 @@ def test_the_kernels_that_run_compile_without_spills(arch):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     kernels = json.loads(proc.stdout.split("KERNELS ", 1)[1])
-    # attention fwd, delta, dK/dV, dQ; 4 FFN epilogues and the backward's partial-sum reduction
-    assert len({k["kernel"] for k in kernels}) == 9, kernels
+    # attention fwd, the short backward (self-attention, ITG), the tiled one (delta, dK/dV, dQ: cross-attention);
+    # 4 FFN epilogues and the backward's partial-sum reduction
+    assert len({k["kernel"] for k in kernels}) == 10, kernels
     print("\n".join(json.dumps(k) for k in kernels))
     spilled = [k for k in kernels if k["spill_stores"] or k["spill_loads"]]
     assert not spilled, spilled
@@ -200,8 +201,8 @@ def test_the_kernels_that_run_compile_without_spills(arch):
 # Kernel launches per stage-1 step at BLIP-2 size, batch 32, triton backend (forward + backward + AdamW), as
 # benchmarks/launch_count.py counts them: 4,463 before the launch work, 1,993 with the ITC + ITG pass, one QKV
 # GEMM per layer and one image K/V GEMM, a pass's dropout seeds in one draw, the fused reductions and strided
-# rows read in place.
-LAUNCH_BUDGET = 2_000
+# rows read in place; 1,921 with the short-sequence attention backward (one launch where the tiled one takes 3).
+LAUNCH_BUDGET = 1_925
 
 
 def test_a_stage1_step_stays_within_its_launch_budget():
