@@ -118,6 +118,27 @@ def _dropout_keep(seed, bh, rows, cols, n_rows, n_keys, dropout_p):
     return tl.rand(seed, offs) >= dropout_p
 
 
+@triton.jit
+def _grad_tile(
+    q, do, k, v, lse, rows, cols, offset, n_rows, n_keys, n_query, kv_end, pad_row, stride_pn,
+    seed_ptr, bh, dropout_p, qk_scale,
+    MASK_KIND: tl.constexpr, KEY_PAD: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One (rows, keys) tile of the backward, recomputed from the forward's log-sum-exp: the probabilities P,
+    P as dropout kept them (for dV) and dP (as dropout scaled it); dS = P * (dP - delta) is the caller's."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    ok = _tile_mask(rows + offset, cols, n_query, kv_end, pad_row, stride_pn, MASK_KIND, KEY_PAD)
+    p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    if DROPOUT:
+        keep = _dropout_keep(tl.load(seed_ptr), bh, rows, cols, n_rows, n_keys, dropout_p)
+        p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+    else:
+        p_drop = p
+    return p, p_drop, dp
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # kernels
 
@@ -290,16 +311,10 @@ def _attn_bwd_dkdv_kernel(
             do = do.to(tl.float32)
         lse = tl.load(LSE + bh.to(tl.int64) * n_rows + rows, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + bh.to(tl.int64) * n_rows + rows, mask=row_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        ok = _tile_mask(rows + offset, cols, n_query, kv_end, pad_row, stride_pn, MASK_KIND, KEY_PAD)
-        p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        if DROPOUT:
-            keep = _dropout_keep(tl.load(SEED), bh, rows, cols, n_rows, n_keys, dropout_p)
-            p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        else:
-            p_drop = p
+        p, p_drop, dp = _grad_tile(
+            q, do, k, v, lse, rows, cols, offset, n_rows, n_keys, n_query, kv_end, pad_row, stride_pn,
+            SEED, bh, dropout_p, qk_scale, MASK_KIND, KEY_PAD, DROPOUT, DOT_PRECISION,
+        )  # fmt: skip
         dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
@@ -368,7 +383,6 @@ def _attn_bwd_dq_kernel(
     pos_lo = pid_m * BLOCK_M + offset
     pos_hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M, n_rows) - 1 + offset
     lo, hi = _key_range(pos_lo, pos_hi, n_query, kv_end, MASK_KIND, BLOCK_N)
-    pos = rows + offset
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(lo, hi, BLOCK_N):
@@ -379,13 +393,10 @@ def _attn_bwd_dq_kernel(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        ok = _tile_mask(pos, cols, n_query, kv_end, pad_row, stride_pn, MASK_KIND, KEY_PAD)
-        p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        if DROPOUT:
-            keep = _dropout_keep(tl.load(SEED), bh, rows, cols, n_rows, n_keys, dropout_p)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        p, _, dp = _grad_tile(
+            q, do, k, v, lse, rows, cols, offset, n_rows, n_keys, n_query, kv_end, pad_row, stride_pn,
+            SEED, bh, dropout_p, qk_scale, MASK_KIND, KEY_PAD, DROPOUT, DOT_PRECISION,
+        )  # fmt: skip
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
@@ -456,16 +467,10 @@ def _attn_bwd_short_kernel(
             o = o.to(tl.float32)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # sum_j P_ij dP_ij, also with dropout
         lse = tl.load(LSE + bh.to(tl.int64) * n_rows + rows, mask=row_ok, other=float("inf"))
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        ok = _tile_mask(rows + offset, cols, n_query, kv_end, pad_row, stride_pn, MASK_KIND, KEY_PAD)
-        p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        if DROPOUT:
-            keep = _dropout_keep(tl.load(SEED), bh, rows, cols, n_rows, n_keys, dropout_p)
-            p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        else:
-            p_drop = p
+        p, p_drop, dp = _grad_tile(
+            q, do, k, v, lse, rows, cols, offset, n_rows, n_keys, n_query, kv_end, pad_row, stride_pn,
+            SEED, bh, dropout_p, qk_scale, MASK_KIND, KEY_PAD, DROPOUT, DOT_PRECISION,
+        )  # fmt: skip
         dv += tl.dot(tl.trans(p_drop.to(do.dtype)), do, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
@@ -1056,8 +1061,9 @@ def kernel_configs() -> list[tuple[object, dict[str, str], dict, int, int]]:
         for d in _AOT_HEAD_DIMS:
             dkdv_cfg, dq_cfg = bwd_configs(d, dtype)
             jobs += [(_attn_bwd_dkdv_kernel, dkdv_cfg, d), (_attn_bwd_dq_kernel, dq_cfg, d)]
-            short = (short_bwd_config(n_keys, d, dtype) for n_keys in (64, 128))
-            jobs += [(_attn_bwd_short_kernel, cfg, d) for cfg in short if cfg]
+            # the most keys it takes at each head dim: fewer only shrink the tiles
+            short = short_bwd_config(64 if d > 64 else 128, d, dtype)
+            jobs += [(_attn_bwd_short_kernel, short, d)] if short else []
         for kernel, cfg, d in dict.fromkeys(jobs):
             consts = dict(heavy, HEAD_DIM=d, BLOCK_D=d, DOT_PRECISION=dot, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n)
             out.append((kernel, _signature(kernel, ptrs, consts), consts, cfg.num_warps, cfg.num_stages))
